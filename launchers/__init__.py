@@ -1,0 +1,1 @@
+"""Submit seerlike stages through submitit: Slurm or one machine."""

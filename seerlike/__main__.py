@@ -1,0 +1,5 @@
+import sys
+
+from seerlike.cli import main
+
+sys.exit(main())

@@ -1,0 +1,23 @@
+"""Recipes: plain functions returning a config. ``RECIPES`` maps ``--recipe NAME`` to them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from seerlike.config import ConfigError
+from seerlike.recipes import byol, clusterfit, seer, swav, tiny
+
+RECIPES: dict[str, Callable[[], Any]] = {
+    **swav.RECIPES,
+    **byol.RECIPES,
+    **seer.RECIPES,
+    **tiny.RECIPES,
+    **clusterfit.RECIPES,
+}
+
+
+def get(name: str) -> Any:
+    """The config a recipe returns; an unknown name fails listing the known ones."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]()

@@ -1,0 +1,3 @@
+"""byol recipes."""
+
+RECIPES: dict = {}

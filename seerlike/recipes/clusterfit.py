@@ -1,0 +1,3 @@
+"""clusterfit recipes."""
+
+RECIPES: dict = {}

@@ -1,0 +1,3 @@
+"""seer recipes."""
+
+RECIPES: dict = {}

@@ -1,0 +1,3 @@
+"""swav recipes."""
+
+RECIPES: dict = {}

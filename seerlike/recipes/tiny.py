@@ -1,0 +1,3 @@
+"""tiny recipes."""
+
+RECIPES: dict = {}

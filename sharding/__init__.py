@@ -1,0 +1,1 @@
+"""Ingest raw image corpora into WebDataset shards with a parquet manifest."""
