@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import byol, clusterfit, seer, swav, tiny
+from seerlike.recipes import byol, clusterfit, distill, seer, swav, tiny
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -13,6 +13,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **seer.RECIPES,
     **tiny.RECIPES,
     **clusterfit.RECIPES,
+    **distill.RECIPES,
 }
 
 

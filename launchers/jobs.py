@@ -1,0 +1,192 @@
+"""`seerlike jobs status|cancel|tail [JOB]`: look after jobs that `seerlike submit` recorded.
+
+States come from Slurm's accounting (``sacct``; this is why infra/slurm runs slurmdbd) or,
+for local-executor jobs, from the controller process and submitit's result files. They are
+reported in Slurm's words: PENDING, RUNNING, REQUEUED, COMPLETED, FAILED, CANCELLED,
+TIMEOUT, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import submitit
+from submitit.core import utils
+
+from seerlike.config import ConfigError
+
+#: States after which a job does nothing more (REQUEUED and PREEMPTED with requeue are not final).
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                          "BOOT_FAIL", "DEADLINE", "INTERRUPTED"})
+
+
+def default_log_dir() -> str:
+    return os.environ.get("SEERLIKE_JOBS_DIR", "jobs")
+
+
+def load_record(job_id: str, log_dir: str | os.PathLike | None = None) -> dict:
+    """The record `seerlike submit` wrote for ``job_id`` (array task ids: ``ID_TASK``)."""
+    index = Path(log_dir or default_log_dir()) / "index"
+    path = index / f"{job_id}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in index.glob("*.json")) if index.is_dir() else []
+        raise ConfigError(f"no job {job_id!r} in {index}"
+                          + (f" (known: {', '.join(known[-10:])})" if known else "; pass --log-dir where it was submitted"))
+    return json.loads(path.read_text())
+
+
+def all_records(log_dir: str | os.PathLike | None = None) -> list[dict]:
+    index = Path(log_dir or default_log_dir()) / "index"
+    recs = [json.loads(p.read_text()) for p in index.glob("*.json")] if index.is_dir() else []
+    return sorted(recs, key=lambda r: r.get("submitted_at", 0))
+
+
+def job_of(rec: dict) -> submitit.Job:
+    """A submitit job handle for a record (works from any process on a machine that sees the log dir)."""
+    folder = Path(rec["log_dir"]) / "%j"
+    tasks = list(range(int(rec.get("tasks", 1))))
+    if rec["cluster"] == "local":
+        return submitit.LocalJob(folder, rec["job_id"], tasks=tasks)
+    return submitit.SlurmJob(folder, rec["job_id"], tasks=tasks)
+
+
+def _slurm_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
+                         text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"sacct -j {job_id} failed: {out.stderr.strip()}")
+    for line in out.stdout.splitlines():
+        jid, _, state = line.partition("|")
+        if jid == job_id or (("_" not in job_id) and jid.split("_")[0] == job_id):
+            return state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+    return "PENDING"  # accounting has not seen it yet
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (our own finished child) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _local_state(job: submitit.Job) -> str:
+    if isinstance(job, submitit.LocalJob) and job._process is not None:
+        if job._process.poll() is None:
+            return "RUNNING"
+    elif _pid_alive(int(job.job_id)):
+        return "RUNNING"
+    outcomes = []
+    for task in range(job.num_tasks):
+        p = utils.JobPaths(job.paths.folder.parent / "%j", job.job_id, task).result_pickle
+        if p.exists():
+            outcomes.append(utils.pickle_load(p)[0])
+    if outcomes and all(o == "success" for o in outcomes) and len(outcomes) == job.num_tasks:
+        return "COMPLETED"
+    if "error" in outcomes:
+        return "FAILED"
+    return "CANCELLED"  # the controller is gone without a result: interrupted or cancelled
+
+
+def state(job: submitit.Job) -> str:
+    """Slurm-style state of a submitit job (local jobs included)."""
+    if isinstance(job, submitit.LocalJob):
+        return _local_state(job)
+    return _slurm_state(job.job_id)
+
+
+def wait_state(job: submitit.Job, timeout_s: float = 7 * 24 * 3600, poll_s: float = 1.0) -> str:
+    """Block until ``job`` reaches a final state; return it."""
+    end = time.monotonic() + timeout_s
+    while True:
+        s = state(job)
+        if s in FINAL_STATES:
+            return s
+        if time.monotonic() > end:
+            raise TimeoutError(f"job {job.job_id} still {s} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def cancel(job: submitit.Job) -> None:
+    if isinstance(job, submitit.LocalJob):
+        if job._process is not None:
+            job.cancel()
+        elif _pid_alive(int(job.job_id)):
+            os.kill(int(job.job_id), signal.SIGINT)  # the controller stops its tasks on SIGINT
+        return
+    subprocess.run(["scancel", job.job_id], check=True, timeout=30)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("status", "cancel", "tail"))
+    p.add_argument("job", nargs="?", help="job id (status without one lists every recorded job)")
+    p.add_argument("--log-dir", help="where the job was submitted from (default ./jobs or $SEERLIKE_JOBS_DIR)")
+    p.add_argument("--task", type=int, default=0, help="tail: which task's log (default 0)")
+    p.add_argument("--stdout", action="store_true", help="tail: stdout instead of stderr (where logs go)")
+    p.add_argument("-n", "--lines", type=int, default=40, help="tail: last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="tail: keep printing until the job ends")
+
+
+def _tail(path: Path, n: int) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "status" and not args.job:
+        recs = all_records(args.log_dir)
+        if not recs:
+            print(f"no jobs recorded in {Path(args.log_dir or default_log_dir()) / 'index'}")
+            return 0
+        print(f"{'JOB':>14}  {'CLUSTER':7}  {'STAGE':14}  {'STATE':10}  RUN FOLDER")
+        for rec in recs:
+            print(f"{rec['job_id']:>14}  {rec['cluster']:7}  {rec['stage']:14}  {state(job_of(rec)):10}  "
+                  f"{rec.get('run_dir') or '-'}")
+        return 0
+    if not args.job:
+        raise ConfigError(f"seerlike jobs {args.action}: give a JOB id")
+    rec = load_record(args.job, args.log_dir)
+    job = job_of(rec)
+    if args.action == "status":
+        print(f"job {rec['job_id']} ({rec['cluster']}, {rec['stage']}): {state(job)}")
+        print(f"log folder: {rec['log_folder']}")
+        print(f"run folder: {rec.get('run_dir') or '-'}")
+        return 0
+    if args.action == "cancel":
+        cancel(job)
+        print(f"job {rec['job_id']}: cancel requested")
+        return 0
+    paths = utils.JobPaths(Path(rec["log_dir"]) / "%j", rec["job_id"], args.task)
+    path = paths.stdout if args.stdout else paths.stderr
+    text = _tail(path, args.lines)
+    print(text if text else f"({path} is empty or missing)")
+    if args.follow:
+        seen = len(path.read_text(errors="replace")) if path.exists() else 0
+        while True:
+            done = state(job) in FINAL_STATES
+            if path.exists():
+                data = path.read_text(errors="replace")
+                sys.stdout.write(data[seen:])
+                sys.stdout.flush()
+                seen = len(data)
+            if done:
+                break
+            time.sleep(1.0)
+    return 0

@@ -1,0 +1,392 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), visible only when complete.
+
+Layout of ``ROOT/step_{N:08d}/`` (ROOT defaults to ``RUN_DIR/checkpoints``)::
+
+    .metadata, __{rank}_0.distcp   DCP: {"model": method state dict, "optim": optimizer state dict}
+    meta.json                      step, world size, grad-scaler state, time (rank 0)
+    config.yaml                    the resolved TrainConfig
+    rank_{r:05d}.json              per rank: data-pipeline position, Python RNG state
+    rank_{r:05d}.safetensors       per rank: torch RNG states and this rank's unsharded buffers
+                                   (BatchNorm running stats differ per rank without SyncBN)
+    COMPLETE                       written last, by rank 0, after every rank has finished
+
+Nothing is ever unpickled on load: tensors come from DCP and safetensors, the few
+non-tensor DCP entries (optimizer hyper-parameters) are read with ``weights_only=True``,
+the rest is JSON.
+
+Resuming on a different world size: DCP reshards model and optimizer; buffers come from
+the DCP copy (rank 0's); RNGs are reseeded; each rank hands the data pipeline a saved
+position (rank min(r, old_world - 1)'s), which it recognises as from another world size
+and answers by starting the next epoch afresh (deterministic, but not the uninterrupted
+run's order).
+
+``s3://bucket/prefix`` roots: each rank writes into a local staging folder, uploads its own
+files, and rank 0 writes the ``COMPLETE`` object last; resume downloads the newest complete
+checkpoint into ``RUN_DIR/checkpoints_cache``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+import shutil
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from seerlike import config as configlib
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Save every this many optimizer steps (and at the end of the run)."""
+    keep_last: int = 3
+    """Keep the newest N complete checkpoints; 0 keeps all."""
+    dir: str = ""
+    """Checkpoint root: empty = RUN_DIR/checkpoints; a local path or s3://bucket/prefix."""
+    async_save: bool = False
+    """Write the DCP shards in the background (dcp.async_save); COMPLETE is written once they are done."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint under the root if there is one."""
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
+
+
+# ---------------------------------------------------------------- finding checkpoints
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def _root_of(run_or_root: str | Path) -> Path:
+    p = Path(run_or_root)
+    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
+def list_complete(run_or_root: str | Path) -> list[Path]:
+    """Complete checkpoints under a run dir or a checkpoint root, oldest first."""
+    root = _root_of(run_or_root)
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir() if _STEP_RE.match(d.name) and (d / COMPLETE).is_file()]
+    return sorted(found, key=lambda d: d.name)
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (``RUN_DIR`` or its checkpoint root), or None."""
+    done = list_complete(run_dir)
+    return done[-1] if done else None
+
+
+def step_of(ckpt_dir: str | Path) -> int:
+    m = _STEP_RE.match(Path(ckpt_dir).name)
+    if not m:
+        raise ValueError(f"{ckpt_dir} is not a checkpoint folder (expected step_NNNNNNNN)")
+    return int(m.group(1))
+
+
+# ---------------------------------------------------------------- loading without pickle
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries load with ``weights_only=True``."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def load_tensors(ckpt_dir: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Every tensor whose flattened DCP key starts with ``prefix``, unsharded, on this process only."""
+    reader = dcp.FileSystemReader(str(ckpt_dir))
+    meta = reader.read_metadata()
+    flat = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+            for k, m in meta.state_dict_metadata.items()
+            if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not flat:
+        raise ValueError(f"{ckpt_dir}: no tensors under {prefix!r}")
+    # keys nest under one top-level name so DCP's flattening reproduces the stored FQNs
+    top = prefix.rstrip(".")
+    state = {top: flat}
+    with warnings.catch_warnings():  # "no process group: loading in one process" is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    return state[top]
+
+
+def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) method state dict (trunk keys under ``backbone.``) on one process."""
+    return load_tensors(ckpt_dir, "model.")
+
+
+def read_meta(ckpt_dir: str | Path) -> dict:
+    return json.loads((Path(ckpt_dir) / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------- saving / restoring
+
+
+@dataclass
+class Restored:
+    step: int
+    """The number of optimizer steps already taken."""
+    data_state: dict
+    """This rank's data-pipeline state (another rank's when the world size changed)."""
+    exact: bool
+    """Same world size: per-rank RNG and buffers restored, the run continues exactly."""
+    path: Path
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints; every rank constructs one and calls every method."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.remote = cfg.dir.startswith("s3://")
+        if self.remote:
+            self.root = self.run_dir / "checkpoints_staging"
+        else:
+            self.root = Path(cfg.dir) if cfg.dir else self.run_dir / "checkpoints"
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        # checkpoint collectives get their own gloo group so an async save can run beside training
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._pending: tuple[Future, int, Path] | None = None
+        self.last_complete: Path | None = None
+
+    # ---------------------------------------------------------------- save
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: nn.Module,
+             scaler: torch.amp.GradScaler | None, data_state: dict, train_config: Any) -> None:
+        self.wait()
+        path = step_dir(self.root, step)
+        if self.rank == 0 and path.exists():
+            if (path / COMPLETE).exists():
+                log.info("checkpoint %s already complete", path)
+            shutil.rmtree(path)  # a leftover of a crashed save (or an identical re-save)
+        self._barrier()
+        path.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        msd, osd = get_state_dict(model, optimizer)
+        if self.rank != 0:
+            # unsharded entries (buffers; everything under DDP) are written from rank 0, so the
+            # DCP copy is rank 0's rather than whichever rank DCP's load balancing would pick
+            msd = {k: v for k, v in msd.items() if hasattr(v, "placements")}
+        state = {"model": msd, "optim": osd}
+        self._write_rank_files(path, method, data_state)
+        if self.rank == 0:
+            meta = {"step": step, "world_size": self.world, "time": time.time(), "torch": torch.__version__,
+                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+            (path / "meta.json").write_text(json.dumps(meta, indent=1))
+            configlib.dump(train_config, path / "config.yaml")
+        if self.cfg.async_save:
+            fut = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
+            self._pending = (fut, step, path)
+            log.info("checkpoint step %d: writing in the background", step)
+            return
+        dcp.save(state, checkpoint_id=str(path), process_group=self.group)
+        self._finish(step, path)
+        log.info("checkpoint step %d written in %.2fs: %s", step, time.perf_counter() - t0, self.last_complete)
+
+    def wait(self) -> None:
+        """Finish a pending async save (writes its COMPLETE marker)."""
+        if self._pending is not None:
+            fut, step, path = self._pending
+            self._pending = None
+            fut.result()
+            self._finish(step, path)
+            log.info("checkpoint step %d complete: %s", step, self.last_complete)
+
+    def _write_rank_files(self, path: Path, method: nn.Module, data_state: dict) -> None:
+        tensors = {"rng.cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        for name, buf in method.named_buffers():
+            if not hasattr(buf, "to_local"):
+                tensors[f"buffer.{name}"] = buf.detach().to("cpu", copy=True).contiguous()
+        save_file(tensors, str(path / f"rank_{self.rank:05d}.safetensors"))
+        py_state = random.getstate()
+        rank_state = {"data": data_state, "python_random": [py_state[0], list(py_state[1]), py_state[2]]}
+        tmp = path / f"rank_{self.rank:05d}.json.tmp"
+        tmp.write_text(json.dumps(rank_state))
+        tmp.replace(path / f"rank_{self.rank:05d}.json")
+
+    def _finish(self, step: int, path: Path) -> None:
+        self._barrier()  # every rank's shards and files are on disk
+        final = path
+        if self.remote:
+            final = self._upload(step, path)
+        elif self.rank == 0:
+            (path / COMPLETE).write_text(f"{step}\n")
+            self._prune()
+        self._barrier()
+        self.last_complete = final
+
+    def _prune(self) -> None:
+        done = list_complete(self.root)
+        newest = done[-1] if done else None
+        doomed = done[: -self.cfg.keep_last] if self.cfg.keep_last else []
+        # incomplete folders older than the newest complete one are crashed saves
+        if newest is not None:
+            doomed += [d for d in self.root.iterdir() if _STEP_RE.match(d.name)
+                       and not (d / COMPLETE).exists() and d.name < newest.name]
+        for d in doomed:
+            (d / COMPLETE).unlink(missing_ok=True)  # invisible first, then gone
+            shutil.rmtree(d, ignore_errors=True)
+
+    # ---------------------------------------------------------------- s3
+
+    def _upload(self, step: int, path: Path) -> str:
+        from seerlike import storage
+
+        bucket, prefix = storage.split_s3_url(self.cfg.dir)
+        client = storage.s3_client()
+        key_dir = f"{prefix.rstrip('/')}/{path.name}" if prefix else path.name
+        mine = [f for f in path.iterdir() if f.is_file() and _owned_by(f.name, self.rank)]
+        for f in mine:
+            client.upload_file(str(f), bucket, f"{key_dir}/{f.name}")
+        self._barrier()
+        if self.rank == 0:
+            client.put_object(Bucket=bucket, Key=f"{key_dir}/{COMPLETE}", Body=f"{step}\n".encode())
+            self._prune_remote(client, bucket, prefix)
+            shutil.rmtree(path, ignore_errors=True)
+        return f"s3://{bucket}/{key_dir}"
+
+    def _remote_complete(self, client, bucket: str, prefix: str) -> list[str]:
+        base = f"{prefix.rstrip('/')}/" if prefix else ""
+        names = set()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(base):]
+                parts = rel.split("/")
+                if len(parts) == 2 and parts[1] == COMPLETE and _STEP_RE.match(parts[0]):
+                    names.add(parts[0])
+        return sorted(names)
+
+    def _prune_remote(self, client, bucket: str, prefix: str) -> None:
+        done = self._remote_complete(client, bucket, prefix)
+        base = f"{prefix.rstrip('/')}/" if prefix else ""
+        for name in done[: -self.cfg.keep_last] if self.cfg.keep_last else []:
+            client.delete_object(Bucket=bucket, Key=f"{base}{name}/{COMPLETE}")
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{base}{name}/"):
+                for obj in page.get("Contents", []):
+                    client.delete_object(Bucket=bucket, Key=obj["Key"])
+
+    def _download_latest(self) -> Path | None:
+        from seerlike import storage
+
+        bucket, prefix = storage.split_s3_url(self.cfg.dir)
+        client = storage.s3_client()
+        done = self._remote_complete(client, bucket, prefix)
+        if not done:
+            return None
+        name = done[-1]
+        local = self.run_dir / "checkpoints_cache" / name
+        if self.rank == 0 and not (local / COMPLETE).exists():
+            shutil.rmtree(local, ignore_errors=True)
+            local.mkdir(parents=True)
+            base = f"{prefix.rstrip('/')}/{name}/" if prefix else f"{name}/"
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+                for obj in page.get("Contents", []):
+                    client.download_file(bucket, obj["Key"], str(local / obj["Key"][len(base):]))
+        self._barrier()  # the cache must be on a filesystem all ranks see
+        return local
+
+    # ---------------------------------------------------------------- restore
+
+    def find_latest(self) -> Path | None:
+        if not self.cfg.resume:
+            return None
+        return self._download_latest() if self.remote else latest(self.root)
+
+    def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: nn.Module,
+                scaler: torch.amp.GradScaler | None) -> Restored:
+        meta = read_meta(path)
+        _check_tensors_only(path)
+        msd, osd = get_state_dict(model, optimizer)
+        # get_state_dict made state for every parameter (a zero-grad step); parameters that had
+        # none when saved (e.g. SwAV prototypes while frozen) must have none after loading either
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        osd["state"] = {fqn: {k: v for k, v in st.items() if f"optim.state.{fqn}.{k}" in stored}
+                        for fqn, st in osd["state"].items()}
+        osd["state"] = {fqn: st for fqn, st in osd["state"].items() if st}
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner(), process_group=self.group)
+        # strict=False only lets parameters without optimizer state through; DCP has already
+        # failed on any model key missing from the checkpoint
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))
+        if scaler is not None and scaler.is_enabled() and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        same_world = meta["world_size"] == self.world
+        if same_world:
+            tensors = load_file(str(path / f"rank_{self.rank:05d}.safetensors"))
+            torch.set_rng_state(tensors["rng.cpu"])
+            if "rng.cuda" in tensors and torch.cuda.is_available():
+                torch.cuda.set_rng_state(tensors["rng.cuda"])
+            bufs = dict(method.named_buffers())
+            with torch.no_grad():
+                for k, v in tensors.items():
+                    if k.startswith("buffer.") and k[7:] in bufs:
+                        bufs[k[7:]].copy_(v)
+            rank_state = json.loads((path / f"rank_{self.rank:05d}.json").read_text())
+            ver, internal, gauss = rank_state["python_random"]
+            random.setstate((ver, tuple(internal), gauss))
+        else:
+            # the data pipeline sees the other world size in the state and starts its next epoch
+            rank_state = json.loads((path / f"rank_{min(self.rank, meta['world_size'] - 1):05d}.json").read_text())
+            log.warning("resuming a %d-rank checkpoint on %d ranks: model and optimizer resharded; "
+                        "RNG reseeded, data restarts at an epoch boundary", meta["world_size"], self.world)
+        self.last_complete = path
+        log.info("resumed from %s (step %d)", path, meta["step"])
+        return Restored(step=int(meta["step"]), data_state=rank_state["data"], exact=same_world, path=path)
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+
+def _owned_by(name: str, rank: int) -> bool:
+    """Which rank uploads a checkpoint file: its own DCP shards and rank files; rank 0 the rest."""
+    m = re.match(r"^__(\d+)_\d+\.distcp$", name) or re.match(r"^rank_(\d+)\.", name)
+    return int(m.group(1)) == rank if m else rank == 0
+
+
+def _check_tensors_only(path: Path) -> None:
+    """Refuse checkpoints whose model entries are not all tensors (the optimizer's hyper-parameters may be)."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    bad = [k for k, m in meta.state_dict_metadata.items()
+           if not isinstance(m, TensorStorageMetadata) and not k.startswith("optim.")]
+    if bad:
+        raise ValueError(f"{path}: unexpected non-tensor entries {bad[:5]}; not a seerlike checkpoint")

@@ -1,0 +1,303 @@
+"""`seerlike extract`: frozen-backbone features over a data set, one chunk per work unit.
+
+Work units are fixed by the data alone: one unit per WebDataset shard, or one slice of
+``--chunk-size`` rows of a ``path,label`` CSV / class-folder listing. Rank ``r`` of ``W``
+takes the units ``u`` with ``u % W == r``, so every sample is extracted exactly once, and a
+rerun (with any number of ranks) skips the units whose chunk is already complete.
+Images get the evaluation transform (shorter side to ``resize``, centre crop ``size``,
+ImageNet normalisation). ``res4`` / ``res5`` maps are spatially average-pooled; ``pool``
+is the trunk's pooled output; ``head`` the classifier logits of a model that has one.
+The file format is described in :mod:`seerlike.eval.features`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from seerlike.config import ConfigError
+from seerlike.eval import features as fstore
+
+log = logging.getLogger(__name__)
+
+LAYERS = ("res2", "res3", "res4", "res5", "pool", "head")
+
+
+# ---------------------------------------------------------------- work units
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    data: bytes
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A fixed slice of the data set that becomes one feature chunk."""
+
+    name: str
+    read: Callable[[], Iterator[Sample]]
+    size: int | None = None
+    """Samples in the unit when known up front (progress bar)."""
+
+
+def _read_tar(url: str) -> Iterator[Sample]:
+    """Samples of a WebDataset tar: consecutive members grouped by key, the image member kept."""
+    from seerlike import storage
+    from seerlike.data.sources import IMAGE_EXTS, split_key
+
+    if storage.is_s3_url(url):
+        from seerlike.data.s3stream import open_shard
+
+        f = open_shard(url)
+    else:
+        f = open(url.removeprefix("file://"), "rb")
+    key, image, label = None, None, None
+    with f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, ext = split_key(member.name)
+            if k != key:
+                if image is not None:
+                    yield Sample(key, image, label)
+                key, image, label = k, None, None
+            if ext in IMAGE_EXTS:
+                image = tar.extractfile(member).read()
+            elif ext in ("cls", "label", "txt"):
+                label = tar.extractfile(member).read().decode().strip() or None
+        if image is not None:
+            yield Sample(key, image, label)
+
+
+def list_units(data: str, chunk_size: int = 4096) -> list[Unit]:
+    """The work units of ``data`` (any ``DataConfig.source``): one per shard, or ``chunk_size`` files each."""
+    from seerlike.data.sources import FileSource, resolve
+
+    src = resolve(data)
+    if isinstance(src, FileSource):
+        def read(lo: int, hi: int) -> Iterator[Sample]:
+            for i in range(lo, hi):
+                label = src.labels[i]
+                yield Sample(src.keys[i], Path(src.paths[i]).read_bytes(), src.classes[label] if label is not None else None)
+
+        return [Unit(f"part-{lo // chunk_size:06d}", lambda lo=lo: read(lo, min(lo + chunk_size, len(src))),
+                     min(chunk_size, len(src) - lo)) for lo in range(0, len(src), chunk_size)]
+    names = [Path(u).name.removesuffix(".tar") for u in src.urls]
+    if len(set(names)) != len(names):
+        names = [f"{i:06d}-{n}" for i, n in enumerate(names)]
+    return [Unit(f"shard-{n}", lambda u=u: _read_tar(u), c) for n, u, c in zip(names, src.urls, src.counts)]
+
+
+# ---------------------------------------------------------------- inference
+
+
+def eval_batch(datas: list[bytes], size: int, resize: int) -> Tensor:
+    """Decoded, centre-cropped, normalised ``(N, 3, size, size)`` float32 batch."""
+    from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD, center_view
+
+    arr = np.stack([center_view(d, size, resize) for d in datas])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def feature_fn(loaded, layer: str) -> Callable[[Tensor], Tensor]:
+    """images -> (N, D) features of ``layer`` (spatial maps average-pooled)."""
+    model = loaded.model
+    if layer == "head":
+        if loaded.head is None:
+            raise ConfigError(f"{loaded.source} has no classifier head; use --layer pool/res5/res4")
+        return lambda x: loaded.head(model(x))
+    if layer == "pool":
+        return model
+    if layer not in LAYERS:
+        raise ConfigError(f"unknown layer {layer!r}; choose from {', '.join(LAYERS)}")
+    return lambda x: model.forward_features(x, until=layer)[layer].mean(dim=(2, 3))
+
+
+def _batches(samples: Iterator[Sample], n: int) -> Iterator[list[Sample]]:
+    batch = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def unit_features(fn, unit: Unit, *, size: int, resize: int, batch_size: int, device: torch.device,
+                  pool: ThreadPoolExecutor | None = None, on_batch: Callable[[int], None] | None = None
+                  ) -> tuple[list[str], list[str | None], np.ndarray]:
+    """Keys, labels and float32 features of every sample of a unit, in unit order.
+
+    Decoding of the next batch overlaps the forward of the current one (thread pool).
+    """
+    keys, labels, feats = [], [], []
+    decode = (lambda b: eval_batch([s.data for s in b], size, resize))
+    batches = _batches(unit.read(), batch_size)
+    pending = None
+    for batch in batches:
+        fut = pool.submit(decode, batch) if pool else None
+        if pending is not None:
+            feats.append(_forward(fn, *pending, device))
+            on_batch and on_batch(len(pending[1]))
+        pending = (fut.result() if fut else decode(batch), batch)
+        keys += [s.key for s in batch]
+        labels += [s.label for s in batch]
+    if pending is not None:
+        feats.append(_forward(fn, *pending, device))
+        on_batch and on_batch(len(pending[1]))
+    dim = feats[0].shape[1] if feats else 0
+    return keys, labels, (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32))
+
+
+def _forward(fn, x: Tensor, batch: list[Sample], device: torch.device) -> np.ndarray:
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return fn(x).float().cpu().numpy()
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass(kw_only=True)
+class ExtractConfig:
+    layer: str = "res5"
+    """Feature: res4 / res5 (average-pooled maps), pool, or head (classifier logits)."""
+    image_size: int = 224
+    """Centre-crop side fed to the network."""
+    resize: int | None = None
+    """Shorter side before the crop; None = image_size / 0.875 (the ImageNet eval ratio)."""
+    batch_size: int = 128
+    """Images per forward."""
+    chunk_size: int = 4096
+    """Rows per chunk for CSV / folder sources (shards are one chunk each)."""
+    dtype: str = "float32"
+    """Stored dtype: float32 or float16."""
+    workers: int = 4
+    """Decoding threads."""
+
+    def __post_init__(self) -> None:
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be one of {', '.join(LAYERS)}, got {self.layer!r}")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
+        if self.image_size < 8 or self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError("image_size >= 8, batch_size >= 1 and chunk_size >= 1 are required")
+
+    @property
+    def resize_side(self) -> int:
+        return self.resize or round(self.image_size / 0.875)
+
+
+def extract(model: str, data: str, out: str | os.PathLike, cfg: ExtractConfig, *, rank: int = 0, world_size: int = 1,
+            device: torch.device = torch.device("cpu"), barrier: Callable[[], None] | None = None,
+            progress: bool = True, loaded=None) -> dict | None:
+    """Extract this rank's units into ``out``; rank 0 finalises after ``barrier``. Returns meta on rank 0."""
+    from seerlike.export import load_backbone
+
+    out = Path(out)
+    loaded = loaded or load_backbone(model)
+    loaded.model.to(device)
+    if loaded.head is not None:
+        loaded.head.to(device)
+    fn = feature_fn(loaded, cfg.layer)
+    units = list_units(data, cfg.chunk_size)
+    names = [u.name for u in units]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{data}: two shards share a name; cannot key chunks by shard name")
+    meta = {"layer": cfg.layer, "model": loaded.source, "arch": loaded.arch, "step": loaded.step, "data": str(data),
+            "image_size": cfg.image_size, "resize": cfg.resize_side, "dtype": cfg.dtype, "num_units": len(units)}
+    if (out / fstore.META).exists():
+        old = json.loads((out / fstore.META).read_text())
+        diff = {k: (old.get(k), v) for k, v in meta.items() if k in ("layer", "arch", "model", "data", "image_size") and old.get(k) != v}
+        if diff:
+            raise ConfigError(f"{out} holds features from a different extraction ({diff}); use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not (out / fstore.META).exists():
+        fstore.write_meta(out, meta)
+    mine = [u for i, u in enumerate(units) if i % world_size == rank]
+    todo = [u for u in mine if not fstore.chunk_done(out, u.name)]
+    log.info("rank %d: %d of its %d units to extract (%d already done)", rank, len(todo), len(mine), len(mine) - len(todo))
+    total = sum(u.size for u in todo) if all(u.size is not None for u in todo) else None
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc=f"extract {cfg.layer}", disable=None)
+    dim = None
+    with ThreadPoolExecutor(max(cfg.workers, 1)) as pool:
+        for unit in todo:
+            keys, labels, feats = unit_features(fn, unit, size=cfg.image_size, resize=cfg.resize_side,
+                                                batch_size=cfg.batch_size, device=device, pool=pool,
+                                                on_batch=bar.update if bar else None)
+            dim = feats.shape[1] if len(keys) else dim
+            fstore.write_chunk(out, unit.name, keys, feats.astype(cfg.dtype), labels)
+    if bar:
+        bar.close()
+    (barrier or (lambda: None))()
+    if rank != 0:
+        return None
+    missing = [n for n in names if not fstore.chunk_done(out, n)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} chunks missing after extraction (e.g. {missing[:3]}); rerun to resume")
+    if dim is None:
+        dim = int(np.load(fstore.chunk_paths(out, names[0])[0], mmap_mode="r").shape[1])
+    result = fstore.finalize(out, {**meta, "dim": dim})
+    keys = fstore.FeatureStore(out).index()["key"]
+    if len(keys) != len(set(keys.to_pylist())):
+        raise RuntimeError(f"duplicate sample keys in {data}: features cannot be keyed by sample key")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir, export dir or random:ARCH")
+    p.add_argument("--data", required=True, help="dataset dir / shard pattern / s3 prefix, or a path,label CSV / image folder")
+    p.add_argument("--layer", default=ExtractConfig.layer, choices=LAYERS)
+    p.add_argument("--out", required=True, help="features directory (rerun to resume)")
+    p.add_argument("--image-size", type=int, default=ExtractConfig.image_size)
+    p.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default size/0.875)")
+    p.add_argument("--batch-size", type=int, default=ExtractConfig.batch_size)
+    p.add_argument("--chunk-size", type=int, default=ExtractConfig.chunk_size)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--workers", type=int, default=ExtractConfig.workers, help="decoding threads per rank")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from seerlike.engine.dist import init_distributed, teardown
+
+    try:
+        cfg = ExtractConfig(layer=args.layer, image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
+                            chunk_size=args.chunk_size, dtype=args.dtype, workers=args.workers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    info = init_distributed()
+    try:
+        meta = extract(args.checkpoint, args.data, args.out, cfg, rank=info.rank, world_size=info.world_size,
+                       device=info.device, barrier=dist.barrier if info.world_size > 1 else None)
+    finally:
+        teardown()
+    if meta is not None:
+        print(json.dumps({k: meta[k] for k in ("layer", "dim", "num_samples", "arch", "model")} | {"out": str(args.out),
+                         "chunks": len(meta["chunks"])}, indent=2))
+    return 0

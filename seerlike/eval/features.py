@@ -1,0 +1,132 @@
+"""The on-disk format of extracted features (written by ``seerlike extract``, read by cluster/eval).
+
+A features directory holds, per work unit (one input shard, or one slice of a file list):
+
+- ``features-{unit}.npy``: float32 or float16 array ``(n, dim)``, row i is sample i of the unit;
+- ``features-{unit}.parquet``: the index of that chunk, columns ``key`` (str), ``row`` (int32)
+  and ``label`` (str, null when the source has no labels). It is written after the ``.npy``
+  and atomically, so its presence marks the chunk complete (resume skips it);
+- ``meta.json``: layer, dim, dtype, model, data and, once every rank finished, ``num_samples``
+  and the sorted list of ``chunks``;
+- ``index.parquet``: ``key, label, chunk, row`` over all chunks (written last by rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META = "meta.json"
+INDEX = "index.parquet"
+
+
+def chunk_paths(out_dir: Path, unit: str) -> tuple[Path, Path]:
+    return out_dir / f"features-{unit}.npy", out_dir / f"features-{unit}.parquet"
+
+
+def chunk_done(out_dir: Path, unit: str) -> bool:
+    npy, idx = chunk_paths(out_dir, unit)
+    return npy.exists() and idx.exists()
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_chunk(out_dir: Path, unit: str, keys: list[str], feats: np.ndarray, labels: list[str | None] | None = None) -> None:
+    """Write one chunk: features first, then its index (the completion marker)."""
+    if len(keys) != feats.shape[0]:
+        raise ValueError(f"chunk {unit}: {len(keys)} keys but {feats.shape[0]} feature rows")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npy, idx = chunk_paths(out_dir, unit)
+
+    def save_npy(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+
+    _atomic(npy, save_npy)
+    table = pa.table({
+        "key": pa.array(keys, pa.string()),
+        "row": pa.array(np.arange(len(keys), dtype=np.int32)),
+        "label": pa.array(labels if labels is not None else [None] * len(keys), pa.string()),
+    })
+    _atomic(idx, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_meta(out_dir: Path, meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic(out_dir / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+
+
+def finalize(out_dir: Path, meta: dict) -> dict:
+    """Merge the chunk indexes into ``index.parquet`` and complete ``meta.json``."""
+    units = sorted(p.name[len("features-"):-len(".parquet")] for p in out_dir.glob("features-*.parquet"))
+    tables = []
+    for unit in units:
+        t = pq.read_table(chunk_paths(out_dir, unit)[1])
+        tables.append(t.append_column("chunk", pa.array([unit] * t.num_rows, pa.string())))
+    index = pa.concat_tables(tables) if tables else pa.table({"key": pa.array([], pa.string()), "row": pa.array([], pa.int32()),
+                                                             "label": pa.array([], pa.string()), "chunk": pa.array([], pa.string())})
+    index = index.select(["key", "label", "chunk", "row"])
+    _atomic(out_dir / INDEX, lambda tmp: pq.write_table(index, tmp))
+    meta = {**meta, "num_samples": index.num_rows, "chunks": units}
+    write_meta(out_dir, meta)
+    return meta
+
+
+@dataclass
+class Chunk:
+    unit: str
+    keys: list[str]
+    labels: list[str | None]
+    features: np.ndarray
+
+
+class FeatureStore:
+    """Read access to a features directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / META
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{self.path} is not a features directory (no {META}); produce one with `seerlike extract`")
+        self.meta = json.loads(meta_path.read_text())
+        if "chunks" not in self.meta:
+            raise ValueError(f"features in {self.path} are incomplete (extraction did not finish); rerun `seerlike extract` to resume it")
+        self.units: list[str] = list(self.meta["chunks"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def __len__(self) -> int:
+        return int(self.meta["num_samples"])
+
+    def index(self) -> pa.Table:
+        return pq.read_table(self.path / INDEX)
+
+    def chunk_sizes(self) -> list[int]:
+        return [pq.ParquetFile(chunk_paths(self.path, u)[1]).metadata.num_rows for u in self.units]
+
+    def features(self, unit: str, mmap: bool = True) -> np.ndarray:
+        return np.load(chunk_paths(self.path, unit)[0], mmap_mode="r" if mmap else None)
+
+    def chunks(self) -> Iterator[Chunk]:
+        for unit in self.units:
+            t = pq.read_table(chunk_paths(self.path, unit)[1])
+            yield Chunk(unit, t["key"].to_pylist(), t["label"].to_pylist(), np.asarray(self.features(unit, mmap=False)))
+
+    def load(self) -> Chunk:
+        """Everything in memory, in chunk order (small data sets: eval, tests)."""
+        parts = list(self.chunks())
+        feats = np.concatenate([c.features for c in parts]) if parts else np.zeros((0, self.dim), np.float32)
+        return Chunk("all", [k for c in parts for k in c.keys], [lb for c in parts for lb in c.labels], feats)

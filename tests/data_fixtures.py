@@ -1,0 +1,44 @@
+"""Small WebDataset shard sets made from the real CIFAR-dev images (data tests' helpers)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(images: list[Path], out: Path, per_shard: int | list[int], *, bad_jpeg: set[int] = frozenset(),
+                 missing_image: set[int] = frozenset()) -> list[Path]:
+    """Tars of ``per_shard`` samples each (or the listed sizes), ``KEY.jpg`` + ``KEY.json``; keys ``s{i:06d}``.
+
+    ``bad_jpeg``: sample indices whose JPEG bytes are cut to garbage; ``missing_image``:
+    indices written with their JSON only.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = per_shard if isinstance(per_shard, list) else [per_shard] * -(-len(images) // per_shard)
+    paths, start = [], 0
+    for j, size in enumerate(sizes):
+        path = out / f"{j:06d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(start, min(start + size, len(images))):
+                key = f"s{i:06d}"
+                data = images[i].read_bytes()
+                if i in bad_jpeg:
+                    data = data[:20] + b"\x00garbage" * 8
+                if i not in missing_image:
+                    _add(tar, f"{key}.jpg", data)
+                _add(tar, f"{key}.json", json.dumps({"key": key, "source": str(images[i])}).encode())
+        paths.append(path)
+        start += size
+    return paths
+
+
+def cifar_images(cifar_dir: Path, n: int) -> list[Path]:
+    return sorted((cifar_dir / "train").rglob("*.jpg"))[:n]

@@ -1,0 +1,254 @@
+"""Augmentation: parameter distributions, op semantics, decode, determinism."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from seerlike.data import augment as aug
+from seerlike.data.augment import (GRAY, AugmentConfig, PhotometricParams, ViewConfig, apply_photometric,
+                                   byol_views, crop_sample, decode, sample_crop, sample_photometric, swav_multicrop)
+
+
+# ---------------------------------------------------------------- distributions
+
+
+def test_crop_area_and_aspect_follow_the_recipe() -> None:
+    rng = np.random.default_rng(0)
+    W, H = 640, 480
+    for scale in [(0.14, 1.0), (0.05, 0.14), (0.08, 1.0)]:
+        areas, logr = [], []
+        for _ in range(3000):
+            x, y, w, h = sample_crop(rng, W, H, scale, (3 / 4, 4 / 3))
+            assert 0 <= x and x + w <= W and 0 <= y and y + h <= H
+            areas.append(w * h / (W * H))
+            logr.append(math.log(w / h))
+        areas, logr = np.array(areas), np.array(logr)
+        # rounding to whole pixels moves an area by < 1%
+        assert areas.min() >= scale[0] * 0.98 and areas.max() <= scale[1] * 1.01
+        assert abs(areas.mean() - (scale[0] + scale[1]) / 2) < 0.03 * scale[1] + 0.005 or scale[1] == 1.0
+        assert logr.min() >= math.log(3 / 4) - 0.02 and logr.max() <= math.log(4 / 3) + 0.02
+        if scale[1] < 0.5:  # no rejections: the aspect is exactly the log-uniform proposal
+            assert abs(logr.mean()) < 0.01
+            assert abs(logr.std() - 2 * math.log(4 / 3) / math.sqrt(12)) < 0.01
+    # small crops never fall back; their mean area is the middle of the range
+    areas = [np.prod(sample_crop(rng, W, H, (0.05, 0.14), (3 / 4, 4 / 3))[2:]) / (W * H) for _ in range(3000)]
+    assert abs(np.mean(areas) - 0.095) < 0.004
+
+
+def test_jitter_factors_and_probabilities_follow_the_recipe() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    swav = swav_multicrop().views[0]
+    assert swav.jitter == pytest.approx((0.64, 0.64, 0.64, 0.16))
+    for v in [swav, byol_views().views[0], byol_views().views[1]]:
+        p = sample_photometric(v, n, gen, True)
+        b, c, s, h = v.jitter
+        for j, strength in enumerate((b, c, s)):
+            f = p.factors[:, j]
+            assert f.min() >= 1 - strength - 1e-6 and f.max() <= 1 + strength + 1e-6
+            assert abs(float(f.mean()) - 1) < 0.01
+            assert abs(float(f.std()) - 2 * strength / math.sqrt(12)) < 0.01
+        hue = p.factors[:, 3]
+        assert hue.min() >= -h - 1e-6 and hue.max() <= h + 1e-6 and abs(float(hue.mean())) < 0.005
+        for got, want in [(p.jitter_on, v.jitter_p), (p.gray_on, v.grayscale_p), (p.blur_on, v.blur_p),
+                          (p.solarize_on, v.solarize_p)]:
+            assert abs(float(got.float().mean()) - want) < 0.015
+        assert p.sigma.min() >= 0.1 - 1e-6 and p.sigma.max() <= 2.0 + 1e-6
+        assert abs(float(p.sigma.mean()) - 1.05) < 0.02
+        # random order: every op lands in every position about equally often
+        first = torch.bincount(p.order[:, 0], minlength=4).float() / n
+        assert torch.allclose(first, torch.full((4,), 0.25), atol=0.02)
+        assert torch.equal(p.order.sort(1).values, torch.arange(4).expand(n, 4))
+
+
+def test_recipes_have_the_paper_settings() -> None:
+    swav = swav_multicrop()
+    assert [(v.count, v.size, v.scale) for v in swav.views] == [(2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14))]
+    assert all(v.jitter_p == 0.8 and v.grayscale_p == 0.2 and v.blur_p == 0.5 and v.blur_sigma == (0.1, 2.0)
+               and v.flip_p == 0.5 for v in swav.views)
+    v1, v2 = byol_views().views
+    assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert v1.scale == v2.scale == (0.08, 1.0) and v1.jitter == (0.4, 0.4, 0.2, 0.1)
+    with pytest.raises(ValueError, match="scale"):
+        ViewConfig(scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="probability"):
+        ViewConfig(blur_p=1.5)
+
+
+# ---------------------------------------------------------------- op semantics
+
+
+def _params(n: int, **kw) -> PhotometricParams:
+    off = torch.zeros(n, dtype=torch.bool)
+    base = dict(jitter_on=off, factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
+                order=torch.arange(4).repeat(n, 1), gray_on=off, blur_on=off, sigma=torch.ones(n), solarize_on=off)
+    base.update(kw)
+    return PhotometricParams(**base)
+
+
+def _run(x01: torch.Tensor, p: PhotometricParams, v: ViewConfig | None = None) -> torch.Tensor:
+    """Photometric ops on [0, 1] images with identity normalisation."""
+    v = v or ViewConfig(size=x01.shape[-1])
+    return apply_photometric(x01, v, p, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (torch.tensor(GRAY)[None, :, None, None] * x).sum(1, keepdim=True)
+
+
+def test_jitter_ops_match_their_definitions() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    on = torch.ones(4, dtype=torch.bool)
+    f = torch.tensor([0.6, 1.3, 0.9, 1.5])
+
+    def only(op: int) -> PhotometricParams:
+        factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(4, 1)
+        factors[:, op] = f if op < 3 else f - 1.0
+        return _params(4, jitter_on=on, factors=factors)
+
+    torch.testing.assert_close(_run(x, only(0)), (x * f[:, None, None, None]).clamp(0, 1))
+    m = _gray(x).mean((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(_run(x, only(1)), (f[:, None, None, None] * x + (1 - f[:, None, None, None]) * m).clamp(0, 1))
+    torch.testing.assert_close(_run(x, only(2)), (f[:, None, None, None] * x + (1 - f[:, None, None, None]) * _gray(x)).clamp(0, 1))
+    # hue: a rotation of the chroma plane keeps luma (where nothing clips) and a full turn is the identity
+    mid = 0.25 + 0.5 * x
+    hued = _run(mid, only(3))
+    assert not torch.allclose(hued, mid, atol=1e-3)
+    inside = (hued > 0) & (hued < 1)
+    assert inside.all(1).float().mean() > 0.5
+    torch.testing.assert_close(_gray(hued)[inside.all(1, keepdim=True)], _gray(mid)[inside.all(1, keepdim=True)],
+                               atol=2e-3, rtol=0)
+    full_turn = _params(4, jitter_on=on, factors=torch.tensor([[1.0, 1.0, 1.0, 0.5]]).repeat(4, 1))
+    pale = 0.4 + 0.2 * x  # little chroma: the half turns never clip
+    torch.testing.assert_close(_run(_run(pale, full_turn), full_turn), pale, atol=1e-5, rtol=0)
+    # samples with jitter off are untouched
+    p = only(0)
+    p.jitter_on = torch.tensor([True, False, True, False])
+    out = _run(x, p)
+    torch.testing.assert_close(out[1], x[1])
+    torch.testing.assert_close(out[0], (x[0] * f[0]).clamp(0, 1))
+
+
+def test_jitter_order_is_per_sample_and_matters() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    on = torch.ones(2, dtype=torch.bool)
+    factors = torch.tensor([[1.8, 0.3, 1.0, 0.0]]).repeat(2, 1)
+    order = torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3]])  # brightness first vs contrast first
+    out = _run(x, _params(2, jitter_on=on, factors=factors, order=order))
+    b_then_c = _run(_run(x, _params(2, jitter_on=on, factors=torch.tensor([[1.8, 1.0, 1.0, 0.0]]).repeat(2, 1))),
+                    _params(2, jitter_on=on, factors=torch.tensor([[1.0, 0.3, 1.0, 0.0]]).repeat(2, 1)))
+    torch.testing.assert_close(out[0], b_then_c[0])
+    assert not torch.allclose(out[1], b_then_c[1], atol=1e-3)
+
+
+def test_grayscale_blur_solarize_normalise() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32)
+    g = _run(x, _params(3, gray_on=torch.tensor([True, False, True])))
+    torch.testing.assert_close(g[0], _gray(x)[0].expand(3, -1, -1))
+    torch.testing.assert_close(g[1], x[1])
+    # blur: against a plain 2D convolution with the outer-product kernel, reflect padding
+    sigma = torch.tensor([0.5, 1.0, 2.0])
+    v = ViewConfig(size=32, blur_kernel_frac=0.5)
+    b = _run(x, _params(3, blur_on=torch.ones(3, dtype=torch.bool), sigma=sigma), v)
+    for i in range(3):
+        k = min(2 * math.ceil(3 * 2.0) + 1, 17)
+        t = torch.arange(k) - k // 2
+        w = torch.exp(-(t.float() ** 2) / (2 * sigma[i] ** 2))
+        w = w / w.sum()
+        ref = F.conv2d(F.pad(x[i : i + 1], (k // 2,) * 4, mode="reflect"), (w[:, None] * w[None]).expand(3, 1, k, k),
+                       groups=3)
+        torch.testing.assert_close(b[i : i + 1], ref, atol=1e-5, rtol=0)
+    s = _run(x, _params(3, solarize_on=torch.tensor([True, False, False])), ViewConfig(size=32, solarize_threshold=0.5))
+    torch.testing.assert_close(s[0], torch.where(x[0] >= 0.5, 1 - x[0], x[0]))
+    torch.testing.assert_close(s[1], x[1])
+    # normalisation and the uint8 input path (B, H, W, 3)
+    u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = apply_photometric(u8, ViewConfig(size=32), _params(3), mean, std)
+    ref = (u8.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(out, ref)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+
+
+def test_photometric_is_deterministic_in_seed_epoch_step_rank() -> None:
+    cfg = AugmentConfig(views=[ViewConfig(count=2, size=16, blur_p=0.5, solarize_p=0.5)])
+    ph = aug.Photometric(cfg)
+    views = [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8) for _ in range(2)]
+    a = ph(views, seed=1, epoch=0, step=3, rank=0)
+    torch.manual_seed(123)  # global RNG state must not matter
+    b = ph(views, seed=1, epoch=0, step=3, rank=0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = ph(views, seed=1, epoch=0, step=4, rank=0)
+    d = ph(views, seed=1, epoch=0, step=3, rank=1)
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], d[0])
+
+
+# ---------------------------------------------------------------- decode and crops
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_decode_reduces_size_but_keeps_the_shorter_side(photos_dir: Path) -> None:
+    big = max((p for p in photos_dir.glob("*.jpg")), key=lambda p: p.stat().st_size)
+    data = big.read_bytes()
+    full = decode(data, 0)
+    small = decode(data, 300)
+    assert min(small.size) >= 300 and small.width * small.height < full.width * full.height / 3
+    assert abs(small.width / small.height - full.width / full.height) < 0.02
+
+
+def test_decode_applies_exif_orientation_and_handles_cmyk_gray_png(photos_dir: Path) -> None:
+    import csv
+
+    rows = list(csv.DictReader(open(photos_dir / "manifest.csv")))
+    checked = set()
+    for row in rows:
+        path = photos_dir / row["file"] if "file" in row else photos_dir / row[next(iter(row))]
+        if not path.exists() or path.stat().st_size > 3_000_000:
+            continue
+        data = path.read_bytes()
+        img = decode(data, 0)
+        ref = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        assert img.mode == "RGB" and img.size == ref.size, path.name
+        checked.add(ref.mode if ref.mode in ("CMYK", "L") else path.suffix.lower())
+        if ref.mode == "RGB" and path.suffix.lower() == ".png":
+            assert np.array_equal(np.asarray(img), np.asarray(ref))
+    assert {"CMYK", "L", ".jpg", ".png"} <= checked
+
+
+def test_corrupt_bytes_raise_corrupt_sample() -> None:
+    good = _jpeg(Image.new("RGB", (64, 48), (200, 10, 10)))
+    for bad in [b"", b"not an image", good[:30], b"\xff\xd8" + b"\x00" * 100]:
+        with pytest.raises(aug.CorruptSample):
+            decode(bad, 32)
+
+
+def test_crop_sample_is_deterministic_per_seed_epoch_key(cifar_dir: Path) -> None:
+    data = next((cifar_dir / "train" / "cat").glob("*.jpg")).read_bytes()
+    cfg = swav_multicrop(32, 16, 2, 3)
+    a = crop_sample(data, "k", cfg, 0, 0)
+    assert [x.shape for x in a] == [(32, 32, 3)] * 2 + [(16, 16, 3)] * 3 and a[0].dtype == np.uint8
+    assert all(np.array_equal(x, y) for x, y in zip(a, crop_sample(data, "k", cfg, 0, 0)))
+    assert not np.array_equal(a[0], crop_sample(data, "k", cfg, 0, 1)[0])
+    assert not np.array_equal(a[0], crop_sample(data, "other", cfg, 0, 0)[0])
+
+
+def test_center_view_is_the_middle_square() -> None:
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    img.paste((255, 255, 255), (50, 0, 150, 100))  # white middle square
+    out = aug.center_view(_jpeg(img, quality=95), 32, 32)
+    assert out.shape == (32, 32, 3) and out[2:-2, 2:-2].min() > 230
