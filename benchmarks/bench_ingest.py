@@ -76,8 +76,12 @@ def main() -> None:
 
     photos = sorted(p for p in (DATA / "photos").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     cifar = sorted((DATA / "cifar10-dev" / "train").rglob("*.jpg"))[: args.cifar_limit]
-    base = IngestConfig(progress=False, workers=1, fetch_threads=2)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-lists-"))
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-lists-") as tmp:
+        run(photos, cifar, Path(tmp), args.repeats)
+
+
+def run(photos: list[Path], cifar: list[Path], tmp: Path, repeats: int) -> None:
+    base = IngestConfig(progress=False, workers=1)
     rows = []
     for name, files in (("photos", photos), ("cifar10-dev train", cifar)):
         listing = tmp / f"{name.split()[0]}.txt"
@@ -86,7 +90,7 @@ def main() -> None:
         measure_floor(blobs, base)  # warm-up: page cache, imports, allocator
         n_written = measure_ingest(listing, base)[2]["written"]
         res: dict[str, list[tuple[float, float]]] = {"floor": [], "ingest": [], "ingest_reencode": []}
-        for _ in range(args.repeats):  # interleaved, so load changes hit all three alike
+        for _ in range(repeats):  # interleaved, so load changes hit all three alike
             res["floor"].append(measure_floor(blobs, base))
             res["ingest"].append(measure_ingest(listing, base)[:2])
             res["ingest_reencode"].append(measure_ingest(listing, base.replace(keep_original=False))[:2])
@@ -94,7 +98,7 @@ def main() -> None:
         n = len(files)
         rows.append((name, n, n_written, med))
 
-    print(f"\n## Ingest throughput per core (median of {args.repeats}; resize_short_side=512, q90)\n")
+    print(f"\n## Ingest throughput per core (median of {repeats}; resize_short_side=512, q90)\n")
     print("| images | n (written) | floor img/s/core (wall) | ingest img/s/core (wall) | ingest/floor | ingest, keep_original=false (wall) | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, n, nw, med in rows:
@@ -110,14 +114,14 @@ def main() -> None:
     chunk = -(-len(both) // 8)
     walls: dict[int, list[float]] = {1: [], 2: []}
     cpus: dict[int, list[float]] = {1: [], 2: []}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for w in (1, 2):
             _, wall, summary = measure_ingest(listing, base.replace(workers=w, chunk_size=chunk))
             walls[w].append(wall)
             cpus[w].append(summary["chunk_cpu_seconds"])
     w1, w2 = statistics.median(walls[1]), statistics.median(walls[2])
     load = os.getloadavg()[0]
-    print(f"\n## Workers (photos + cifar, {len(both)} images in 8 chunks; median of {args.repeats}; "
+    print(f"\n## Workers (photos + cifar, {len(both)} images in 8 chunks; median of {repeats}; "
           f"{os.cpu_count()} cores, load average {load:.1f})\n")
     print("| workers | wall s | img/s | chunk CPU s | speed-up |")
     print("|---|---|---|---|---|")

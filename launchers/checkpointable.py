@@ -67,6 +67,7 @@ def _export_dist_env() -> None:
     the task's own identity, so they are replaced, not merely filled in.
     """
     env = submitit.JobEnvironment()
+    _limit_threads(env)
     for k in _DIST_VARS:
         os.environ.pop(k, None)
     if env.cluster == "slurm":
@@ -80,6 +81,23 @@ def _export_dist_env() -> None:
             LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
             MASTER_PORT=os.environ.get("MASTER_PORT") or str(20000 + int(env.job_id) % 20000),
         )
+
+
+def _limit_threads(env: submitit.JobEnvironment) -> None:
+    """One intra-op thread pool per task sized to its CPUs (Slurm's cpus-per-task), not the node's.
+
+    Without it every rank starts a thread per core of the node: the ranks oversubscribe the
+    node, and the thread count (hence float summation order) changes with the node, which
+    breaks bit-exact resume on a different machine.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        n = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        per_node = max(1, env.num_tasks // max(1, env.num_nodes))
+        n = int(os.environ.get("SLURM_CPUS_PER_TASK") or max(1, (os.cpu_count() or 1) // per_node))
+        os.environ["OMP_NUM_THREADS"] = str(n)
+    if "torch" in sys.modules:  # already imported: the variable alone comes too late
+        sys.modules["torch"].set_num_threads(n)
 
 
 def run_target(target: str, argv: list[str]) -> Any:
@@ -130,7 +148,7 @@ class StageJob(submitit.helpers.Checkpointable):
         _export_dist_env()
         env = submitit.JobEnvironment()
         if not logging.getLogger().handlers:
-            from seerlike.engine.dist import setup_logging
+            from seerlike.logs import setup_logging
 
             setup_logging(rank=env.global_rank)
         log.info("%s: task %d/%d of job %s (Slurm restart count %s)", self, env.global_rank, env.num_tasks,

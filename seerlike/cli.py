@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
     if not logging.getLogger().handlers:
-        from seerlike.engine.dist import setup_logging
+        from seerlike.logs import setup_logging
 
         setup_logging()
     try:

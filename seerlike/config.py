@@ -223,13 +223,36 @@ def apply_override(cfg: C, dotted: str, value: Any, _prefix: str = "") -> C:
 
 
 def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
-    """Apply ``key=value`` strings in order."""
+    """Apply ``key=value`` strings in order, then validate the result once.
+
+    Each override is checked (key and type) as it comes, but ``__post_init__`` checks that
+    relate several fields run on the final values only, so ``loop.max_steps=4
+    optim.warmup_steps=1`` works whatever the recipe's warmup was.
+    """
+    data = to_dict(cfg)
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
-        cfg = apply_override(cfg, key.strip(), value.strip())
-    return cfg
+        _set_in_dict(type(cfg), data, key.split("."), value.strip(), "")
+    return from_dict(type(cfg), data)
+
+
+def _set_in_dict(cls: type, data: dict, path: list[str], value: str, prefix: str) -> None:
+    head, rest = path[0], path[1:]
+    full = f"{prefix}{head}"
+    fields = _fields(cls)
+    if head not in fields:
+        valid = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown key {full!r} in {cls.__qualname__}; valid keys: {valid}")
+    tp = _hints(cls)[head]
+    if rest:
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{full} is a value ({_type_name(tp)}), not a section; cannot set {full}.{'.'.join(rest)}")
+        _set_in_dict(tp, data[head], rest, value, f"{full}.")
+    else:
+        data[head] = to_dict(_convert(value, tp, full))
 
 
 # ---------------------------------------------------------------- dump / load

@@ -193,8 +193,10 @@ def pending_chunks(cfg: IngestConfig) -> list[int]:
 def _tmp_dir(cfg: IngestConfig) -> str:
     """Where shards are built: beside shards/ locally (same filesystem: rename is atomic)."""
     if storage.is_s3_url(cfg.out):
+        # One spool folder per output (not per process), so a rerun finds and removes the
+        # temp shards of a killed attempt on this machine.
         base = cfg.spool_dir or tempfile.gettempdir()
-        return os.path.join(base, f"seerlike-ingest-{os.getpid()}")
+        return os.path.join(base, "seerlike-ingest-" + hashlib.sha256(cfg.out.encode()).hexdigest()[:12])
     return _work(cfg, "tmp")
 
 
@@ -247,7 +249,7 @@ def ingest_chunk(cfg: IngestConfig, chunk_index: int, progress: Progress | None 
         progress(sum(pending.values()), pending)
     if storage.is_s3_url(cfg.out):
         with contextlib.suppress(OSError):
-            os.rmdir(tmp_dir)  # the per-process spool folder, empty once every shard is uploaded
+            os.rmdir(tmp_dir)  # the spool folder, empty once every shard is uploaded (else in use)
     storage.write_bytes(
         _work(cfg, "parts", f"{k:06d}.parquet"),
         table_to_bytes(pa.Table.from_pylist(rows, schema=SCHEMA)),

@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny convolutions gain nothing from a second OpenMP
+    thread, and on a busy 2-core machine its spin-waiting made them up to 15x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def photos_dir() -> Path:
     if not PHOTOS.is_dir():

@@ -291,19 +291,20 @@ def _yiq() -> tuple[torch.Tensor, torch.Tensor]:
 _T_YIQ, _T_RGB = _yiq()
 
 
-def _op_matrices(op: torch.Tensor, factor: torch.Tensor, means: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample colour matrix (B,3,3) and offset (B,3) for jitter op ``op`` (0 b, 1 c, 2 s, 3 h)."""
+def _op_matrices(op: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample colour matrix (B,3,3) and contrast weight (B,) for jitter op ``op`` (0 b, 1 c, 2 s, 3 h, -1 none).
+
+    Contrast is ``f * x + (1 - f) * mean(gray(x))``: the matrix holds ``f``, the weight
+    ``1 - f`` multiplies the image's mean gray level, known only when the op runs.
+    """
     n = op.shape[0]
     eye = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
     gray = torch.tensor(GRAY, dtype=torch.float64)
     f = factor.double()[:, None, None]
     m = eye.clone()
-    off = torch.zeros(n, 3, dtype=torch.float64)
     scale = (op == 0) | (op == 1)
     m[scale] = (f * eye)[scale]
-    if means is not None:
-        c = op == 1
-        off[c] = ((1 - factor.double()[c]) * (means.double()[c] @ gray))[:, None].expand(-1, 3)
+    weight = torch.where(op == 1, 1 - factor.double(), torch.zeros(n, dtype=torch.float64))
     sat = op == 2
     m[sat] = (f * eye + (1 - f) * gray.expand(3, 3))[sat]
     hue = op == 3
@@ -314,7 +315,7 @@ def _op_matrices(op: torch.Tensor, factor: torch.Tensor, means: torch.Tensor | N
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
         m[hue] = _T_RGB @ rot @ _T_YIQ
-    return m, off
+    return m, weight
 
 
 def _gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
@@ -337,37 +338,65 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
     return y.reshape(n, ch, hgt, wid)
 
 
+def _color_matmul(m: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,3,3) @ (B,3,N) into a fresh (or the given) contiguous tensor.
+
+    One small GEMM per sample: on CPU, bmm/einsum over a 3x3 inner shape take slow paths
+    (or return strided results that slow every later op) and cost 2-4x more.
+    """
+    if out is None:
+        out = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+    if y.device.type != "cpu":
+        return torch.bmm(m, y, out=out)
+    for i in range(y.shape[0]):
+        torch.mm(m[i], y[i], out=out[i])
+    return out
+
+
 def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean, std) -> torch.Tensor:
     """uint8 (B,H,W,3) or (B,3,H,W) -> normalised float32 (B,3,H,W), the ops of ``p`` applied.
 
-    Each op touches only the samples it applies to; jitter is one colour-matrix product and a
-    clamp per position, which matches torchvision's clamp after every jitter op.
+    Jitter is one per-sample colour-matrix product and a clamp per position (identity
+    matrices for samples without jitter: cheaper than gathering a subset), which matches
+    torchvision's clamp after every jitter op. On CPU it runs in chunks of about 1 MiB of
+    floats, so the four products stay in the L2 cache (2x faster than whole-batch passes).
+    Grayscale, blur and solarize touch only the samples they apply to.
     """
     if x.dtype == torch.uint8 and x.shape[-1] == 3:
         x = x.permute(0, 3, 1, 2)
     n, _, h, w = x.shape
     dev = x.device
-    y = x.reshape(n, 3, h * w).to(torch.float32, copy=True)  # the ops below work in place
-    if x.dtype == torch.uint8:
-        y.mul_(1 / 255)
-    on = p.jitter_on.nonzero().squeeze(1)
-    if len(on) and any(s > 0 for s in v.jitter):
-        order, factors = p.order[on], p.factors[on]
-        sub = y[on.to(dev)]
+    scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
+    flat = x.reshape(n, 3, h * w)
+    y = torch.empty(n, 3, h * w, dtype=torch.float32, device=dev)
+    gray = torch.tensor(GRAY, device=dev)
+    if p.jitter_on.any() and any(s > 0 for s in v.jitter):
+        mats, weights = [], []
         for pos in range(4):
-            op = order[:, pos]
-            fac = factors.gather(1, op[:, None]).squeeze(1)
-            means = sub.mean(-1).cpu() if (op == 1).any() else None
-            m, off = _op_matrices(op, fac, means)
-            sub = torch.einsum("bij,bjk->bik", m.float().to(dev), sub)
-            if means is not None:
-                sub += off.float().to(dev)[:, :, None]
-            sub.clamp_(0, 1)
-        y[on.to(dev)] = sub
+            op = torch.where(p.jitter_on, p.order[:, pos], torch.full_like(p.order[:, pos], -1))
+            m, wgt = _op_matrices(op, p.factors.gather(1, p.order[:, pos : pos + 1]).squeeze(1))
+            if pos == 0:
+                m = m * scale  # the uint8 -> [0, 1] scaling rides on the first product
+            mats.append(m.float().to(dev))
+            weights.append(wgt.float().to(dev) if bool((wgt != 0).any()) else None)
+        chunk = n if dev.type != "cpu" else max(1, (1 << 20) // (3 * h * w * 4))
+        for lo in range(0, n, chunk):
+            sl = slice(lo, min(n, lo + chunk))
+            z = flat[sl].float() if flat.dtype != torch.float32 else flat[sl]
+            for pos in range(4):
+                wgt = weights[pos]
+                if wgt is not None:  # contrast: mean gray level of the image as it is now
+                    mean_gray = (z.mean(-1) @ gray) * (scale if pos == 0 else 1.0)
+                z = _color_matmul(mats[pos][sl], z, out=y[sl] if pos == 3 else None)
+                if wgt is not None:
+                    z += (wgt[sl] * mean_gray)[:, None, None]
+                z.clamp_(0, 1)
+    else:
+        torch.mul(flat, scale, out=y)
     gray_idx = p.gray_on.nonzero().squeeze(1).to(dev)
     if len(gray_idx):
-        g = torch.tensor(GRAY, device=dev)[None, :, None]
-        y[gray_idx] = (g * y[gray_idx]).sum(1, keepdim=True).expand(-1, 3, -1)
+        g = gray[None, :, None]
+        y.index_copy_(0, gray_idx, (g * y.index_select(0, gray_idx)).sum(1, keepdim=True).expand(-1, 3, -1))
     y = y.reshape(n, 3, h, w)
     blur_idx = p.blur_on.nonzero().squeeze(1)
     if len(blur_idx):
@@ -375,14 +404,14 @@ def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean
         # taps beyond 3 sigma weigh < 0.5%; cap the kernel there instead of at size/10 alone
         k = min(int(v.blur_kernel_frac * v.size) // 2 * 2 + 1, 2 * math.ceil(3 * float(sigma.max())) + 1)
         blur_idx = blur_idx.to(dev)
-        y[blur_idx] = gaussian_blur(y[blur_idx], sigma.to(dev), k)
+        y.index_copy_(0, blur_idx, gaussian_blur(y.index_select(0, blur_idx), sigma.to(dev), k))
     sol_idx = p.solarize_on.nonzero().squeeze(1).to(dev)
     if len(sol_idx):
-        s = y[sol_idx]
-        y[sol_idx] = torch.where(s >= v.solarize_threshold, 1 - s, s)
-    mean_t = torch.tensor(mean, device=dev, dtype=y.dtype)[None, :, None, None]
-    inv_std = 1 / torch.tensor(std, device=dev, dtype=y.dtype)[None, :, None, None]
-    return y.sub_(mean_t).mul_(inv_std).contiguous()
+        s = y.index_select(0, sol_idx)
+        y.index_copy_(0, sol_idx, torch.where(s >= v.solarize_threshold, 1 - s, s))
+    inv_std = 1 / torch.tensor(std, device=dev, dtype=torch.float32)[None, :, None, None]
+    shift = -torch.tensor(mean, device=dev, dtype=torch.float32)[None, :, None, None] * inv_std
+    return y.mul_(inv_std).add_(shift)
 
 
 class Photometric:

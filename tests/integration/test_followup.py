@@ -19,7 +19,7 @@ import torch
 
 from seerlike.cli import main
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 K = 8
 COMMON = ["optim.warmup_steps=1", "data.num_workers=0", "data.batch_size=32", "loop.progress=false",
@@ -53,7 +53,6 @@ def _logits(spec, data):
 
 
 def test_followup_chain(tmp_path, cifar_dir):
-    torch.set_num_threads(1)
     train = _subset(cifar_dir, "train", 256, tmp_path / "train.csv")
     val = _subset(cifar_dir, "val", 100, tmp_path / "val.csv")
     size = ["--image-size", "32", "--resize", "32"]

@@ -64,8 +64,12 @@ class _Server:
                 self.end_headers()
                 self.wfile.write(body)
 
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # clients that stop reading (size limit, timeout) break the pipe: expected
+
         Handler.protocol_version = "HTTP/1.1"
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()

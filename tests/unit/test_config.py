@@ -129,3 +129,22 @@ class Sloppy:
 
 def test_undocumented_fields_are_found():
     assert config.undocumented(Sloppy) == ["Sloppy.a"]
+
+
+@dataclass(kw_only=True)
+class Linked:
+    warmup: int = 10
+    """Warmup steps."""
+    steps: int = 100
+    """All steps."""
+
+    def __post_init__(self):
+        if self.warmup > self.steps:
+            raise ValueError(f"warmup={self.warmup} exceeds steps={self.steps}")
+
+
+def test_cross_field_checks_see_all_overrides_at_once():
+    cfg = config.apply_overrides(Linked(), ["steps=4", "warmup=1"])
+    assert (cfg.warmup, cfg.steps) == (1, 4)
+    with pytest.raises(ConfigError, match="warmup=10 exceeds steps=4"):
+        config.apply_overrides(Linked(), ["steps=4"])

@@ -9,6 +9,7 @@ from seerlike.eval.knn import KNNConfig, knn_eval, knn_scores, topk_accuracy
 from seerlike.eval.linear import LinearConfig, LowShotConfig, lowshot_eval, linear_eval, sample_per_class
 
 C = 10
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _encoded(n, dim=64, noise=0.3, seed=0):

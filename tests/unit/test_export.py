@@ -13,6 +13,7 @@ from seerlike.config import ConfigError
 from seerlike.export import FILES, export, load_backbone, onnx_run
 
 ARCH = "resnet10_cifar"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(n=3, size=32, seed=1):

@@ -13,6 +13,7 @@ from seerlike.eval.extract import ExtractConfig, extract, list_units
 from seerlike.eval.features import FeatureStore, chunk_paths
 
 MODEL = "random:resnet10_cifar"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _csv(tmp_path, cifar_dir, n=40):

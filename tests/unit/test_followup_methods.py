@@ -15,6 +15,8 @@ from seerlike.methods.distill import Distill, Teacher, agreement
 
 ARCH = "resnet10_cifar"
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _x(n=8, seed=0, size=16):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))

@@ -246,6 +246,10 @@ def test_csv_list_with_labels_and_cli(cifar_dir, tmp_path, capsys):
     assert all(r["label"] == r["source"].split("/")[-2] for r in rows)
     assert len(shard_urls(str(out))) == 3  # 20 samples at 7 per shard
     assert main(["ingest", str(csv_path), "--out", str(out), "bogus_key=1"]) == 2
+    capsys.readouterr()
+    assert main(["ingest-stats", str(out / "manifest.parquet"), "--verify"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["verify"]["ok"] and stats["manifest"]["status"] == {"written": 20} and stats["summary"]["shards"] == 3
 
 
 def test_config_is_documented_and_validated(tmp_path):

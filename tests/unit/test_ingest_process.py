@@ -64,6 +64,11 @@ def test_reject_reasons_without_decoding(photos_dir):
     res = process_image(crafted_png(2000, 2000), CFG.replace(max_pixels=1_000_000))
     assert res.reason == "decompression_bomb" and (res.orig_width, res.orig_height) == (2000, 2000)
     assert set(cases) <= set(REASONS)
+    # A JPEG whose SOF declares 30000 x 30000: refused from the header on the simplejpeg path too.
+    sof = jpeg.index(b"\xff\xc0")
+    huge = jpeg[: sof + 5] + (30000).to_bytes(2, "big") * 2 + jpeg[sof + 9 :]
+    res = process_image(huge, CFG)
+    assert res.reason == "decompression_bomb" and (res.orig_width, res.orig_height) == (30000, 30000)
 
 
 def test_truncated_jpeg_is_rejected(photos_dir):
