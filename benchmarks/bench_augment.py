@@ -32,7 +32,7 @@ import simplejpeg
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric, crop_sample, swav_multicrop
+from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric, crop_sample, stack_views, swav_multicrop
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
 
@@ -112,9 +112,7 @@ def run_ours(blobs: list[bytes], cfg, batch: int) -> None:
     ph = Photometric(cfg)
     for start in range(0, len(blobs), batch):
         crops = [crop_sample(d, str(start + i), cfg, 0, 0) for i, d in enumerate(blobs[start:start + batch])]
-        views = [torch.from_numpy(np.ascontiguousarray(np.stack([c[v] for c in crops]).transpose(0, 3, 1, 2)))
-                 for v in range(len(crops[0]))]
-        ph(views, seed=0, epoch=0, step=start, rank=0)
+        ph(stack_views(crops), seed=0, epoch=0, step=start, rank=0)
 
 
 def per_core(fn, n: int) -> tuple[float, float]:

@@ -270,28 +270,36 @@ def afterok(jobs: list[submitit.Job]) -> str:
 def submit_ingest(cfg: SubmitConfig, argv: list[str]) -> tuple[list[submitit.Job], submitit.Job]:
     """Ingest as a job array over the input chunks plus a merge job after all of them.
 
-    ``sharding.ingest.plan(cfg)`` lists the chunks (and writes the plan into the output);
-    each array task runs ``ingest_chunk(cfg, chunk)``; ``merge(cfg)`` writes the manifest and
-    summary once every chunk succeeded. With the local executor the chunks run one job at a
-    time and the merge after them.
+    ``sharding.ingest.plan`` lists the inputs into chunks once (here, before submitting);
+    each array task runs ``ingest_chunk(cfg, k)`` for one chunk not done yet (a rerun after
+    a failure submits only the missing ones); ``merge(cfg)`` writes the manifest and the
+    summary once every chunk succeeded. The local executor runs the chunks one job at a
+    time, then the merge.
     """
     from sharding import cli as ingest_cli
     from sharding import ingest
 
-    parser = argparse.ArgumentParser(prog="seerlike ingest")
+    parser = argparse.ArgumentParser(prog="seerlike ingest", exit_on_error=False)
     ingest_cli.add_arguments(parser)
-    icfg = ingest_cli.build_config(parser.parse_args(argv))
-    chunks = ingest.plan(icfg)
+    try:
+        icfg = ingest_cli.build_config(parser.parse_args(argv))
+    except SystemExit:
+        raise ConfigError(f"invalid arguments for seerlike ingest (after --): {' '.join(argv)}") from None
+    plan = ingest.plan(icfg)
+    todo = ingest.pending_chunks(icfg)
+    log.info("ingest: %d inputs in %d chunks, %d still to do", plan.n_inputs, plan.n_chunks, len(todo))
+    jobs: list[submitit.Job] = []
     if resolve_cluster(cfg) == "local":
-        jobs = []
-        for chunk in chunks:
-            job = submit_array(cfg, ingest.ingest_chunk, [(icfg, chunk)], name="ingest")[0]
+        for k in todo:
+            job = submit_array(cfg, ingest.ingest_chunk, [(icfg, k)], name="ingest")[0]
             job.result()
             jobs.append(job)
         merge = make_executor(cfg, name="seerlike-ingest-merge").submit(ingest.merge, icfg)
     else:
-        jobs = submit_array(cfg, ingest.ingest_chunk, [(icfg, c) for c in chunks], name="ingest")
-        merge = make_executor(cfg, name="seerlike-ingest-merge", dependency=afterok(jobs)).submit(ingest.merge, icfg)
+        if todo:
+            jobs = submit_array(cfg, ingest.ingest_chunk, [(icfg, k) for k in todo], name="ingest")
+        merge = make_executor(cfg, name="seerlike-ingest-merge",
+                              dependency=afterok(jobs) if jobs else "").submit(ingest.merge, icfg)
     record_job(merge, cfg, stage="ingest-merge", argv=argv, run_dir=icfg.out)
     return jobs, merge
 
@@ -401,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.stage == "ingest":
         jobs, merge = submit_ingest(cfg, argv)
-        print(f"ingest array: {len(jobs)} chunk job(s) {jobs[0].job_id.split('_')[0] if jobs else '-'}")
+        print(f"array job id: {jobs[0].job_id.split('_')[0] if jobs else '-'} ({len(jobs)} chunk task(s))")
         print(f"job id: {merge.job_id}  (merge, after the array)")
         print(f"log folder: {merge.paths.folder}")
         print(f"run folder: {run_dir_of(argv) or '-'}")

@@ -112,13 +112,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise ConfigError(f"{path} is neither a complete checkpoint (a dir with COMPLETE) nor a run dir with checkpoints/")
 
 
-def _step_of(ckpt: Path) -> int | None:
-    try:
-        return int(ckpt.name.rsplit("_", 1)[-1])
-    except ValueError:
-        return None
-
-
 def split_state(full: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(trunk state with the ``backbone.`` prefix removed, everything else)."""
     trunk = {k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")}
@@ -145,19 +138,24 @@ def _torchvision_name(arch: str) -> bool:
     return models.source(arch).startswith("torchvision")
 
 
-def _build(arch: str, num_classes: int | None = None) -> nn.Module:
+def _build(arch: str) -> nn.Module:
     from seerlike import models
 
-    try:
-        return models.build(arch, num_classes=num_classes)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"unknown backbone {arch!r}: {e}") from None
+    return models.build(arch)
+
+
+def _with_state(arch: str, state: dict[str, Tensor]) -> nn.Module:
+    """The named trunk holding ``state`` (strict), built on the meta device: no second copy in memory."""
+    with torch.device("meta"):
+        model = _build(arch)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def load_checkpoint(path: str | os.PathLike) -> Loaded:
     import yaml
 
-    from seerlike.engine.checkpoint import load_model_state
+    from seerlike.engine.checkpoint import load_model_state, step_of
 
     ckpt = resolve_checkpoint(path)
     cfg_path = ckpt / "config.yaml"
@@ -168,9 +166,7 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
     train_cfg = yaml.safe_load(cfg_path.read_text())
     arch = arch_of_config(train_cfg)
     trunk, rest = split_state(load_model_state(ckpt))
-    model = _build(arch)
-    model.load_state_dict(trunk, strict=True)
-    return Loaded(model.eval(), arch, str(ckpt), _head_from(rest), _step_of(ckpt), train_cfg, rest)
+    return Loaded(_with_state(arch, trunk), arch, str(ckpt), _head_from(rest), step_of(ckpt), train_cfg, rest)
 
 
 def load_export(path: str | os.PathLike) -> Loaded:
@@ -187,8 +183,7 @@ def load_export(path: str | os.PathLike) -> Loaded:
         raise ConfigError(f"export {path} has neither {FILES['safetensors']} nor {FILES['torchvision']} "
                           "(TorchScript/ONNX exports are for deployment; re-export with --format safetensors)")
     fc = {k[3:]: state.pop(k) for k in list(state) if k.startswith("fc.")}
-    model = _build(arch)
-    model.load_state_dict(state, strict=True)
+    model = _with_state(arch, state)
     head = None
     if fc:
         head = nn.Linear(fc["weight"].shape[1], fc["weight"].shape[0], bias="bias" in fc)
@@ -199,7 +194,7 @@ def load_export(path: str | os.PathLike) -> Loaded:
         import yaml
 
         cfg = yaml.safe_load((path / "config.yaml").read_text())
-    return Loaded(model.eval(), arch, str(path), head, meta.get("step"), cfg)
+    return Loaded(model, arch, str(path), head, meta.get("step"), cfg)
 
 
 def load_backbone(spec: str | os.PathLike) -> Loaded:
@@ -207,8 +202,9 @@ def load_backbone(spec: str | os.PathLike) -> Loaded:
     spec = str(spec)
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]
-        torch.manual_seed(0)  # "random" is the same random init every time, so baselines reproduce
-        return Loaded(_build(arch).eval(), arch, spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # "random" is the same random init every time, so baselines reproduce
+            return Loaded(_build(arch).eval(), arch, spec)
     path = Path(spec)
     if not path.exists():
         raise ConfigError(f"model {spec!r} not found; give a checkpoint dir, a run dir, an export dir or random:ARCH")
@@ -324,11 +320,13 @@ def model_card(loaded: Loaded, meta: dict, evals: dict[str, Any]) -> str:
         "## Files", "",
         *[f"- `{f}` ({fmt}){'; max |export - eager| = %.2e' % meta['checks'][fmt] if fmt in meta.get('checks', {}) else ''}"
           for fmt, f in meta["files"].items()],
+        *([f"", f"Training curves (loss, LR, throughput): `{meta['curves']}`"] if meta.get("curves") else []),
         "", "## Evaluation", "",
     ]
     if evals:
         for name, result in evals.items():
-            lines.append(f"- {name}: `{json.dumps(result.get('metrics', result), sort_keys=True)}`")
+            where = ", ".join(f"{k} {result[k]}" for k in ("layer", "val") if result.get(k))
+            lines.append(f"- {name}{f' ({where})' if where else ''}: `{json.dumps(result.get('metrics', result), sort_keys=True)}`")
     else:
         lines.append("- none recorded (run `seerlike eval ... --out DIR` and pass `--eval DIR/eval_*.json`)")
     lines += ["", "## Resolved training config", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip() if cfg else "# none", "```", ""]
@@ -386,11 +384,23 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
         import yaml
 
         (out / "config.yaml").write_text(yaml.safe_dump(loaded.train_config, sort_keys=False))
+    run_dir = Path(loaded.source).parent.parent  # RUN_DIR/checkpoints/step_N
+    if _is_checkpoint(Path(loaded.source)) and (run_dir / "metrics.jsonl").exists():
+        from seerlike.plots import training_curves
+
+        meta["curves"] = training_curves(run_dir, out / "training_curves.png").name
     evals = {}
+    # results `seerlike eval` wrote by default beside this very checkpoint (MODEL/eval) are picked up too
+    found = [p for d in (Path(loaded.source) / "eval", run_dir / "eval") if d.is_dir() for p in sorted(d.glob("eval_*.json"))]
+    for f in found:
+        result = json.loads(f.read_text())
+        if result.get("model") == loaded.source:
+            evals[f.stem] = result
     for f in eval_files or []:
         evals[Path(f).stem] = json.loads(Path(f).read_text())
     if evals:
-        meta["evals"] = evals
+        meta["evals"] = {k: {"metrics": v.get("metrics"), "kind": v.get("kind"), "val": v.get("val"),
+                             "layer": v.get("layer")} for k, v in evals.items()}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(model_card(loaded, meta, meta.get("evals", {})))
     return meta

@@ -148,9 +148,8 @@ def cluster_contact_sheets(cluster_dir: str | os.PathLike, data: str, out_dir: s
     The images are found by key in one pass over ``data`` (the source the features were
     extracted from), stopping as soon as every wanted key was seen.
     """
-    from seerlike.data.augment import center_view
     from seerlike.eval.cluster import read_labels
-    from seerlike.eval.extract import list_units
+    from seerlike.eval.extract import decode_view, list_units
 
     labels = read_labels(cluster_dir)
     cl = labels["cluster"].to_numpy()
@@ -169,7 +168,9 @@ def cluster_contact_sheets(cluster_dir: str | os.PathLike, data: str, out_dir: s
     for unit in list_units(data):
         for s in unit.read():
             if s.key in wanted and s.key not in images:
-                images[s.key] = center_view(s.data, thumb, thumb)
+                view = decode_view(s, thumb, thumb)
+                if view is not None:
+                    images[s.key] = view
         if len(images) == len(wanted):
             break
     if len(images) < len(wanted):

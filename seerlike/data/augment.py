@@ -161,34 +161,46 @@ def _orientation(data: bytes) -> int:
         return 1
 
 
-def decode(data: bytes, min_side: int = 0) -> Image.Image:
-    """RGB image, EXIF-oriented, decoded at reduced size when the shorter side allows it.
+def _orient_array(a: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation on an (H, W, 3) array, as Pillow's exif_transpose does it."""
+    ops = {2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
+           5: lambda x: x.transpose(1, 0, 2), 6: lambda x: np.rot90(x, -1), 7: lambda x: np.rot90(x, -1)[::-1],
+           8: lambda x: np.rot90(x, 1)}
+    if orientation not in ops:
+        return a
+    return np.ascontiguousarray(ops[orientation](a))
 
-    JPEG goes through simplejpeg (libjpeg-turbo DCT scaling), anything else (PNG, CMYK
-    JPEG, ...) through Pillow. Raises CorruptSample for undecodable bytes.
+
+def decode_array(data: bytes, min_side: int = 0) -> np.ndarray:
+    """RGB uint8 (H, W, 3), EXIF-oriented, decoded at reduced size when the shorter side allows it.
+
+    JPEG goes through simplejpeg (libjpeg-turbo DCT scaling: the smallest of 1/8..1 keeping
+    both sides >= ``min_side``), anything else (PNG, CMYK JPEG, ...) through Pillow (with
+    ``draft`` for JPEG). Raises CorruptSample for undecodable bytes.
     """
     if not data:
         raise CorruptSample("empty image bytes")
-    img = None
+    arr = None
     if data[:2] == b"\xff\xd8":
         try:
             arr = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True,
                                          min_width=min_side, min_height=min_side)
-            img = Image.fromarray(arr)
         except (ValueError, RuntimeError):
-            img = None  # CMYK / odd JPEGs: let Pillow try
-    if img is None:
+            arr = None  # CMYK / odd JPEGs: let Pillow try
+    if arr is None:
         try:
             img = Image.open(io.BytesIO(data))
             if min_side and img.format == "JPEG":
                 img.draft("RGB", (min_side, min_side))
-            img = img.convert("RGB")
+            arr = np.asarray(img.convert("RGB"))
         except Exception as e:
             raise CorruptSample(f"cannot decode image: {type(e).__name__}: {e}") from None
-    orient = _orientation(data)
-    for op in _EXIF_TRANSPOSE.get(orient, []):
-        img = img.transpose(op)
-    return img
+    return _orient_array(arr, _orientation(data))
+
+
+def decode(data: bytes, min_side: int = 0) -> Image.Image:
+    """:func:`decode_array` as a Pillow image."""
+    return Image.fromarray(decode_array(data, min_side))
 
 
 # ---------------------------------------------------------------- geometry (worker side)
@@ -215,23 +227,35 @@ def sample_crop(rng: np.random.Generator, width: int, height: int, scale, ratio)
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def crop_views(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> list[np.ndarray]:
-    """One uint8 (size, size, 3) array per expanded view: random resized crop + flip."""
+def crop_views(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> list[torch.Tensor]:
+    """One uint8 (3, size, size) tensor per expanded view: random resized crop + flip.
+
+    The resize is torch's antialiased bilinear on uint8 (its AVX2 path, made to match
+    Pillow's), about 2x faster than Pillow's own on these sizes.
+    """
+    height, width = img.shape[:2]
+    t = torch.from_numpy(np.require(img, requirements="W")).permute(2, 0, 1)[None]  # (1, 3, H, W), HWC strides
     out = []
     for v in cfg.expanded():
-        x, y, w, h = sample_crop(rng, img.width, img.height, v.scale, v.ratio)
-        view = img.resize((v.size, v.size), Image.BILINEAR, box=(x, y, x + w, y + h))
+        x, y, w, h = sample_crop(rng, width, height, v.scale, v.ratio)
+        view = F.interpolate(t[:, :, y:y + h, x:x + w], size=(v.size, v.size), mode="bilinear",
+                             antialias=True, align_corners=False)[0]
         if rng.random() < v.flip_p:
-            view = view.transpose(Image.FLIP_LEFT_RIGHT)
-        out.append(np.asarray(view))
+            view = view.flip(-1)
+        out.append(view)
     return out
 
 
-def crop_sample(data: bytes, key: str, cfg: AugmentConfig, seed: int, epoch: int) -> list[np.ndarray]:
+def crop_sample(data: bytes, key: str, cfg: AugmentConfig, seed: int, epoch: int) -> list[torch.Tensor]:
     """Decode one image and cut its views; deterministic in (seed, epoch, key)."""
-    img = decode(data, cfg.min_decode_side())
+    img = decode_array(data, cfg.min_decode_side())
     rng = np.random.Generator(np.random.PCG64(stable_seed(seed, epoch, key)))
     return crop_views(img, cfg, rng)
+
+
+def stack_views(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per view, the (B, 3, S, S) contiguous uint8 batch of the samples' crops."""
+    return [torch.stack([s[v] for s in samples]).contiguous() for v in range(len(samples[0]))]
 
 
 # ---------------------------------------------------------------- eval transform (worker side)
@@ -325,32 +349,29 @@ def _gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma; x (N,3,H,W) float, reflect padding."""
+    """Separable Gaussian blur with a per-sample sigma; x (N,3,H,W) float, reflect padding.
+
+    Both passes run as vertical (k x 1) depthwise convolutions, the second on the
+    transposed image: on CPU that is ~1.7x faster than a horizontal (1 x k) pass.
+    """
     n, ch, hgt, wid = x.shape
     k = min(k, 2 * ((min(hgt, wid) - 1) // 2) + 1)  # reflect padding needs pad < side
     if k < 3:
         return x
-    w = _gaussian_kernels(sigma.cpu(), k).to(x.device, x.dtype).repeat_interleave(ch, 0)  # (N*3, k)
+    w = _gaussian_kernels(sigma.cpu(), k).to(x.device, x.dtype).repeat_interleave(ch, 0)[:, None, :, None]
     p = k // 2
     y = x.reshape(1, n * ch, hgt, wid)
-    y = F.conv2d(F.pad(y, (p, p, 0, 0), mode="reflect"), w[:, None, None, :], groups=n * ch)
-    y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), w[:, None, :, None], groups=n * ch)
-    return y.reshape(n, ch, hgt, wid)
+    y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), w, groups=n * ch)
+    y = y.transpose(2, 3).contiguous()
+    y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), w, groups=n * ch)
+    return y.transpose(2, 3).reshape(n, ch, hgt, wid)
 
 
 def _color_matmul(m: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,3,3) @ (B,3,N) into a fresh (or the given) contiguous tensor.
-
-    One small GEMM per sample: on CPU, bmm/einsum over a 3x3 inner shape take slow paths
-    (or return strided results that slow every later op) and cost 2-4x more.
-    """
+    """(B,3,3) @ (B,3,N) into a fresh (or the given) contiguous tensor."""
     if out is None:
         out = torch.empty(y.shape, dtype=torch.float32, device=y.device)
-    if y.device.type != "cpu":
-        return torch.bmm(m, y, out=out)
-    for i in range(y.shape[0]):
-        torch.mm(m[i], y[i], out=out[i])
-    return out
+    return torch.bmm(m, y, out=out)
 
 
 def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean, std) -> torch.Tensor:
@@ -398,13 +419,17 @@ def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean
         g = gray[None, :, None]
         y.index_copy_(0, gray_idx, (g * y.index_select(0, gray_idx)).sum(1, keepdim=True).expand(-1, 3, -1))
     y = y.reshape(n, 3, h, w)
-    blur_idx = p.blur_on.nonzero().squeeze(1)
-    if len(blur_idx):
-        sigma = p.sigma[blur_idx]
-        # taps beyond 3 sigma weigh < 0.5%; cap the kernel there instead of at size/10 alone
-        k = min(int(v.blur_kernel_frac * v.size) // 2 * 2 + 1, 2 * math.ceil(3 * float(sigma.max())) + 1)
-        blur_idx = blur_idx.to(dev)
-        y.index_copy_(0, blur_idx, gaussian_blur(y.index_select(0, blur_idx), sigma.to(dev), k))
+    k_max = int(v.blur_kernel_frac * v.size) // 2 * 2 + 1
+    # Taps beyond 3 sigma weigh < 0.3%: each sample's kernel stops there (and at size/10),
+    # and samples are blurred in three groups of kernel sizes, a third fewer taps on average.
+    k_need = torch.clamp(2 * torch.ceil(3 * p.sigma) + 1, max=k_max).long()
+    lo = 0
+    for k in sorted({min(k_max, b) for b in (5, 9, k_max)}):
+        group = (p.blur_on & (k_need > lo) & (k_need <= k)).nonzero().squeeze(1)
+        lo = k
+        if len(group) and k >= 3:
+            idx = group.to(dev)
+            y.index_copy_(0, idx, gaussian_blur(y.index_select(0, idx), p.sigma[group].to(dev), k))
     sol_idx = p.solarize_on.nonzero().squeeze(1).to(dev)
     if len(sol_idx):
         s = y.index_select(0, sol_idx)

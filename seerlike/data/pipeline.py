@@ -190,8 +190,7 @@ class _TrainStream(IterableDataset):
                 labels.append(rec.label)
                 crops.append(views)
             batches += 1
-            views = [torch.from_numpy(np.ascontiguousarray(np.stack([c[v] for c in crops]).transpose(0, 3, 1, 2)))
-                     for v in range(len(crops[0]))]
+            views = aug.stack_views(crops)
             yield {
                 "views": views,
                 "keys": keys,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import random
+import threading
 import time
 from typing import IO
 
@@ -120,14 +122,80 @@ class S3Stream(io.RawIOBase):
         super().close()
 
 
+class ReadAhead(io.RawIOBase):
+    """Reads a stream in a background thread, ``depth`` chunks ahead of the consumer.
+
+    The network wait of a shard then overlaps the decoding of the samples already read
+    (socket reads release the GIL). Errors surface in the consumer's next read.
+    """
+
+    def __init__(self, raw: io.RawIOBase, chunk: int = 1 << 20, depth: int = 8):
+        self._raw, self._chunk = raw, chunk
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._pending = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="shard-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._raw.read(self._chunk)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if not self._pending:
+            if self._eof:
+                return 0
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+                return 0
+            self._pending = memoryview(item)
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._raw.close()
+        super().close()
+
+
 def open_shard(url: str, *, endpoint_url: str | None = None, retries: int = 8, backoff_s: float = 0.2,
-               buffer_size: int = 1 << 20) -> IO[bytes]:
-    """A buffered binary stream over a shard: local path, ``file://`` URL or ``s3://`` URL."""
+               buffer_size: int = 1 << 20, read_ahead: int = 8) -> IO[bytes]:
+    """A buffered binary stream over a shard: local path, ``file://`` URL or ``s3://`` URL.
+
+    S3 shards are read ``read_ahead`` MiB ahead in a background thread (0: no thread).
+    """
     if url.startswith("file://"):
         url = url[len("file://"):]
     if storage.is_s3_url(url):
-        return io.BufferedReader(S3Stream(url, endpoint_url=endpoint_url, retries=retries, backoff_s=backoff_s),
-                                 buffer_size=buffer_size)
+        raw = S3Stream(url, endpoint_url=endpoint_url, retries=retries, backoff_s=backoff_s)
+        if read_ahead:
+            raw = ReadAhead(raw, chunk=1 << 20, depth=read_ahead)
+        return io.BufferedReader(raw, buffer_size=buffer_size)
     try:
         return open(url, "rb", buffering=buffer_size)
     except OSError as e:

@@ -63,11 +63,14 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
-        for s in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(s, self._handle)
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGUSR1, signal.SIGTERM)}
 
     def _handle(self, signum, _frame):
         self.signum = signum
+
+    def close(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
@@ -75,8 +78,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
 
     ``data`` replaces the configured pipeline (tests); it must behave like ``TrainData``.
     """
+    owns_group = not dist.is_initialized()  # a caller's process group is left to the caller
     info = init_distributed()
-    setup_logging(info.rank)
+    if owns_group:
+        setup_logging(info.rank)
     if cfg.loop.num_threads:
         torch.set_num_threads(cfg.loop.num_threads)
     try:
@@ -85,7 +90,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
         log.exception("training failed on rank %d", info.rank)
         raise
     finally:
-        teardown()
+        if owns_group:
+            teardown()
 
 
 def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
@@ -208,6 +214,7 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
                 return REQUEUE_EXIT_CODE
         ckpt.wait()
     finally:
+        stop.close()
         metrics.close()
     log.info("done: %d steps, last checkpoint %s", step, ckpt.last_complete)
     return 0

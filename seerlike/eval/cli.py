@@ -32,7 +32,11 @@ KINDS = ("knn", "linear", "lowshot")
 def labelled_features(loaded, source: str, cfg: ExtractConfig, what: str) -> tuple[torch.Tensor, list[str]]:
     """Features and class names of every sample of a labelled source (or a features dir)."""
     if (Path(source) / META).exists():
-        data = FeatureStore(source).load()
+        store = FeatureStore(source)
+        if (store.meta.get("model"), store.meta.get("layer")) != (loaded.source, cfg.layer):
+            raise ConfigError(f"--{what} features {source} come from {store.meta.get('model')} "
+                              f"({store.meta.get('layer')}), not from {loaded.source} ({cfg.layer})")
+        data = store.load()
         keys, labels, feats = data.keys, data.labels, data.features
     else:
         fn = feature_fn(loaded, cfg.layer)
@@ -51,16 +55,27 @@ def labelled_features(loaded, source: str, cfg: ExtractConfig, what: str) -> tup
     return torch.from_numpy(np.asarray(feats, dtype=np.float32)), labels
 
 
-def evaluate(kind: str, model: str, train: str, val: str, *, extract_cfg: ExtractConfig,
+def evaluate(kind: str, model: str | None, train: str, val: str, *, extract_cfg: ExtractConfig,
              knn: KNNConfig | None = None, linear: LinearConfig | None = None, lowshot: LowShotConfig | None = None,
              out: str | Path | None = None) -> dict:
     """Run one evaluation; writes the JSON and the confusion matrix when ``out`` is given."""
-    from seerlike.export import load_backbone
+    from seerlike.export import Loaded, load_backbone
     from seerlike.plots import confusion_matrix, confusion_png
 
     if kind not in KINDS:
         raise ConfigError(f"unknown evaluation {kind!r}; choose from {', '.join(KINDS)}")
-    loaded = load_backbone(model)
+    stores = [FeatureStore(p) for p in (train, val) if (Path(p) / META).exists()]
+    if model is None:  # precomputed features only: both must come from the same model and layer
+        if len(stores) != 2:
+            raise ConfigError("give --model, or features dirs (from `seerlike extract`) as both --train and --val")
+        a, b = (s.meta for s in stores)
+        if (a.get("model"), a.get("layer")) != (b.get("model"), b.get("layer")):
+            raise ConfigError(f"--train features come from {a.get('model')} ({a.get('layer')}) but --val features "
+                              f"from {b.get('model')} ({b.get('layer')})")
+        loaded = Loaded(None, a.get("arch"), a.get("model"), step=a.get("step"))
+        extract_cfg = ExtractConfig(**{**extract_cfg.__dict__, "layer": a.get("layer"), "image_size": a.get("image_size")})
+    else:
+        loaded = load_backbone(model)
     torch.set_grad_enabled(False)
     try:
         tx, tnames = labelled_features(loaded, train, extract_cfg, "train")
@@ -100,7 +115,8 @@ def evaluate(kind: str, model: str, train: str, val: str, *, extract_cfg: Extrac
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=KINDS)
-    p.add_argument("--model", required=True, help="checkpoint dir, run dir, export dir, or random:ARCH")
+    p.add_argument("--model", help="checkpoint dir, run dir, export dir, or random:ARCH (not needed when "
+                   "--train and --val are features dirs)")
     p.add_argument("--train", required=True, help="labelled training images (path,label CSV or class folders) or features dir")
     p.add_argument("--val", required=True, help="labelled validation images or features dir")
     p.add_argument("--out", help="where to write eval_KIND.json and confusion_KIND.png (default: MODEL/eval)")
@@ -132,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     out = args.out
     if out is None:
-        if args.model.startswith("random:"):
-            raise ConfigError("give --out for a random:ARCH model (there is no model directory to write into)")
+        if not args.model or args.model.startswith("random:"):
+            raise ConfigError("give --out (there is no model directory to write the results into)")
         out = Path(args.model) / "eval"
     result = evaluate(args.kind, args.model, args.train, args.val, extract_cfg=extract_cfg, knn=knn, linear=linear,
                       lowshot=lowshot, out=out)

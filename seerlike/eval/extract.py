@@ -16,11 +16,10 @@ import argparse
 import json
 import logging
 import os
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -40,8 +39,10 @@ LAYERS = ("res2", "res3", "res4", "res5", "pool", "head")
 @dataclass(frozen=True)
 class Sample:
     key: str
-    data: bytes
+    data: bytes | None
+    """Encoded image; None when it could not be read (``error`` says why)."""
     label: str | None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,70 +55,71 @@ class Unit:
     """Samples in the unit when known up front (progress bar)."""
 
 
-def _read_tar(url: str) -> Iterator[Sample]:
-    """Samples of a WebDataset tar: consecutive members grouped by key, the image member kept."""
-    from seerlike import storage
-    from seerlike.data.sources import IMAGE_EXTS, split_key
-
-    if storage.is_s3_url(url):
-        from seerlike.data.s3stream import open_shard
-
-        f = open_shard(url)
-    else:
-        f = open(url.removeprefix("file://"), "rb")
-    key, image, label = None, None, None
-    with f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, ext = split_key(member.name)
-            if k != key:
-                if image is not None:
-                    yield Sample(key, image, label)
-                key, image, label = k, None, None
-            if ext in IMAGE_EXTS:
-                image = tar.extractfile(member).read()
-            elif ext in ("cls", "label", "txt"):
-                label = tar.extractfile(member).read().decode().strip() or None
-        if image is not None:
-            yield Sample(key, image, label)
-
-
 def list_units(data: str, chunk_size: int = 4096) -> list[Unit]:
-    """The work units of ``data`` (any ``DataConfig.source``): one per shard, or ``chunk_size`` files each."""
+    """The work units of ``data`` (any ``DataConfig.source``): one per shard, or ``chunk_size`` files each.
+
+    Reading goes through the data pipeline's readers (S3 retries, resumable streams); a shard
+    that still fails stops the extraction (a rerun resumes) rather than leave samples out.
+    """
+    from seerlike.data import shards as sh
     from seerlike.data.sources import FileSource, resolve
 
     src = resolve(data)
     if isinstance(src, FileSource):
         def read(lo: int, hi: int) -> Iterator[Sample]:
-            for i in range(lo, hi):
-                label = src.labels[i]
-                yield Sample(src.keys[i], Path(src.paths[i]).read_bytes(), src.classes[label] if label is not None else None)
+            for rec in sh.raw_file_stream(src, list(range(lo, hi)), 0):
+                label = src.classes[rec.label] if rec.label is not None else None
+                yield Sample(rec.key, rec.data, label, rec.error)
 
         return [Unit(f"part-{lo // chunk_size:06d}", lambda lo=lo: read(lo, min(lo + chunk_size, len(src))),
                      min(chunk_size, len(src) - lo)) for lo in range(0, len(src), chunk_size)]
+
+    opts = sh.ShardReaderOptions(on_shard_error="fatal")
+
+    def read_shard(url: str, count: int) -> Iterator[Sample]:
+        for rec in sh.shard_records(url, count, 0, opts):
+            yield Sample(rec.key, rec.data, None, rec.error)
+
     names = [Path(u).name.removesuffix(".tar") for u in src.urls]
     if len(set(names)) != len(names):
         names = [f"{i:06d}-{n}" for i, n in enumerate(names)]
-    return [Unit(f"shard-{n}", lambda u=u: _read_tar(u), c) for n, u, c in zip(names, src.urls, src.counts)]
+    return [Unit(f"shard-{n}", lambda u=u, c=c: read_shard(u, c), c) for n, u, c in zip(names, src.urls, src.counts)]
 
 
 # ---------------------------------------------------------------- inference
 
 
-def eval_batch(datas: list[bytes], size: int, resize: int) -> Tensor:
-    """Decoded, centre-cropped, normalised ``(N, 3, size, size)`` float32 batch."""
-    from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD, center_view
+def to_batch(views: list[np.ndarray]) -> Tensor:
+    """uint8 (size, size, 3) centre views -> normalised float32 ``(N, 3, size, size)``."""
+    from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
-    arr = np.stack([center_view(d, size, resize) for d in datas])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255)
+    x = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def feature_fn(loaded, layer: str) -> Callable[[Tensor], Tensor]:
+def eval_batch(datas: list[bytes], size: int, resize: int) -> Tensor:
+    """Encoded images -> the evaluation transform's normalised batch."""
+    from seerlike.data.augment import center_view
+
+    return to_batch([center_view(d, size, resize) for d in datas])
+
+
+def feature_fn(loaded, layer: str, precision: str = "fp32") -> Callable[[Tensor], Tensor]:
     """images -> (N, D) features of ``layer`` (spatial maps average-pooled)."""
+    fn = _layer_fn(loaded, layer)
+    if precision == "fp32":
+        return fn
+
+    def autocast_fn(x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return fn(x)
+
+    return autocast_fn
+
+
+def _layer_fn(loaded, layer: str) -> Callable[[Tensor], Tensor]:
     model = loaded.model
     if layer == "head":
         if loaded.head is None:
@@ -141,38 +143,56 @@ def _batches(samples: Iterator[Sample], n: int) -> Iterator[list[Sample]]:
         yield batch
 
 
+def decode_view(sample: Sample, size: int, resize: int) -> np.ndarray | None:
+    """The uint8 centre view of a sample, or None (logged) when it cannot be read or decoded."""
+    from seerlike.data.augment import CorruptSample, center_view
+
+    if sample.error is not None or sample.data is None:
+        log.warning("skipping sample %s: %s", sample.key, sample.error or "no image")
+        return None
+    try:
+        return center_view(sample.data, size, resize)
+    except CorruptSample as e:
+        log.warning("skipping sample %s: %s", sample.key, e)
+        return None
+
+
 @torch.no_grad()
 def unit_features(fn, unit: Unit, *, size: int, resize: int, batch_size: int, device: torch.device,
                   pool: ThreadPoolExecutor | None = None, on_batch: Callable[[int], None] | None = None
                   ) -> tuple[list[str], list[str | None], np.ndarray]:
-    """Keys, labels and float32 features of every sample of a unit, in unit order.
+    """Keys, labels and float32 features of every decodable sample of a unit, in unit order.
 
-    Decoding of the next batch overlaps the forward of the current one (thread pool).
+    Images are decoded in ``pool`` (one task per image); the next batch decodes while the
+    current one runs through the network. Undecodable images are logged and left out.
     """
+    if pool is None:
+        with ThreadPoolExecutor(2) as own:
+            return unit_features(fn, unit, size=size, resize=resize, batch_size=batch_size, device=device,
+                                 pool=own, on_batch=on_batch)
     keys, labels, feats = [], [], []
-    decode = (lambda b: eval_batch([s.data for s in b], size, resize))
+
+    def submit(batch):
+        return batch, [pool.submit(decode_view, s, size, resize) for s in batch]
+
     batches = _batches(unit.read(), batch_size)
-    pending = None
-    for batch in batches:
-        fut = pool.submit(decode, batch) if pool else None
-        if pending is not None:
-            feats.append(_forward(fn, *pending, device))
-            on_batch and on_batch(len(pending[1]))
-        pending = (fut.result() if fut else decode(batch), batch)
-        keys += [s.key for s in batch]
-        labels += [s.label for s in batch]
-    if pending is not None:
-        feats.append(_forward(fn, *pending, device))
-        on_batch and on_batch(len(pending[1]))
+    pending = submit(next(batches, []))
+    while pending[0]:
+        batch, futures = pending
+        views = [f.result() for f in futures]
+        pending = submit(next(batches, []))
+        ok = [i for i, v in enumerate(views) if v is not None]
+        if ok:
+            x = to_batch([views[i] for i in ok]).to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats.append(fn(x).float().cpu().numpy())
+            keys += [batch[i].key for i in ok]
+            labels += [batch[i].label for i in ok]
+        if on_batch:
+            on_batch(len(batch))
     dim = feats[0].shape[1] if feats else 0
     return keys, labels, (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32))
-
-
-def _forward(fn, x: Tensor, batch: list[Sample], device: torch.device) -> np.ndarray:
-    x = x.to(device, non_blocking=True)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return fn(x).float().cpu().numpy()
 
 
 # ---------------------------------------------------------------- the command
@@ -194,10 +214,14 @@ class ExtractConfig:
     """Stored dtype: float32 or float16."""
     workers: int = 4
     """Decoding threads."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Forward under bf16 autocast (features are stored as float32/float16 either way)."""
 
     def __post_init__(self) -> None:
         if self.layer not in LAYERS:
             raise ValueError(f"layer must be one of {', '.join(LAYERS)}, got {self.layer!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
         if self.image_size < 8 or self.batch_size < 1 or self.chunk_size < 1:
@@ -219,7 +243,7 @@ def extract(model: str, data: str, out: str | os.PathLike, cfg: ExtractConfig, *
     loaded.model.to(device)
     if loaded.head is not None:
         loaded.head.to(device)
-    fn = feature_fn(loaded, cfg.layer)
+    fn = feature_fn(loaded, cfg.layer, cfg.precision)
     units = list_units(data, cfg.chunk_size)
     names = [u.name for u in units]
     if len(set(names)) != len(names):
@@ -279,6 +303,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=ExtractConfig.chunk_size)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--workers", type=int, default=ExtractConfig.workers, help="decoding threads per rank")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="forward under bf16 autocast")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = ExtractConfig(layer=args.layer, image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
-                            chunk_size=args.chunk_size, dtype=args.dtype, workers=args.workers)
+                            chunk_size=args.chunk_size, dtype=args.dtype, workers=args.workers,
+                            precision=args.precision)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     info = init_distributed()

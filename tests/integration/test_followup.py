@@ -77,6 +77,7 @@ def test_followup_chain(tmp_path, cifar_dir):
 
     assert main(["export", "--checkpoint", str(cf), "--format", "all", "--with-head", "--image-size", "32",
                  "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "training_curves.png").stat().st_size > 1000
     assert main(["eval", "knn", "--model", str(tmp_path / "export"), "--train", train, "--val", val, *size,
                  "--out", str(tmp_path / "eval")]) == 0
     result = json.loads((tmp_path / "eval" / "eval_knn.json").read_text())

@@ -85,3 +85,34 @@ def test_lowshot_accuracy_grows_with_shots():
     assert set(res) == {"1shot", "10shot"} and res["1shot"]["draws"] == 2
     assert res["10shot"]["top1"] > res["1shot"]["top1"] + 5
     assert res["10shot"]["top1"] > 50.0 and pred.shape == vy.shape
+
+
+def _features_dir(path, x, y, model="m", layer="pool"):
+    from seerlike.eval.features import finalize, write_chunk
+
+    names = [f"class{int(c)}" for c in y]
+    write_chunk(path, "part-000000", [f"k{i}" for i in range(len(y))], x.numpy(), names)
+    finalize(path, {"layer": layer, "dim": x.shape[1], "model": model, "arch": "resnet10_cifar", "step": 3,
+                    "image_size": 32})
+
+
+def test_eval_command_on_features_dirs_writes_json_and_confusion(tmp_path):
+    import json
+
+    from seerlike.config import ConfigError
+    from seerlike.eval.cli import evaluate
+    from seerlike.eval.extract import ExtractConfig
+
+    tx, ty = _encoded(300)
+    vx, vy = _encoded(100, seed=1)
+    _features_dir(tmp_path / "tr", tx, ty)
+    _features_dir(tmp_path / "va", vx, vy)
+    result = evaluate("knn", None, str(tmp_path / "tr"), str(tmp_path / "va"), extract_cfg=ExtractConfig(),
+                      out=tmp_path / "out")
+    assert result["metrics"]["top1"] == 100.0 and result["num_classes"] == C and result["step"] == 3
+    saved = json.loads((tmp_path / "out" / "eval_knn.json").read_text())
+    assert sum(map(sum, saved["confusion"])) == 100 and all(saved["confusion"][i][i] == 10 for i in range(C))
+    assert (tmp_path / "out" / "confusion_knn.png").stat().st_size > 1000
+    _features_dir(tmp_path / "other", vx, vy, layer="res5")
+    with pytest.raises(ConfigError, match="come from m"):
+        evaluate("knn", None, str(tmp_path / "tr"), str(tmp_path / "other"), extract_cfg=ExtractConfig())

@@ -6,7 +6,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 
 from seerlike.config import ConfigError
 from seerlike.eval.extract import ExtractConfig, extract, list_units
@@ -91,7 +90,8 @@ def test_shard_units_read_webdataset_tars(tmp_path, cifar_dir):
     for s in range(2):
         with tarfile.open(tmp_path / f"shard-{s:06d}.tar", "w") as tar:
             for f in files[s * 3:(s + 1) * 3]:
-                for name, payload in ((f"{f.stem}.jpg", f.read_bytes()), (f"{f.stem}.json", json.dumps({"key": f.stem}).encode())):
+                data = f.read_bytes() if f != files[4] else f.read_bytes()[:40]  # one truncated JPEG
+                for name, payload in ((f"{f.stem}.jpg", data), (f"{f.stem}.json", json.dumps({"key": f.stem}).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -101,5 +101,6 @@ def test_shard_units_read_webdataset_tars(tmp_path, cifar_dir):
     assert [s.key for s in samples] == [f.stem for f in files]
     assert samples[0].data == files[0].read_bytes()
     meta = extract(MODEL, str(tmp_path / "shard-{000000..000001}.tar"), tmp_path / "f", CFG, progress=False)
-    assert meta["num_samples"] == 6
-    assert FeatureStore(tmp_path / "f").index()["key"].to_pylist() == [f.stem for f in files]
+    # the undecodable sample is skipped (logged), never given made-up features
+    assert meta["num_samples"] == 5
+    assert FeatureStore(tmp_path / "f").index()["key"].to_pylist() == [f.stem for f in files if f != files[4]]

@@ -1,0 +1,298 @@
+"""Engine benchmarks, each measured side by side in one run (CPU; a --cuda section for GPUs).
+
+    python benchmarks/bench_engine.py            # all CPU sections
+    python benchmarks/bench_engine.py --only fsdp ac overhead bf16
+    python benchmarks/bench_engine.py --cuda     # images/s on a GPU (SwAV multi-crop)
+
+1. fsdp:     per-rank parameter + gradient + optimizer-state bytes, FSDP2 on 2 gloo ranks vs 1 rank.
+2. ac:       RegNetY-1.6GF, batch 32 at 128 px: peak activation memory (peak RSS of a fresh process
+             minus its RSS before the step, minus the gradients) and step time, without / with
+             per-block activation checkpointing.
+3. overhead: the engine's step (seerlike.engine.loop.train) vs a bare torch loop on the same model,
+             batch and optimizer; medians of per-step process CPU time (and wall time), blocks
+             alternated. CPU time is the robust figure on a machine shared with other jobs.
+4. bf16:     engine step time with bf16 autocast vs fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from seerlike import config, models, recipes  # noqa: E402
+from seerlike.engine.optim import OptimConfig, build_optimizer  # noqa: E402
+from seerlike.engine.parallelize import ParallelConfig, parallelize  # noqa: E402
+from seerlike.methods.swav import SwAV  # noqa: E402
+from seerlike.testing import run_on_ranks  # noqa: E402
+
+
+def _swav(backbone: str = "resnet10_cifar", crops: int = 2) -> SwAV:
+    return SwAV(SwAV.Config(head_dims=(2048, 128), num_prototypes=100, num_crops=crops,
+                            freeze_prototypes_steps=0), models.build(backbone))
+
+
+# ---------------------------------------------------------------- 1. FSDP bytes
+
+
+def _local_bytes(t) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def _fsdp_bytes(rank: int, world: int, backbone: str) -> dict:
+    torch.manual_seed(0)
+    method = _swav(backbone)
+    model = parallelize(method, ParallelConfig(strategy="fsdp"))
+    opt = build_optimizer(OptimConfig(name="larc", lr=0.1), method)
+    loss, _ = model([torch.randn(4, 3, 32, 32) for _ in range(2)])
+    loss.backward()
+    opt.step()
+    params = sum(_local_bytes(p) for p in method.parameters())
+    grads = sum(_local_bytes(p.grad) for p in method.parameters() if p.grad is not None)
+    state = sum(_local_bytes(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    return {"params": params, "grads": grads, "optim": state}
+
+
+def bench_fsdp(backbone: str = "resnet18_cifar") -> list[str]:
+    one = run_on_ranks(_fsdp_bytes, 1, backbone)[0]
+    two = run_on_ranks(_fsdp_bytes, 2, backbone)
+    worst = max(sum(r.values()) for r in two)
+    rows = ["| per-rank bytes (SwAV, %s, LARC) | 1 rank | 2 ranks (max) | ratio |" % backbone, "|---|---|---|---|"]
+    for k in ("params", "grads", "optim"):
+        m = max(r[k] for r in two)
+        rows.append(f"| {k} | {one[k] / 2**20:.2f} MiB | {m / 2**20:.2f} MiB | {m / one[k]:.3f} |")
+    total = sum(one.values())
+    rows.append(f"| **total** | {total / 2**20:.2f} MiB | {worst / 2**20:.2f} MiB | **{worst / total:.3f}** |")
+    return rows
+
+
+# ---------------------------------------------------------------- 2. activation checkpointing
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def ac_child(ac: str, backbone: str, batch: int, px: int, steps: int) -> dict:
+    """One configuration in a fresh process (peak RSS is per process)."""
+    import resource
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = models.build(backbone)
+    parallelize(model, ParallelConfig(strategy="none", ac=ac))
+    x = torch.randn(batch, 3, px, px)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    base = _rss_bytes()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model(x).square().mean().backward()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"act_bytes": peak - base - grads, "step_s": statistics.median(times)}
+
+
+def bench_ac(backbone: str = "regnet_y_1_6gf", batch: int = 32, px: int = 128, steps: int = 2) -> list[str]:
+    res = {}
+    for ac in ("none", "block"):
+        out = subprocess.run([sys.executable, __file__, "--ac-child", ac, backbone, str(batch), str(px), str(steps)],
+                             capture_output=True, text=True, check=True)
+        res[ac] = json.loads(out.stdout.strip().splitlines()[-1])
+    n, b = res["none"], res["block"]
+    return [f"| {backbone}, batch {batch} at {px} px, fp32, 1 thread | peak activation memory | step time (median of {steps}) |",
+            "|---|---|---|",
+            f"| no checkpointing | {n['act_bytes'] / 2**20:.0f} MiB | {n['step_s']:.2f} s |",
+            f"| per-block checkpointing | {b['act_bytes'] / 2**20:.0f} MiB | {b['step_s']:.2f} s |",
+            f"| **ratio** | **{n['act_bytes'] / b['act_bytes']:.2f}x lower** | **{b['step_s'] / n['step_s']:.2f}x time** |"]
+
+
+# ---------------------------------------------------------------- 3./4. engine step vs bare loop
+
+
+class _TimedData:
+    """Fixed random views; records (wall, process CPU) time at every fetch (one fetch per step)."""
+
+    def __init__(self, views, n: int):
+        self.views, self.n, self.stamps = views, n, []
+
+    def __iter__(self):
+        while True:
+            self.stamps.append((time.perf_counter(), time.process_time()))
+            yield SimpleNamespace(views=self.views)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, _):
+        pass
+
+    def step_times(self) -> list[tuple[float, float]]:
+        s = self.stamps
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(s[3:], s[4:])]  # skip warm-up steps
+
+
+def _engine_steps(views, steps: int, dtype: str, strategy: str) -> list[float]:
+    from seerlike.engine.loop import train
+
+    cfg = config.apply_overrides(recipes.get("tiny_swav"), [
+        f"loop.max_steps={steps}", "optim.warmup_steps=0", f"precision.dtype={dtype}", f"parallel.strategy={strategy}",
+        "model.channels_last=false", "loop.log_every=10", "loop.progress=false", "loop.tensorboard=false",
+        f"checkpoint.every_steps={10 * steps}", "method.swav.freeze_prototypes_steps=0",
+        "method.swav.num_prototypes=100", f"data.batch_size={views[0].shape[0]}"])
+    data = _TimedData(views, steps)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = config.apply_overrides(cfg, [f"checkpoint.dir={run_dir}/ck"])
+        # the final checkpoint is written after the last fetch, so it is outside the timed steps
+        train(cfg, run_dir, data=data)
+    return data.step_times()
+
+
+def _bare_steps(views, steps: int) -> list[float]:
+    torch.manual_seed(0)
+    method = _swav()
+    opt = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
+    times, t = [], (time.perf_counter(), time.process_time())
+    for _ in range(steps):
+        loss, _ = method(views)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        now = (time.perf_counter(), time.process_time())
+        times.append((now[0] - t[0], now[1] - t[1]))
+        t = now
+    return times[3:]
+
+
+def _med(times: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median wall and median CPU seconds per step (CPU time is robust to other jobs on the machine)."""
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
+def bench_overhead(batch: int = 64, steps: int = 15, rounds: int = 2) -> list[str]:
+    from seerlike.engine.dist import init_distributed
+
+    init_distributed()
+    torch.set_num_threads(1)
+    views = [torch.randn(batch, 3, 32, 32) for _ in range(2)]
+    bare, eng, eng_fsdp = [], [], []
+    for _ in range(rounds):
+        bare += _bare_steps(views, steps)
+        eng += _engine_steps(views, steps, "fp32", "none")
+        eng_fsdp += _engine_steps(views, steps, "fp32", "fsdp")
+    (wb, cb), (we, ce), (wf, cf) = _med(bare), _med(eng), _med(eng_fsdp)
+    return [f"| SwAV resnet10_cifar, batch {batch} x 2 views at 32 px, fp32, SGD, 1 thread | median step CPU (wall) | CPU vs bare (wall) |",
+            "|---|---|---|",
+            f"| bare torch loop (forward, backward, step, zero_grad) | {cb * 1000:.0f} ms ({wb * 1000:.0f}) | 1.000 |",
+            f"| seerlike engine, parallel.strategy=none | {ce * 1000:.0f} ms ({we * 1000:.0f}) | **{ce / cb:.3f}** ({we / wb:.3f}) |",
+            f"| seerlike engine, FSDP2 on 1 rank | {cf * 1000:.0f} ms ({wf * 1000:.0f}) | {cf / cb:.3f} ({wf / wb:.3f}) |"]
+
+
+def bench_bf16(batch: int = 64, steps: int = 15) -> list[str]:
+    from seerlike.engine.dist import init_distributed
+
+    init_distributed()
+    torch.set_num_threads(1)
+    views = [torch.randn(batch, 3, 32, 32) for _ in range(2)]
+    res = {d: [] for d in ("fp32", "bf16")}
+    for _ in range(2):
+        for d in res:
+            res[d] += _engine_steps(views, steps, d, "none")
+    (w32, c32), (w16, c16) = _med(res["fp32"]), _med(res["bf16"])
+    return [f"| SwAV resnet10_cifar, batch {batch} x 2 views at 32 px, engine, 1 thread | median step CPU (wall) | images per CPU s |",
+            "|---|---|---|",
+            f"| fp32 | {c32 * 1000:.0f} ms ({w32 * 1000:.0f}) | {2 * batch / c32:.0f} |",
+            f"| bf16 autocast | {c16 * 1000:.0f} ms ({w16 * 1000:.0f}) | {2 * batch / c16:.0f} |",
+            f"| **bf16 / fp32 time** | **{c16 / c32:.2f}** ({w16 / w32:.2f}) | |"]
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+def bench_cuda(steps: int = 20) -> list[str]:
+    """images/s per GPU for SwAV multi-crop (2 x 224 + 6 x 96): ResNet-50 and RegNetY-16GF,
+    bf16 / fp16, FSDP vs DDP (world 1 here; run under torchrun for more), AC on / off."""
+    from seerlike.engine.dist import init_distributed
+    from seerlike.engine.precision import PrecisionConfig, autocast, grad_scaler
+
+    info = init_distributed()
+    dev = info.device
+    rows = ["| backbone | precision | strategy | AC | images/s/GPU | peak GiB |", "|---|---|---|---|---|---|"]
+    for backbone, batch in (("resnet50", 64), ("regnet_y_16gf", 32)):
+        for dtype in ("bf16", "fp16"):
+            for strategy in ("fsdp", "ddp"):
+                for ac in ("none", "block"):
+                    torch.manual_seed(0)
+                    method = SwAV(SwAV.Config(num_crops=8, freeze_prototypes_steps=0), models.build(backbone))
+                    pcfg = PrecisionConfig(dtype=dtype)
+                    model = parallelize(method, ParallelConfig(strategy=strategy, ac=ac), device=dev,
+                                        compute_dtype=pcfg.torch_dtype)
+                    opt = build_optimizer(OptimConfig(name="larc", lr=0.1), method)
+                    scaler = grad_scaler(pcfg, dev)
+                    views = [torch.randn(batch, 3, 224, 224, device=dev) for _ in range(2)]
+                    views += [torch.randn(batch, 3, 96, 96, device=dev) for _ in range(6)]
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    times = []
+                    for i in range(steps):
+                        torch.cuda.synchronize(dev)
+                        t0 = time.perf_counter()
+                        with autocast(pcfg, dev):
+                            loss, _ = model(views)
+                        (scaler.scale(loss) if scaler else loss).backward()
+                        if scaler:
+                            scaler.step(opt)
+                            scaler.update()
+                        else:
+                            opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        torch.cuda.synchronize(dev)
+                        times.append(time.perf_counter() - t0)
+                    med = statistics.median(times[5:])
+                    peak = torch.cuda.max_memory_allocated(dev) / 2**30
+                    rows.append(f"| {backbone} | {dtype} | {strategy} | {ac} | {batch / med:.0f} | {peak:.1f} |")
+                    del model, method, opt
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", default=["fsdp", "ac", "overhead", "bf16"])
+    p.add_argument("--cuda", action="store_true")
+    p.add_argument("--ac-child", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.ac_child:
+        ac, backbone, batch, px, steps = args.ac_child
+        print(json.dumps(ac_child(ac, backbone, int(batch), int(px), int(steps))))
+        return
+    if args.cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("--cuda needs a CUDA GPU")
+        print("\n".join(bench_cuda()))
+        return
+    sections = {"fsdp": ("FSDP2 sharding", bench_fsdp), "ac": ("Activation checkpointing", bench_ac),
+                "overhead": ("Engine overhead", bench_overhead), "bf16": ("bf16 vs fp32 on CPU", bench_bf16)}
+    for key in args.only:
+        title, fn = sections[key]
+        t0 = time.perf_counter()
+        rows = fn()
+        print(f"\n### {title} ({time.perf_counter() - t0:.0f} s)\n")
+        print("\n".join(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

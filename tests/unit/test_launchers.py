@@ -1,0 +1,103 @@
+"""Launchers without a cluster: options, validation, pipeline resolution and skipping."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from launchers import pipeline as pl
+from launchers.checkpointable import REQUEUE_EXIT_CODE
+from launchers.submit import SubmitConfig, add_arguments, config_from_args, parse_time, run_dir_of
+from seerlike.config import ConfigError
+
+
+def test_requeue_exit_code_matches_the_trainer():
+    from seerlike.engine.train import REQUEUE_EXIT_CODE as TRAINER_CODE
+
+    assert REQUEUE_EXIT_CODE == TRAINER_CODE
+
+
+@pytest.mark.parametrize("text,minutes", [("90", 90), ("01:30:00", 90), ("2-00:00:00", 2880), ("10:30", 11),
+                                          ("0:00:30", 1), ("1-2", 1560)])
+def test_parse_time_reads_slurm_spellings(text, minutes):
+    assert parse_time(text) == minutes
+
+
+def test_parse_time_rejects_garbage():
+    with pytest.raises(ConfigError, match="--time"):
+        parse_time("soon")
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"nodes": 0}, "nodes must be >= 1"),
+    ({"mem": "lots"}, "not a Slurm memory size"),
+    ({"time": 1, "signal_delay_s": 60}, "shorter than time"),
+    ({"cluster": "local", "nodes": 2}, "one node"),
+    ({"cluster": "local", "dependency": "afterok:1"}, "no dependencies"),
+])
+def test_submit_config_rejects_bad_values(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SubmitConfig(**kw)
+
+
+def test_command_line_splits_stage_arguments_at_double_dash():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["train", "--nodes", "2", "--tasks-per-node", "8", "--time", "1:00:00", "--mem", "64G",
+                         "--env", "NCCL_DEBUG=INFO", "--exclusive", "--",
+                         "--recipe", "tiny_swav", "--run-dir", "r", "optim.lr=0.1", "--nodes", "9"])
+    assert args.stage_args == ["--recipe", "tiny_swav", "--run-dir", "r", "optim.lr=0.1", "--nodes", "9"]
+    cfg = config_from_args(args)
+    assert (cfg.nodes, cfg.tasks_per_node, cfg.time, cfg.mem, cfg.exclusive) == (2, 8, 60, "64G", True)
+    assert cfg.env == {"NCCL_DEBUG": "INFO"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        config_from_args(p.parse_args(["train", "--env", "NOEQUALS"]))
+
+
+def test_run_dir_is_found_in_stage_arguments(tmp_path):
+    assert run_dir_of(["--recipe", "x", "--run-dir", str(tmp_path / "r")]) == str(tmp_path / "r")
+    assert run_dir_of(["--out=s3://b/p"]) == "s3://b/p"
+    assert run_dir_of(["--recipe", "x"]) == ""
+
+
+def _spec(tmp_path, **extra):
+    return {"name": "t", "dir": str(tmp_path / "p"), "vars": {"data": "/d"}, **extra, "stages": [
+        {"name": "a", "command": "train", "args": ["--data", "{data}", "--run-dir", "{out}"]},
+        {"name": "b", "command": "extract", "args": ["--checkpoint", "{a}", "--out", "{out}"]},
+    ]}
+
+
+def test_pipeline_fills_placeholders_with_stage_folders(tmp_path):
+    stages = pl.resolve(pl.pipeline_from_dict(_spec(tmp_path)))
+    root = tmp_path / "p"
+    assert [argv for _, argv, _ in stages] == [["--data", "/d", "--run-dir", str(root / "a")],
+                                               ["--checkpoint", str(root / "a"), "--out", str(root / "b")]]
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda s: s["stages"][1]["args"].append("{nope}"), r"unknown placeholder\(s\) \['nope'\]"),
+    (lambda s: s["stages"].append(dict(s["stages"][0])), "unique"),
+    (lambda s: s["stages"][0].update(name="data"), "both stage names and variables"),
+    (lambda s: s["stages"][0].update(name="1st"), "letters"),
+    (lambda s: s.update(stages=[]), "at least one stage"),
+    (lambda s: s["stages"][0].update(bogus=1), "bogus"),
+])
+def test_pipeline_rejects_bad_specs(tmp_path, change, msg):
+    spec = _spec(tmp_path)
+    change(spec)
+    with pytest.raises(ConfigError, match=msg):
+        pl.resolve(pl.pipeline_from_dict(spec))
+
+
+def test_a_stage_is_done_only_with_a_marker_of_the_same_command(tmp_path):
+    p = pl.pipeline_from_dict(_spec(tmp_path))
+    (stage, argv, _), _ = pl.resolve(p)
+    assert not pl.is_done(p, stage, argv)
+    marker = pl.marker_path(p, "a")
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"fingerprint": pl.fingerprint(stage.command, argv)}))
+    assert pl.is_done(p, stage, argv)
+    assert not pl.is_done(p, stage, argv + ["optim.lr=0.2"])
+    assert [r["state"] for r in pl.status(p)] == ["DONE", "NOT SUBMITTED"]
