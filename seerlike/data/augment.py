@@ -379,9 +379,12 @@ def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean
 
     Jitter is one per-sample colour-matrix product and a clamp per position (identity
     matrices for samples without jitter: cheaper than gathering a subset), which matches
-    torchvision's clamp after every jitter op. On CPU it runs in chunks of about 1 MiB of
-    floats, so the four products stay in the L2 cache (2x faster than whole-batch passes).
-    Grayscale, blur and solarize touch only the samples they apply to.
+    torchvision's clamp after every jitter op; then grayscale and the normalisation. On
+    CPU these run in chunks of about 1 MiB of floats, so they stay in the L2 cache instead
+    of streaming the batch through memory once per op. Blur and solarize follow on the
+    normalised values of the samples they apply to: blur commutes exactly with the
+    per-channel affine normalisation, and solarize maps to ``c - y`` above a per-channel
+    threshold there, so the result equals blur/solarize before normalising.
     """
     if x.dtype == torch.uint8 and x.shape[-1] == 3:
         x = x.permute(0, 3, 1, 2)
@@ -391,8 +394,12 @@ def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean
     flat = x.reshape(n, 3, h * w)
     y = torch.empty(n, 3, h * w, dtype=torch.float32, device=dev)
     gray = torch.tensor(GRAY, device=dev)
-    if p.jitter_on.any() and any(s > 0 for s in v.jitter):
-        mats, weights = [], []
+    mean_t = torch.tensor(mean, device=dev, dtype=torch.float32)[None, :, None]
+    inv_std = 1 / torch.tensor(std, device=dev, dtype=torch.float32)[None, :, None]
+    shift = -mean_t * inv_std
+    jitter = bool(p.jitter_on.any()) and any(s > 0 for s in v.jitter)
+    mats, weights = [], []
+    if jitter:
         for pos in range(4):
             op = torch.where(p.jitter_on, p.order[:, pos], torch.full_like(p.order[:, pos], -1))
             m, wgt = _op_matrices(op, p.factors.gather(1, p.order[:, pos : pos + 1]).squeeze(1))
@@ -400,24 +407,28 @@ def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean
                 m = m * scale  # the uint8 -> [0, 1] scaling rides on the first product
             mats.append(m.float().to(dev))
             weights.append(wgt.float().to(dev) if bool((wgt != 0).any()) else None)
-        chunk = n if dev.type != "cpu" else max(1, (1 << 20) // (3 * h * w * 4))
-        for lo in range(0, n, chunk):
-            sl = slice(lo, min(n, lo + chunk))
+    gray_on = p.gray_on.to(dev)
+    any_gray = bool(p.gray_on.any())
+    chunk = n if dev.type != "cpu" else max(1, (1 << 20) // (3 * h * w * 4))
+    for lo in range(0, n, chunk):
+        sl = slice(lo, min(n, lo + chunk))
+        out = y[sl]
+        if jitter:
             z = flat[sl].float() if flat.dtype != torch.float32 else flat[sl]
             for pos in range(4):
                 wgt = weights[pos]
                 if wgt is not None:  # contrast: mean gray level of the image as it is now
                     mean_gray = (z.mean(-1) @ gray) * (scale if pos == 0 else 1.0)
-                z = _color_matmul(mats[pos][sl], z, out=y[sl] if pos == 3 else None)
+                z = _color_matmul(mats[pos][sl], z, out=out if pos == 3 else None)
                 if wgt is not None:
                     z += (wgt[sl] * mean_gray)[:, None, None]
                 z.clamp_(0, 1)
-    else:
-        torch.mul(flat, scale, out=y)
-    gray_idx = p.gray_on.nonzero().squeeze(1).to(dev)
-    if len(gray_idx):
-        g = gray[None, :, None]
-        y.index_copy_(0, gray_idx, (g * y.index_select(0, gray_idx)).sum(1, keepdim=True).expand(-1, 3, -1))
+        else:
+            torch.mul(flat[sl], scale, out=out)
+        if any_gray and bool(gray_on[sl].any()):
+            g = (gray[None, :, None] * out).sum(1, keepdim=True)
+            torch.where(gray_on[sl][:, None, None], g, out, out=out)
+        out.mul_(inv_std).add_(shift)
     y = y.reshape(n, 3, h, w)
     k_max = int(v.blur_kernel_frac * v.size) // 2 * 2 + 1
     # Taps beyond 3 sigma weigh < 0.3%: each sample's kernel stops there (and at size/10),
@@ -433,10 +444,9 @@ def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean
     sol_idx = p.solarize_on.nonzero().squeeze(1).to(dev)
     if len(sol_idx):
         s = y.index_select(0, sol_idx)
-        y.index_copy_(0, sol_idx, torch.where(s >= v.solarize_threshold, 1 - s, s))
-    inv_std = 1 / torch.tensor(std, device=dev, dtype=torch.float32)[None, :, None, None]
-    shift = -torch.tensor(mean, device=dev, dtype=torch.float32)[None, :, None, None] * inv_std
-    return y.mul_(inv_std).add_(shift)
+        threshold = (v.solarize_threshold * inv_std + shift)[..., None]  # in normalised units
+        y.index_copy_(0, sol_idx, torch.where(s >= threshold, (inv_std + 2 * shift)[..., None] - s, s))
+    return y
 
 
 class Photometric:

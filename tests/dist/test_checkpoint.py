@@ -41,21 +41,22 @@ def _train_step(model, opt, method, step: int, rank: int) -> None:
     method.on_step_end(step, 10)
 
 
-def _save_on_ranks(rank: int, world: int, root: str):
+def _save_on_ranks(rank: int, world: int, root: str, run_dir: str | None = None, async_save: bool = True):
     method, model, opt = _setup()
-    ckpt = Checkpointer(CheckpointConfig(dir=root, keep_last=2), run_dir=root)
+    ckpt = Checkpointer(CheckpointConfig(dir=root, keep_last=2, async_save=async_save), run_dir=run_dir or root)
     for step in range(1, 4):
         _train_step(model, opt, method, step, rank)
         ckpt.save(step, model, opt, method=method, scaler=None, data_state={"rank": rank, "step": step},
                   train_config=TrainConfig())
+    ckpt.wait()  # async: the last save gets its COMPLETE marker here
     return {"model": get_model_state_dict(model, options=FULL),
             "optim": get_optimizer_state_dict(model, opt, options=FULL).get("state"),
             "rng": torch.get_rng_state()}
 
 
-def _load_on_one(rank: int, world: int, root: str):
+def _load_on_one(rank: int, world: int, root: str, run_dir: str | None = None):
     method, model, opt = _setup()
-    ckpt = Checkpointer(CheckpointConfig(dir=root), run_dir=root)
+    ckpt = Checkpointer(CheckpointConfig(dir=root), run_dir=run_dir or root)
     restored = ckpt.restore(ckpt.find_latest(), model, opt, method=method, scaler=None)
     return {"step": restored.step, "data": restored.data_state, "exact": restored.exact,
             "model": get_model_state_dict(model, options=FULL),
@@ -63,6 +64,7 @@ def _load_on_one(rank: int, world: int, root: str):
 
 
 def test_save_on_two_ranks_load_on_one(tmp_path):
+    """Saved with dcp.async_save (the synchronous path runs in the loop and resume tests)."""
     root = str(tmp_path / "ckpts")
     saved = run_on_ranks(_save_on_ranks, 2, root)[0]
     # keep-last-2, every survivor complete
@@ -102,3 +104,21 @@ def test_a_checkpoint_without_complete_is_ignored(tmp_path):
     shutil.rmtree(checkpoint.step_dir(root, 5))
     assert checkpoint.latest(root) is None
     assert checkpoint.latest(tmp_path / "nowhere") is None
+
+
+@pytest.mark.integration
+def test_s3_checkpoints_upload_complete_last_and_resume(tmp_path, s3_bucket, monkeypatch):
+    import boto3
+
+    endpoint, bucket = s3_bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # inherited by the spawned ranks
+    root = f"s3://{bucket}/run1/ckpts"
+    saved = run_on_ranks(_save_on_ranks, 2, root, str(tmp_path / "run"), False)[0]
+    keys = sorted(o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
+        Bucket=bucket, Prefix="run1/ckpts/")["Contents"])
+    assert {k.split("/")[2] for k in keys} == {"step_00000002", "step_00000003"}  # keep-last-2 remotely
+    assert "run1/ckpts/step_00000003/COMPLETE" in keys and "run1/ckpts/step_00000003/__1_0.distcp" in keys
+    assert not (tmp_path / "run" / "checkpoints_staging" / "step_00000003").exists()  # staging cleaned up
+    loaded = run_on_ranks(_load_on_one, 1, root, str(tmp_path / "run"))[0]
+    assert loaded["step"] == 3
+    assert all(torch.equal(v, loaded["model"][k]) for k, v in saved["model"].items())
