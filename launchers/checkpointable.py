@@ -151,8 +151,8 @@ class StageJob(submitit.helpers.Checkpointable):
             from seerlike.logs import setup_logging
 
             setup_logging(rank=env.global_rank)
-        log.info("%s: task %d/%d of job %s (Slurm restart count %s)", self, env.global_rank, env.num_tasks,
-                 env.job_id, os.environ.get("SLURM_RESTART_COUNT", "0"))
+        log.info("%s: task %d/%d of job %s (Slurm restart count %s, %s threads)", self, env.global_rank,
+                 env.num_tasks, env.job_id, os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ["OMP_NUM_THREADS"])
         if self.requeues > self.max_requeues:
             raise MaxRequeuesReached(f"{self} was requeued more than max_requeues={self.max_requeues} times")
         self._stop_signal = None

@@ -413,7 +413,7 @@ def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean
     for lo in range(0, n, chunk):
         sl = slice(lo, min(n, lo + chunk))
         out = y[sl]
-        if jitter:
+        if jitter and bool(p.jitter_on[sl].any()):  # (a chunk without jitter skips the products)
             z = flat[sl].float() if flat.dtype != torch.float32 else flat[sl]
             for pos in range(4):
                 wgt = weights[pos]

@@ -204,7 +204,9 @@ def open_shard(url: str, *, endpoint_url: str | None = None, retries: int = 8, b
 
 def register_webdataset_opener(endpoint_url: str | None = None) -> None:
     """Route webdataset's ``s3://`` URLs through :func:`open_shard` (one GET, Range-resume)."""
-    import webdataset.gopen as gopen
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
 
     def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
         if mode[0] != "r":

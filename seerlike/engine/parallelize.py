@@ -169,9 +169,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, *, compute_dtype: torch.d
     if cfg.strategy == "ddp":
         if world == 1:
             return model
-        # per-rank buffers (SwAV queue, unsynchronised BN stats) must not be overwritten by rank 0's
+        # per-rank buffers (unsynchronised BN stats) must not be overwritten by rank 0's on every
+        # forward; syncing them once at init is harmless (every rank built the same model)
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     if world > 1:
         raise ValueError(f"parallel.strategy=none cannot train on {world} ranks; use fsdp or ddp")
     return model

@@ -222,4 +222,6 @@ CONFIGS: dict[str, tuple[ResNetSpec, str]] = {
     "resnet50w5": (_bottleneck((3, 4, 6, 3), widen=5), "SwAV resnet50w5"),
     "resnet10_cifar": (ResNetSpec("basic", (1, 1, 1, 1), planes=32, stem_width=32, small_stem=True), "seerlike CPU net"),
     "resnet18_cifar": (ResNetSpec("basic", (2, 2, 2, 2), small_stem=True), "CIFAR ResNet-18 (3x3 stem)"),
+    "resnet10_cifar_w16": (ResNetSpec("basic", (1, 1, 1, 1), planes=16, stem_width=16, small_stem=True),
+                           "seerlike CPU net, half width (the quickstart's distillation student)"),
 }

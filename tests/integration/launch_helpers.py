@@ -29,10 +29,6 @@ def world_info(argv: list[str]) -> dict:
     return out
 
 
-def square(x: int) -> int:
-    return x * x
-
-
 def write_file(argv: list[str]) -> str:
     """``write_file PATH TEXT [SLEEP_S]``: append TEXT to PATH (dependency-order tests)."""
     path, text = argv[0], argv[1]

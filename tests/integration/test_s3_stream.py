@@ -167,3 +167,25 @@ def test_a_dead_shard_is_skipped_or_fatal(s3_dataset) -> None:
         with pytest.raises(ShardReadError, match="000002.tar"):
             for _ in build_eval_data(DataConfig(**base, on_shard_error="fatal")):
                 pass
+
+
+def test_webdataset_reads_s3_through_our_opener(s3_dataset) -> None:
+    import webdataset as wds
+
+    from seerlike.data.s3stream import register_webdataset_opener
+
+    import importlib
+
+    schemes = importlib.import_module("webdataset.gopen").gopen_schemes
+    endpoint, url, _ = s3_dataset
+    old = schemes.get("s3")
+    with FaultProxy(endpoint, every=3) as proxy:
+        register_webdataset_opener(proxy.url)
+        try:
+            ds = wds.WebDataset(f"{url}/shards/{{000000..000005}}.tar", shardshuffle=False, empty_check=False)
+            keys = Counter(sample["__key__"] for sample in ds)
+        finally:  # the opener is process-wide: leave webdataset as it was
+            schemes.pop("s3")
+            if old is not None:
+                schemes["s3"] = old
+    assert keys == Counter(f"s{i:06d}" for i in range(130)) and proxy.counts["reset"] >= 1

@@ -271,3 +271,30 @@ def test_center_view_is_the_middle_square() -> None:
     img.paste((255, 255, 255), (50, 0, 150, 100))  # white middle square
     out = aug.center_view(_jpeg(img, quality=95), 32, 32)
     assert out.shape == (32, 32, 3) and out[2:-2, 2:-2].min() > 230
+
+
+def test_normalising_before_blur_and_solarize_changes_nothing() -> None:
+    # blur and solarize run on normalised values; the result must equal normalising last
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
+    v = ViewConfig(size=24, blur_p=0.5, solarize_p=0.5, grayscale_p=0.5)
+    p = sample_photometric(v, 6, torch.Generator().manual_seed(3), True)
+    p.blur_on[:3] = True
+    p.solarize_on[::2] = True
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    got = apply_photometric(x, v, p, mean, std)
+    plain = apply_photometric(x, v, p, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    ref = (plain - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+def test_photometric_on_cuda_matches_cpu() -> None:
+    cfg = swav_multicrop(64, 32, 2, 2)
+    ph = aug.Photometric(cfg)
+    views = [torch.randint(0, 256, (16, 3, s, s), dtype=torch.uint8) for s in (64, 64, 32, 32)]
+    cpu = ph(views, seed=0, epoch=0, step=0, rank=0)
+    gpu = ph([v.cuda() for v in views], seed=0, epoch=0, step=0, rank=0)
+    for a, b in zip(cpu, gpu):
+        assert b.is_cuda
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=0)

@@ -1,0 +1,542 @@
+"""`seerlike quickstart`: the whole chain on real images, on one machine, as one pipeline.
+
+ingest (images -> shards) -> pretrain (SwAV or BYOL, 2 ranks) -> extract (res5) -> k-means ->
+ClusterFit retrain -> distill into a half-width student -> export -> kNN evaluation of every
+model and of the same architectures at random init -> results.json, plots, report.md.
+
+The chain is a :class:`launchers.pipeline.Pipeline` run by ``run_pipeline``: each stage is a
+local-executor job (``--cluster local``, the default) or a Slurm job chained with
+``afterok`` (``--cluster slurm``); a rerun with the same arguments skips every stage whose
+completion marker matches. While the stages run, a watcher thread prints which stage runs,
+the elapsed time and the stage's own log lines (from the job's log files).
+
+The default budget fits 15 minutes on 2 CPU cores: the training stages get step counts from
+the per-step times measured on such a machine (``SECONDS_PER_STEP``); ``--minutes`` scales
+them and ``--pretrain-steps`` / ``--clusterfit-steps`` / ``--distill-steps`` set them outright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+import seerlike
+from seerlike.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: ../shared/data beside the repository root (where the real CIFAR-dev images live).
+SHARED_DATA = Path(seerlike.__file__).resolve().parents[1].parent / "shared" / "data"
+
+ARCH = "resnet10_cifar"
+"""Backbone pretrained and retrained (FACTS.md: what learns in 15 CPU-minutes)."""
+STUDENT = "resnet10_cifar_w16"
+"""Distillation student: the same net at half width (a quarter of the parameters)."""
+IMAGE_SIZE = 32
+"""Training and evaluation resolution (CIFAR)."""
+
+#: Seconds per optimizer step (global batch 128 on 2 ranks x 1 thread, bf16), measured on the
+#: 2-core dev machine with `seerlike quickstart` itself (docs/benchmarks.md, "Learning quality").
+SECONDS_PER_STEP = {"swav": 0.30, "byol": 0.40, "clusterfit": 0.20, "distill": 0.20}
+#: Seconds of everything that is not a training step (process start-up, ingest, extract,
+#: k-means, five kNN evaluations, export, report) in the default run on that machine.
+OVERHEAD_S = 150.0
+#: How the training time left after the overhead is shared (FACTS.md: pretraining is what learns).
+SHARES = {"pretrain": 0.75, "clusterfit": 0.125, "distill": 0.125}
+
+
+@dataclass(kw_only=True)
+class Budget:
+    """Step counts of the three training stages (and the k of k-means)."""
+
+    pretrain_steps: int
+    """SwAV/BYOL optimizer steps at global batch 128."""
+    clusterfit_steps: int
+    """ClusterFit optimizer steps."""
+    distill_steps: int
+    """Distillation optimizer steps."""
+    k: int = 100
+    """k-means clusters = ClusterFit classes."""
+
+    def __post_init__(self):
+        for name in ("pretrain_steps", "clusterfit_steps", "distill_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2, got {self.k}")
+
+
+def budget_for(minutes: float, method: str, *, pretrain_steps: int | None = None,
+               clusterfit_steps: int | None = None, distill_steps: int | None = None, k: int = 100) -> Budget:
+    """Step counts that fill ``minutes`` of wall time on 2 cores; explicit counts win."""
+    if minutes <= 0:
+        raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    train_s = max(minutes * 60.0 - OVERHEAD_S, 60.0)
+
+    def steps(stage: str, per_step: float) -> int:
+        return max(10, int(train_s * SHARES[stage] / per_step))
+
+    try:
+        return Budget(
+            pretrain_steps=pretrain_steps or steps("pretrain", SECONDS_PER_STEP[method]),
+            clusterfit_steps=clusterfit_steps or steps("clusterfit", SECONDS_PER_STEP["clusterfit"]),
+            distill_steps=distill_steps or steps("distill", SECONDS_PER_STEP["distill"]),
+            k=k,
+        )
+    except ValueError as e:
+        raise ConfigError(f"seerlike quickstart: {e}") from None
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def default_images() -> Path:
+    return SHARED_DATA / "cifar10-dev" / "train"
+
+
+def _need(path: Path, what: str, flag: str) -> str:
+    if not path.exists():
+        hint = (f"the real images are expected in {SHARED_DATA} (the shared/ folder beside the repository); "
+                if str(path).startswith(str(SHARED_DATA)) else "")
+        raise ConfigError(f"{what} {path} does not exist; {hint}pass {flag} to use other images")
+    return str(path.resolve())
+
+
+def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(unlabeled images, labeled eval train, labeled eval val) as absolute paths."""
+    cifar = SHARED_DATA / "cifar10-dev"
+    images = _need(Path(args.images) if args.images else default_images(), "--images", "--images DIR")
+    train = _need(Path(args.eval_train) if args.eval_train else cifar / "train.csv", "--eval-train",
+                  "--eval-train CSV_OR_DIR")
+    val = _need(Path(args.eval_val) if args.eval_val else cifar / "val.csv", "--eval-val", "--eval-val CSV_OR_DIR")
+    return images, train, val
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def _train_args(steps: int, seed: int, *extra: str) -> list[str]:
+    """--max-steps and key=value overrides (after every option: argparse wants them last)."""
+    # checkpoints a few times per run (resume after a kill) instead of the recipes' every 10 steps
+    return ["--max-steps", str(steps), *extra, f"loop.seed={seed}", f"optim.warmup_steps={max(1, steps // 20)}",
+            f"checkpoint.every_steps={max(50, steps // 4)}", "checkpoint.keep_last=1", "loop.tensorboard=false",
+            f"loop.log_every={max(1, min(20, steps // 10))}"]
+
+
+def _eval_stage(name: str, model: str) -> dict:
+    return {"name": name, "command": "eval",
+            "args": ["knn", "--model", model, "--train", "{eval_train}", "--val", "{eval_val}", "--out", "{out}",
+                     "--layer", "pool", "--image-size", str(IMAGE_SIZE), "--resize", str(IMAGE_SIZE),
+                     "--k", "20", "--temperature", "0.07", "--batch-size", "256"],
+            }
+
+
+def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_val: str, method: str = "swav",
+                   budget: Budget, store: str = "", seed: int = 0, nproc: int = 2):
+    """The quickstart as a Pipeline (stages, their arguments and resources)."""
+    from launchers.pipeline import pipeline_from_dict
+
+    if method not in ("swav", "byol"):
+        raise ConfigError(f"--method must be swav or byol, got {method!r}")
+    run_dir = Path(run_dir).absolute()
+    data = store.rstrip("/") if store else str(run_dir / "ingest")
+    ranks = {"tasks_per_node": nproc}
+    # shards of 200: exact (non-resampled) reading needs a shard per rank x data worker, even for ~400 images
+    stages = [
+        {"name": "ingest", "command": "ingest",
+         "args": ["{images}", "--out", "{data}", "shard_max_samples=200"]},
+        _eval_stage("eval_random", f"random:{ARCH}"),
+        {"name": "pretrain", "command": "train", "submit": ranks,
+         "args": ["--recipe", f"tiny_{method}", "--data", "{data}", "--run-dir", "{out}",
+                  *_train_args(budget.pretrain_steps, seed)]},
+        _eval_stage("eval_pretrain", "{pretrain}"),
+        {"name": "extract", "command": "extract",
+         "args": ["--checkpoint", "{pretrain}", "--data", "{data}", "--layer", "res5", "--image-size",
+                  str(IMAGE_SIZE), "--resize", str(IMAGE_SIZE), "--out", "{out}"]},
+        {"name": "cluster", "command": "cluster",
+         "args": ["{extract}", "--k", "{k}", "--out", "{out}", "--seed", str(seed), "--contact-sheets", "6",
+                  "--images", "{data}"]},
+        {"name": "clusterfit", "command": "train", "submit": ranks,
+         "args": ["--recipe", "clusterfit_tiny", "--data", "{data}", "--run-dir", "{out}",
+                  *_train_args(budget.clusterfit_steps, seed, "data.labels={cluster}",
+                               "method.clusterfit.num_classes={k}")]},
+        _eval_stage("eval_clusterfit", "{clusterfit}"),
+        {"name": "distill", "command": "distill", "submit": ranks,
+         "args": ["--teacher", "{clusterfit}", "--student", STUDENT, "--data", "{data}", "--run-dir", "{out}",
+                  *_train_args(budget.distill_steps, seed)]},
+        {"name": "export", "command": "export",
+         "args": ["--checkpoint", "{distill}", "--format", "torchvision,safetensors", "--image-size",
+                  str(IMAGE_SIZE), "--out", "{out}"]},
+        _eval_stage("eval_distilled", "{export}"),
+        _eval_stage("eval_random_student", f"random:{STUDENT}"),
+        {"name": "report", "command": "seerlike.quickstart:report_stage", "args": ["{dir}", method]},
+    ]
+    return pipeline_from_dict({
+        "name": f"quickstart-{method}", "dir": str(run_dir),
+        "vars": {"images": images, "data": data, "eval_train": eval_train, "eval_val": eval_val, "k": str(budget.k)},
+        "stages": stages,
+    }, source="seerlike quickstart")
+
+
+#: results.json entry -> (eval stage, training stage whose seconds it reports, architecture)
+MODELS = {
+    "random_init": ("eval_random", None, ARCH),
+    "pretrain": ("eval_pretrain", "pretrain", ARCH),
+    "clusterfit": ("eval_clusterfit", "clusterfit", ARCH),
+    "distilled": ("eval_distilled", "distill", STUDENT),
+    "random_init_student": ("eval_random_student", None, STUDENT),
+}
+
+
+# ---------------------------------------------------------------- report (the last stage)
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Wall seconds of every finished stage: its marker's time minus its start.
+
+    A stage starts when its job was submitted or when the stage before it finished, whichever
+    is later (on Slurm all jobs are submitted at once and wait for their predecessor).
+    """
+    meta = run_dir / ".pipeline"
+    jobs = json.loads((meta / "jobs.json").read_text()) if (meta / "jobs.json").is_file() else {}
+    spec = yaml.safe_load((meta / "pipeline.yaml").read_text()) if (meta / "pipeline.yaml").is_file() else {}
+    stages = [s["name"] for s in spec.get("stages", [])]
+    out: dict[str, float] = {}
+    prev_end = 0.0
+    for name in stages:
+        marker = meta / f"{name}.done"
+        rec = jobs.get(name)
+        if not marker.is_file() or rec is None:
+            prev_end = 0.0
+            continue
+        end = json.loads(marker.read_text())["finished_at"]
+        index = Path(rec["log_dir"]) / "index" / f"{rec['job_id']}.json"
+        submitted = json.loads(index.read_text())["submitted_at"] if index.is_file() else end
+        out[name] = round(end - max(submitted, prev_end), 1)
+        prev_end = end
+    return out
+
+
+def _train_stats(run: Path) -> dict:
+    from seerlike.plots import read_metrics
+
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    if not rows:
+        return {}
+    timed = [r for r in rows if "step_time_s" in r]
+    return {"steps": rows[-1]["step"], "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"],
+            "step_time_s": round(sum(r["step_time_s"] for r in timed) / max(len(timed), 1), 4)}
+
+
+def collect_results(run_dir: str | Path, method: str) -> dict:
+    """results.json's content from the stage outputs."""
+    run_dir = Path(run_dir)
+    seconds = stage_seconds(run_dir)
+    models: dict[str, dict] = {}
+    for entry, (eval_stage, train_stage, arch) in MODELS.items():
+        ev = json.loads((run_dir / eval_stage / "eval_knn.json").read_text())
+        if ev["arch"] != arch:
+            raise RuntimeError(f"{eval_stage} evaluated {ev['arch']}, expected {arch}")
+        name = method if entry == "pretrain" else entry
+        row = {"arch": ev["arch"], "knn_top1": ev["metrics"]["top1"], "knn_top5": ev["metrics"].get("top5"),
+               "seconds": seconds.get(train_stage, 0.0) if train_stage else 0.0,
+               "eval_seconds": seconds.get(eval_stage), "model": ev["model"], "layer": ev["layer"],
+               "num_train": ev["num_train"], "num_val": ev["num_val"],
+               "confusion_png": ev.get("confusion_png")}
+        if train_stage:
+            row.update(_train_stats(run_dir / train_stage))
+        models[name] = row
+    base = {ARCH: models["random_init"]["knn_top1"], STUDENT: models["random_init_student"]["knn_top1"]}
+    for row in models.values():
+        row["gain_over_random"] = round(row["knn_top1"] - base[row["arch"]], 2)
+    cluster = json.loads((run_dir / "cluster" / "cluster_stats.json").read_text())
+    summary = json.loads((run_dir / "ingest" / "summary.json").read_text()) if (run_dir / "ingest" / "summary.json").is_file() else {}
+    return {"method": method, "models": models, "stage_seconds": seconds,
+            "total_seconds": round(sum(seconds.values()), 1),
+            "kmeans": {k: cluster.get(k) for k in ("num_features", "num_clusters", "empty_clusters", "size_min",
+                                                    "size_median", "size_max", "effective_clusters")},
+            "ingest": {k: summary.get(k) for k in ("seen", "written", "duplicates", "rejected", "shards") if k in summary}}
+
+
+def write_plots(run_dir: Path, results: dict) -> list[Path]:
+    """Loss curves of the three training runs, the confusion matrices and the cluster contact sheets."""
+    from seerlike.plots import _plt, read_metrics
+
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    made = []
+    plt = _plt()
+    runs = [("pretrain", f"{results['method']} pretraining"), ("clusterfit", "ClusterFit"), ("distill", "distillation")]
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.4))
+    for ax, (stage, title) in zip(axes, runs):
+        rows = [r for r in read_metrics(run_dir / stage) if "loss" in r]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+        ax.set_title(f"{title} loss")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plots / "loss_curves.png", dpi=90)
+    plt.close(fig)
+    made.append(plots / "loss_curves.png")
+    for name, row in results["models"].items():
+        if row.get("confusion_png") and Path(row["confusion_png"]).is_file():
+            dst = plots / f"confusion_{name}.png"
+            shutil.copyfile(row["confusion_png"], dst)
+            row["confusion_png"] = str(dst.relative_to(run_dir))
+            made.append(dst)
+    for sheet in sorted((run_dir / "cluster" / "contact_sheets").glob("*.png")):
+        dst = plots / f"clusters_{sheet.name}"
+        shutil.copyfile(sheet, dst)
+        made.append(dst)
+    return made
+
+
+def results_table(results: dict) -> str:
+    lines = [f"{'model':20} {'arch':20} {'kNN top-1':>9} {'top-5':>6} {'vs random':>9} {'train s':>8}"]
+    for name, r in results["models"].items():
+        top5 = f"{r['knn_top5']:6.1f}" if r.get("knn_top5") is not None else f"{'-':>6}"
+        lines.append(f"{name:20} {r['arch']:20} {r['knn_top1']:9.1f} {top5} {r['gain_over_random']:+9.1f} "
+                     f"{r['seconds']:8.0f}")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, results: dict) -> Path:
+    m = results["models"]
+    method = results["method"]
+    stages = "\n".join(f"| {k} | {v:.0f} |" for k, v in results["stage_seconds"].items())
+    rows = "\n".join(f"| {n} | {r['arch']} | {r['knn_top1']:.1f} | {r['knn_top5']:.1f} | {r['gain_over_random']:+.1f} "
+                     f"| {r.get('steps', '-')} | {r['seconds']:.0f} |" for n, r in m.items())
+    km = results["kmeans"]
+    text = f"""# seerlike quickstart report
+
+{method.upper()} pretraining of `{ARCH}` on the unlabeled images, then ClusterFit on k-means
+pseudo-labels ({km['num_clusters']} clusters of {km['num_features']} res5 features), then
+distillation of the ClusterFit model into `{STUDENT}`. Every model is scored by kNN
+(k 20, cosine, T 0.07, pooled features, {m['random_init']['num_train']} labeled train images as
+the memory bank, {m['random_init']['num_val']} val images) against the same architecture at
+random init.
+
+| model | arch | kNN top-1 | top-5 | vs random init | steps | train s |
+|---|---|---|---|---|---|---|
+{rows}
+
+{method} gains {m[method]['gain_over_random']:+.1f} points over random init; ClusterFit
+{m['clusterfit']['knn_top1'] - m[method]['knn_top1']:+.1f} over {method}; the distilled student
+{m['distilled']['knn_top1'] - m['clusterfit']['knn_top1']:+.1f} vs its teacher and
+{m['distilled']['gain_over_random']:+.1f} over its own random init.
+
+![loss curves](plots/loss_curves.png)
+
+Confusion matrices (kNN on val): {", ".join(f"[{n}]({r['confusion_png']})" for n, r in m.items() if r.get('confusion_png'))}.
+
+Clusters (random members of the largest, smallest and random clusters):
+
+![largest clusters](plots/clusters_largest.png)
+![random clusters](plots/clusters_random.png)
+
+## Stage times (wall seconds)
+
+| stage | seconds |
+|---|---|
+{stages}
+
+Total: {results['total_seconds']:.0f} s. Exported student: `export/` (torchvision and safetensors).
+"""
+    path = run_dir / "report.md"
+    path.write_text(text)
+    return path
+
+
+def report_stage(argv: list[str]) -> int:
+    """Pipeline stage ``seerlike.quickstart:report_stage [RUN_DIR, METHOD]``: results.json, plots, report.md."""
+    run_dir, method = Path(argv[0]), argv[1]
+    results = collect_results(run_dir, method)
+    write_plots(run_dir, results)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(run_dir, results)
+    log.info("wrote %s, %s and %s", run_dir / "results.json", run_dir / "report.md", run_dir / "plots")
+    return 0
+
+
+# ---------------------------------------------------------------- progress
+
+
+class Progress(threading.Thread):
+    """Prints the running stage, the elapsed time and the stage's new log lines, until stopped.
+
+    Reads what any executor leaves on disk (``.pipeline/jobs.json``, the markers, submitit's
+    per-task log files), so it works the same for local and Slurm jobs. Progress bars
+    (carriage-return updates) are shown at most every ``bar_every_s`` seconds.
+    """
+
+    def __init__(self, run_dir: Path, stages: list[str], out=None, poll_s: float = 1.0,
+                 bar_every_s: float = 15.0):
+        super().__init__(daemon=True)
+        self.meta = run_dir / ".pipeline"
+        self.stages, self.out, self.poll_s, self.bar_every_s = stages, out or sys.stdout, poll_s, bar_every_s
+        self.t0 = time.monotonic()
+        self._stop_event = threading.Event()
+        self._offsets: dict[Path, int] = {}
+        self._current: str | None = None
+        self._job: str | None = None
+        self._stage_t0: float | None = None
+        self._last_bar = 0.0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+        self._poll()  # the last lines of the last stage
+
+    def _say(self, text: str) -> None:
+        el = int(time.monotonic() - self.t0)
+        print(f"[{el // 60:02d}:{el % 60:02d}] {text}", file=self.out, flush=True)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.poll_s):
+            try:
+                self._poll()
+            except (OSError, ValueError, KeyError):  # files being written right now: next poll
+                pass
+
+    def _poll(self) -> None:
+        path = self.meta / "jobs.json"
+        jobs = json.loads(path.read_text()) if path.is_file() else {}
+        if self._current in jobs:  # the last lines of the stage seen so far, before moving on
+            self._tail_job(jobs[self._current])
+            if self._stage_t0 is not None and (self.meta / f"{self._current}.done").is_file():
+                self._say(f"stage {self._current}: done in {time.monotonic() - self._stage_t0:.0f} s")
+                self._stage_t0 = None
+        for i, name in enumerate(self.stages):  # the running stage: submitted, no marker yet
+            rec = jobs.get(name)
+            if rec is None or (self.meta / f"{name}.done").is_file():
+                continue
+            if (name, rec["job_id"]) != (self._current, self._job):
+                self._current, self._job, self._stage_t0 = name, rec["job_id"], time.monotonic()
+                self._say(f"stage {i + 1}/{len(self.stages)} {name}: running (job {rec['job_id']})")
+                self._tail_job(rec)
+            break
+
+    def _tail_job(self, rec: dict) -> None:
+        folder = Path(rec["log_dir"]) / rec["job_id"]
+        for path in (folder / f"{rec['job_id']}_0_log.err", folder / f"{rec['job_id']}_0_log.out"):
+            self._tail(path)
+
+    def _tail(self, path: Path) -> None:
+        if not path.is_file():
+            return
+        seen = self._offsets.get(path, 0)
+        with open(path, "rb") as f:
+            f.seek(seen)
+            data = f.read()
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if cut < 0:
+            return
+        self._offsets[path] = seen + cut + 1
+        bar = ""
+        for line in data[:cut + 1].decode(errors="replace").split("\n"):
+            if "\r" in line:  # a progress bar redrawn in place: keep only its newest state
+                bar = next((p.strip() for p in reversed(line.split("\r")) if p.strip()), bar)
+            elif line.strip() and not ("INFO" in line and ("submitit" in line or "launchers." in line)):
+                self._say(f"  {self._current} | {line.rstrip()}")
+        now = time.monotonic()
+        metrics = self.meta.parent / (self._current or "") / "metrics.jsonl"
+        if now - self._last_bar >= self.bar_every_s and (bar or metrics.is_file()):
+            self._last_bar = now
+            self._say(f"  {self._current} | {self._metrics_line(metrics) or bar}")
+
+    @staticmethod
+    def _metrics_line(path: Path) -> str:
+        """The newest training metrics row, shortened (training stages write one every few steps)."""
+        if not path.is_file():
+            return ""
+        lines = path.read_text().strip().splitlines()
+        try:
+            row = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            return ""
+        if not row:
+            return ""
+        return (f"step {row['step']}: loss {row.get('loss', float('nan')):.4f}, lr {row.get('lr', 0):.4f}, "
+                f"{row.get('images_per_s', 0):.0f} img/s")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", help="unlabeled pretraining images: folder, list file or s3:// prefix "
+                   "(default ../shared/data/cifar10-dev/train)")
+    p.add_argument("--eval-train", help="labeled kNN memory bank: path,label CSV or class folders "
+                   "(default cifar10-dev train.csv)")
+    p.add_argument("--eval-val", help="labeled kNN queries (default cifar10-dev val.csv)")
+    p.add_argument("--run-dir", default="runs/quickstart", help="where everything goes (rerun to resume)")
+    p.add_argument("--method", choices=("swav", "byol"), default="swav", help="self-supervised pretraining method")
+    p.add_argument("--store", default="", help="s3://bucket/prefix for the shards (default: RUN_DIR/ingest)")
+    p.add_argument("--cluster", choices=("local", "slurm"), default="local", help="local processes or Slurm jobs")
+    p.add_argument("--minutes", type=float, default=15.0, help="wall-time budget on 2 CPU cores (sets the steps)")
+    p.add_argument("--pretrain-steps", type=int, help="override the pretraining steps")
+    p.add_argument("--clusterfit-steps", type=int, help="override the ClusterFit steps")
+    p.add_argument("--distill-steps", type=int, help="override the distillation steps")
+    p.add_argument("--k", type=int, default=100, help="k-means clusters (ClusterFit classes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=2, help="ranks of each training stage")
+    p.add_argument("--quiet", action="store_true", help="no stage log lines, only stage changes and the results")
+
+
+def run(args: argparse.Namespace) -> int:
+    from launchers.pipeline import is_done, resolve, run_pipeline
+    from launchers.submit import SubmitConfig
+
+    if args.store and not args.store.startswith("s3://"):
+        raise ConfigError(f"--store {args.store!r}: expected s3://bucket/prefix (omit it to keep shards in the run dir)")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    images, eval_train, eval_val = resolve_inputs(args)
+    budget = budget_for(args.minutes, args.method, pretrain_steps=args.pretrain_steps,
+                        clusterfit_steps=args.clusterfit_steps, distill_steps=args.distill_steps, k=args.k)
+    run_dir = Path(args.run_dir).absolute()
+    p = build_pipeline(run_dir, images=images, eval_train=eval_train, eval_val=eval_val, method=args.method,
+                       budget=budget, store=args.store, seed=args.seed, nproc=args.nproc)
+    names = [s.name for s in p.stages]
+    base = SubmitConfig(cluster=args.cluster, log_dir=str(run_dir / "jobs"), time=60)
+    print(f"seerlike quickstart: {args.method} on {images} -> {run_dir}", flush=True)
+    print(f"budget: {json.dumps(asdict(budget))} ({args.minutes:g} min on 2 cores); stages: {' -> '.join(names)}",
+          flush=True)
+    progress = Progress(run_dir, names, poll_s=1.0, bar_every_s=15.0)
+    if args.quiet:
+        progress._tail = lambda path: None  # type: ignore[method-assign]
+    skipped = []
+    for stage, argv, _ in resolve(p):  # as run_pipeline decides: done stages up to the first one to run
+        if not is_done(p, stage, argv):
+            break
+        skipped.append(stage.name)
+    if skipped:
+        print(f"already complete, skipped: {', '.join(skipped)}", flush=True)
+    t0 = time.monotonic()
+    progress.start()
+    try:
+        rows = run_pipeline(p, base, wait=True)
+    except RuntimeError as e:  # a stage failed: its log lines were shown above
+        print(f"seerlike quickstart: {e}", file=sys.stderr)
+        return 1
+    finally:
+        progress.stop()
+    bad = [r for r in rows if r["state"] not in ("DONE", "COMPLETED")]
+    if bad:
+        print(f"stages not completed: {', '.join(r['stage'] + '=' + r['state'] for r in bad)}", file=sys.stderr)
+        return 1
+    results = json.loads((run_dir / "results.json").read_text())
+    print()
+    print(results_table(results))
+    print(f"\nwall time {time.monotonic() - t0:.0f} s (stages {results['total_seconds']:.0f} s); "
+          f"report {run_dir / 'report.md'}, results {run_dir / 'results.json'}, plots {run_dir / 'plots'}")
+    return 0
