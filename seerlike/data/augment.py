@@ -30,6 +30,7 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+CPU_CHUNK_BYTES = 1 << 20  # photometric ops on CPU work through the batch in chunks of this many float bytes
 
 
 class CorruptSample(ValueError):
@@ -409,7 +410,7 @@ def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean
             weights.append(wgt.float().to(dev) if bool((wgt != 0).any()) else None)
     gray_on = p.gray_on.to(dev)
     any_gray = bool(p.gray_on.any())
-    chunk = n if dev.type != "cpu" else max(1, (1 << 20) // (3 * h * w * 4))
+    chunk = n if dev.type != "cpu" else max(1, CPU_CHUNK_BYTES // (3 * h * w * 4))
     for lo in range(0, n, chunk):
         sl = slice(lo, min(n, lo + chunk))
         out = y[sl]
