@@ -69,7 +69,7 @@ def _wait(job: submitit.Job, timeout_s: float = 240) -> str:
 
 
 def _train_args(cifar_dir: Path, run_dir: Path) -> list[str]:
-    # loop.max_steps after optim.warmup_steps: the recipe's warmup (10) is not below 10 steps.
+    # a short warmup: the recipe's 10 warmup steps would be the whole run.
     # fp32: bf16 autocast on CPU differs between identical runs (seen at step 1), fp32 does not
     return ["--recipe", "tiny_swav", "--data", str(cifar_dir / "train.csv"), "--run-dir", str(run_dir),
             "data.batch_size=8", "data.num_workers=0", "checkpoint.every_steps=2", "checkpoint.keep_last=0",
