@@ -2,8 +2,8 @@
 
 ``crop_sample`` runs in a DataLoader worker: decode the image at the smallest size the
 crops need (simplejpeg ``min_width/min_height`` or Pillow ``draft``), then per view a
-random resized crop and a flip, resized on uint8 with Pillow. Its randomness comes from
-``hash(seed, epoch, key)``, never from global RNG state.
+random resized crop and a flip, resized on uint8 (torch's antialiased bilinear, as
+Pillow's). Its randomness comes from ``hash(seed, epoch, key)``, never from global RNG state.
 
 ``Photometric`` runs on the training device over a whole batch: colour jitter, grayscale,
 Gaussian blur, solarize and normalisation as batched tensor ops, with randomness from a

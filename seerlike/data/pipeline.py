@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from seerlike.config import ConfigError
 from seerlike.data import augment as aug
 from seerlike.data import shards as sh
-from seerlike.data.sources import FileSource, ShardSource, resolve
+from seerlike.data.sources import FileSource, ShardSource, is_dataset, manifest_labels, resolve
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,8 @@ def build_train_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, see
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, cfg: DataConfig, source, items: list[list[int]]):
-        self.cfg, self.source, self.items = cfg, source, items
+    def __init__(self, cfg: DataConfig, source, items: list[list[int]], labels: dict[str, int] | None = None):
+        self.cfg, self.source, self.items, self.labels = cfg, source, items, labels
 
     def __iter__(self):
         info = get_worker_info()
@@ -351,7 +351,8 @@ class _EvalStream(IterableDataset):
             for batch in self.items[worker]:
                 yield self._batch(sh.raw_file_stream(self.source, batch, 0))
             return
-        records = (r for s in self.items[worker]
+        labels = self.labels or {}
+        records = (r._replace(label=labels.get(r.key)) for s in self.items[worker]
                    for r in sh.shard_records(self.source.urls[s], self.source.counts[s], 0, _reader_options(cfg)))
         while True:
             chunk = [r for _, r in zip(range(cfg.batch_size), records)]
@@ -378,7 +379,11 @@ class _EvalStream(IterableDataset):
 
 
 class EvalData:
-    """Every sample of this rank's part exactly once, in a fixed order, with keys and labels."""
+    """Every sample of this rank's part exactly once, in a fixed order, with keys and labels.
+
+    Labels come from class folders / the CSV's label column, or for an ingest dataset from
+    its manifest's ``label`` column (``classes`` names them); otherwise ``Batch.labels`` is None.
+    """
 
     def __init__(self, cfg: DataConfig, source, *, rank: int, world_size: int, device: torch.device | str):
         self.cfg, self.source, self.device = cfg, source, torch.device(device)
@@ -397,12 +402,17 @@ class EvalData:
             self.items = [mine[w::W] for w in range(W)]
             self.num_samples = sum(source.counts[s] for s in mine)
         self.classes = source.classes if isinstance(source, FileSource) else []
+        self.labels: dict[str, int] | None = None
+        if isinstance(source, ShardSource) and is_dataset(cfg.source):
+            found = manifest_labels(cfg.source, cfg.s3_endpoint_url)
+            if found is not None:
+                self.labels, self.classes = found
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self) -> Iterator[Batch]:
-        stream = _EvalStream(self.cfg, self.source, self.items)
+        stream = _EvalStream(self.cfg, self.source, self.items, self.labels)
         it = (iter(stream) if self.cfg.num_workers == 0 else
               iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                               prefetch_factor=self.cfg.prefetch_factor, in_order=True,
