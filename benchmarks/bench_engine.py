@@ -206,11 +206,14 @@ def bench_overhead(batch: int = 64, steps: int = 15, rounds: int = 3) -> list[st
     init_distributed()
     torch.set_num_threads(1)
     views = [torch.randn(batch, 3, 32, 32) for _ in range(2)]
-    bare, eng, eng_fsdp = [], [], []
-    for _ in range(rounds):
-        bare += _bare_steps(views, steps)
-        eng += _engine_steps(views, steps, "fp32", "none")
-        eng_fsdp += _engine_steps(views, steps, "fp32", "fsdp")
+    runs = {"bare": lambda: _bare_steps(views, steps), "none": lambda: _engine_steps(views, steps, "fp32", "none"),
+            "fsdp": lambda: _engine_steps(views, steps, "fp32", "fsdp")}
+    times = {k: [] for k in runs}
+    order = list(runs)
+    for r in range(rounds):  # rotate the order so that no variant always runs first
+        for k in order[r % 3:] + order[:r % 3]:
+            times[k] += runs[k]()
+    bare, eng, eng_fsdp = times["bare"], times["none"], times["fsdp"]
     (wb, cb), (we, ce), (wf, cf) = _med(bare), _med(eng), _med(eng_fsdp)
     return [f"| SwAV resnet10_cifar, batch {batch} x 2 views at 32 px, fp32, SGD, 1 thread | median step CPU (wall) | CPU vs bare (wall) |",
             "|---|---|---|",
