@@ -46,6 +46,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     argv = ["quickstart", "--method", method, "--run-dir", str(run_dir), "--seed", str(seed), "--quiet",
             "--pretrain-steps", str(steps["pretrain"]), "--clusterfit-steps", str(steps["clusterfit"]),
             "--distill-steps", str(steps["distill"]), "--k", str(args.k)]
+    for flag in ("images", "eval_train", "eval_val"):
+        if getattr(args, flag):
+            argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     t0 = time.monotonic()
     if seerlike_main(argv) != 0:
         raise SystemExit(f"quickstart failed for {method} seed {seed}; see {run_dir}/jobs")
@@ -101,6 +104,9 @@ def main() -> int:
     p.add_argument("--k", type=int, default=100, help="k-means clusters")
     p.add_argument("--run-root", default="runs/bench_learning", help="one quickstart run folder per method and seed")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--images", help="pretraining images (default: cifar10-dev train, as the quickstart)")
+    p.add_argument("--eval-train", help="kNN memory bank (default: cifar10-dev train.csv)")
+    p.add_argument("--eval-val", help="kNN queries (default: cifar10-dev val.csv)")
     args = p.parse_args()
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:

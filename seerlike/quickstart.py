@@ -135,11 +135,11 @@ def _train_args(steps: int, seed: int, *extra: str) -> list[str]:
 
 
 def _eval_stage(name: str, model: str) -> dict:
+    """kNN (k 20, cosine, T 0.07) on pooled features, whole 32 px images (no crop)."""
     return {"name": name, "command": "eval",
             "args": ["knn", "--model", model, "--train", "{eval_train}", "--val", "{eval_val}", "--out", "{out}",
                      "--layer", "pool", "--image-size", str(IMAGE_SIZE), "--resize", str(IMAGE_SIZE),
-                     "--k", "20", "--temperature", "0.07", "--batch-size", "256"],
-            }
+                     "--k", "20", "--temperature", "0.07", "--batch-size", "256"]}
 
 
 def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_val: str, method: str = "swav",
@@ -389,8 +389,10 @@ class Progress(threading.Thread):
         self._stop_event = threading.Event()
         self._offsets: dict[Path, int] = {}
         self._current: str | None = None
-        self._job: str | None = None
-        self._stage_t0: float | None = None
+        path = self.meta / "jobs.json"  # jobs of an earlier run (stages skipped now) are not shown
+        self._old = {k: v["job_id"] for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+        self._announced: set[tuple[str, str]] = set()
+        self._finished: set[tuple[str, str]] = set()
         self._last_bar = 0.0
 
     def stop(self) -> None:
@@ -415,20 +417,24 @@ class Progress(threading.Thread):
     def _poll(self) -> None:
         path = self.meta / "jobs.json"
         jobs = json.loads(path.read_text()) if path.is_file() else {}
-        if self._current in jobs:  # the last lines of the stage seen so far, before moving on
-            self._tail_job(jobs[self._current])
-            if self._stage_t0 is not None and (self.meta / f"{self._current}.done").is_file():
-                self._say(f"stage {self._current}: done in {time.monotonic() - self._stage_t0:.0f} s")
-                self._stage_t0 = None
-        for i, name in enumerate(self.stages):  # the running stage: submitted, no marker yet
+        for i, name in enumerate(self.stages):
             rec = jobs.get(name)
-            if rec is None or (self.meta / f"{name}.done").is_file():
+            if rec is None or self._old.get(name) == rec["job_id"] or (name, rec["job_id"]) in self._finished:
                 continue
-            if (name, rec["job_id"]) != (self._current, self._job):
-                self._current, self._job, self._stage_t0 = name, rec["job_id"], time.monotonic()
+            key = (name, rec["job_id"])
+            self._current = name
+            if key not in self._announced:
+                self._announced.add(key)
                 self._say(f"stage {i + 1}/{len(self.stages)} {name}: running (job {rec['job_id']})")
-                self._tail_job(rec)
-            break
+            marker = self.meta / f"{name}.done"
+            done = marker.is_file()  # before the tail: the marker is written after the last log line
+            self._tail_job(rec)
+            if not done:
+                return  # later stages have not started
+            self._finished.add(key)
+            index = Path(rec["log_dir"]) / "index" / f"{rec['job_id']}.json"
+            took = json.loads(marker.read_text())["finished_at"] - json.loads(index.read_text())["submitted_at"]
+            self._say(f"stage {name}: done in {took:.0f} s")
 
     def _tail_job(self, rec: dict) -> None:
         folder = Path(rec["log_dir"]) / rec["job_id"]
@@ -505,6 +511,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--store {args.store!r}: expected s3://bucket/prefix (omit it to keep shards in the run dir)")
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.cluster == "slurm" and not shutil.which("sbatch"):
+        raise ConfigError("--cluster slurm: no sbatch on PATH (start infra/slurm or run on a login node); "
+                          "omit --cluster to run the stages as local processes")
     images, eval_train, eval_val = resolve_inputs(args)
     budget = budget_for(args.minutes, args.method, pretrain_steps=args.pretrain_steps,
                         clusterfit_steps=args.clusterfit_steps, distill_steps=args.distill_steps, k=args.k)
