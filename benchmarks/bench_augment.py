@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     files = sorted(p for p in DATA.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     blobs = [p.read_bytes() for p in files]
-    mp = np.mean([Image.open(io.BytesIO(b)).size[0] * Image.open(io.BytesIO(b)).size[1] for b in blobs]) / 1e6
+    mp = np.mean([np.prod(Image.open(io.BytesIO(b)).size) for b in blobs]) / 1e6
     cfg = swav_multicrop(args.large, args.small, args.n_large, args.n_small)
     pipelines = {
         "decode (full size, simplejpeg/Pillow)": lambda: run_decode(blobs),

@@ -196,30 +196,16 @@ def _parse_text(text: str) -> Any:
 # ---------------------------------------------------------------- overrides
 
 
-def _unknown(key: str, cfg: Any) -> ConfigError:
-    valid = ", ".join(sorted(_fields(cfg)))
-    where = type(cfg).__qualname__
-    return ConfigError(f"unknown key {key!r} in {where}; valid keys: {valid}")
+def _unknown(key: str, cls: type) -> ConfigError:
+    valid = ", ".join(sorted(_fields(cls)))
+    return ConfigError(f"unknown key {key!r} in {cls.__qualname__}; valid keys: {valid}")
 
 
-def apply_override(cfg: C, dotted: str, value: Any, _prefix: str = "") -> C:
+def apply_override(cfg: C, dotted: str, value: Any) -> C:
     """Return a copy of ``cfg`` with ``dotted`` (``a.b.c``) set to ``value`` (text or object)."""
-    head, _, rest = dotted.partition(".")
-    full = f"{_prefix}{head}"
-    fields = _fields(cfg)
-    if head not in fields:
-        raise _unknown(full, cfg)
-    current = getattr(cfg, head)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{full} is a value ({type(current).__name__}), not a section; cannot set {full}.{rest}")
-        new = apply_override(current, rest, value, _prefix=f"{full}.")
-    else:
-        new = _convert(value, _hints(type(cfg))[head], full)
-    try:
-        return dataclasses.replace(cfg, **{head: new})
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{full}={value!r}: {e}") from None
+    data = to_dict(cfg)
+    _set_in_dict(type(cfg), data, dotted.split("."), value, "")
+    return from_dict(type(cfg), data)
 
 
 def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
@@ -239,13 +225,11 @@ def apply_overrides(cfg: C, overrides: list[str] | tuple[str, ...]) -> C:
     return from_dict(type(cfg), data)
 
 
-def _set_in_dict(cls: type, data: dict, path: list[str], value: str, prefix: str) -> None:
+def _set_in_dict(cls: type, data: dict, path: list[str], value: Any, prefix: str) -> None:
     head, rest = path[0], path[1:]
     full = f"{prefix}{head}"
-    fields = _fields(cls)
-    if head not in fields:
-        valid = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown key {full!r} in {cls.__qualname__}; valid keys: {valid}")
+    if head not in _fields(cls):
+        raise _unknown(full, cls)
     tp = _hints(cls)[head]
     if rest:
         if not dataclasses.is_dataclass(tp):
@@ -283,8 +267,7 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            valid = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown key {full!r} in {cls.__qualname__}; valid keys: {valid}")
+            raise _unknown(full, cls)
         kwargs[key] = _convert(value, hints[key], full)
     try:
         return cls(**kwargs)

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta

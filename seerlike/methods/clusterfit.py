@@ -47,6 +47,7 @@ class ClusterFit(nn.Module):
         self.head = nn.Linear(backbone.out_dim, cfg.num_classes)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
+        self._labels_checked = False
 
     def logits(self, x: Tensor) -> Tensor:
         return self.head(self.dropout(self.backbone(x)))
@@ -55,17 +56,24 @@ class ClusterFit(nn.Module):
         if labels is None:
             raise ValueError("ClusterFit needs pseudo-labels with every batch: set data.labels to the output "
                              "directory (or labels parquet) of `seerlike cluster`")
-        labels = labels.to(views[0].device)
-        if int(labels.max()) >= self.cfg.num_classes or int(labels.min()) < 0:
-            raise ValueError(f"pseudo-label {int(labels.max())} outside [0, {self.cfg.num_classes}); "
-                             "set method.clusterfit.num_classes to the k used by `seerlike cluster`")
+        if not self._labels_checked:
+            # once, not every step (each check is a device sync): one k-means run has one k, so a
+            # wrong num_classes shows in the first batch; a stray label later still fails in cross_entropy
+            lo, hi = int(labels.min()), int(labels.max())
+            if hi >= self.cfg.num_classes or lo < 0:
+                raise ValueError(f"pseudo-label {hi if hi >= self.cfg.num_classes else lo} outside "
+                                 f"[0, {self.cfg.num_classes}); set method.clusterfit.num_classes to the k used by "
+                                 "`seerlike cluster`")
+            self._labels_checked = True
+        labels = labels.to(views[0].device, non_blocking=True)
         loss = views[0].new_zeros((), dtype=torch.float32)
-        correct = 0.0
+        correct = views[0].new_zeros((), dtype=torch.float32)
         for v in views:
             logits = self.logits(v).float()
             loss = loss + F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-            correct += float((logits.argmax(1) == labels).float().mean())
-        return loss / len(views), {"acc": 100.0 * correct / len(views)}
+            correct += (logits.argmax(1) == labels).float().mean()
+        # metrics stay tensors: the loop turns them into numbers only on logging steps
+        return loss / len(views), {"acc": 100.0 * correct.detach() / len(views)}
 
     def on_after_backward(self, step: int) -> None:
         pass

@@ -182,7 +182,7 @@ class Distill(nn.Module):
         t_feats, t_out = self.teacher(torch.cat(views[:n_t]))
         bs = views[0].shape[0]
         loss = views[0].new_zeros((), dtype=torch.float32)
-        agree, terms = 0.0, 0
+        agree, terms = loss.new_zeros(()), 0
         target = None
         if cfg.targets == "logits":
             target = F.softmax(t_out.float() / cfg.temperature, dim=1)
@@ -208,9 +208,10 @@ class Distill(nn.Module):
                     cos = F.cosine_similarity(self.feature_map(s_feats).float(), tf, dim=1)
                     loss = loss + cfg.feature_weight * (2 - 2 * cos).mean()
                 if tgt is not None:
-                    agree += float((s_out.argmax(1) == tgt.argmax(1)).float().mean())
+                    agree += (s_out.argmax(1) == tgt.argmax(1)).float().mean()
                 terms += 1
-        metrics = {"agreement": 100.0 * agree / terms} if target is not None else {}
+        # a tensor, not a float: converting here would sync the device every step
+        metrics = {"agreement": 100.0 * agree.detach() / terms} if target is not None else {}
         return loss / terms, metrics
 
     def on_after_backward(self, step: int) -> None:

@@ -7,6 +7,8 @@ its trunk (``model.drop_path``) in the ``noisy`` variants.
 
 from __future__ import annotations
 
+import dataclasses
+
 from seerlike.data.augment import AugmentConfig, ViewConfig
 from seerlike.data.pipeline import DataConfig
 from seerlike.engine.checkpoint import CheckpointConfig
@@ -59,9 +61,8 @@ def distill_noisy_student() -> TrainConfig:
 
 def distill_swav_tiny() -> TrainConfig:
     """CPU-sized SwAV-style distillation: the student predicts a SwAV teacher's Sinkhorn assignments."""
-    cfg = distill_tiny()
-    cfg.method.distill = Distill.Config(targets="prototypes", assignment="sinkhorn", swav_temperature=0.1)
-    return cfg
+    distill = Distill.Config(targets="prototypes", assignment="sinkhorn", swav_temperature=0.1)
+    return dataclasses.replace(distill_tiny(), method=MethodConfig(name="distill", distill=distill))
 
 
 RECIPES: dict = {"distill_tiny": distill_tiny, "distill_noisy_student": distill_noisy_student,

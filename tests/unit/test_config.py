@@ -148,3 +148,13 @@ def test_cross_field_checks_see_all_overrides_at_once():
     assert (cfg.warmup, cfg.steps) == (1, 4)
     with pytest.raises(ConfigError, match="warmup=10 exceeds steps=4"):
         config.apply_overrides(Linked(), ["steps=4"])
+
+
+def test_single_override_takes_objects_and_shares_the_checks():
+    cfg = config.apply_override(Outer(), "inner", Inner(lr=0.3))
+    assert cfg.inner.lr == 0.3
+    assert config.apply_override(Outer(), "inner.steps", 5).inner.steps == 5
+    with pytest.raises(ConfigError, match="'inner.momentum'.*valid keys: lr, name, steps"):
+        config.apply_override(Outer(), "inner.momentum", 0.9)
+    with pytest.raises(ConfigError, match="steps must be positive"):
+        config.apply_override(Outer(), "inner.steps", 0)

@@ -26,13 +26,15 @@ def test_clusterfit_loss_is_cross_entropy_and_checks_labels():
     torch.manual_seed(0)
     m = ClusterFit(ClusterFit.Config(num_classes=5), models.build(ARCH)).eval()
     x, y = _x(), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-    loss, stats = m([x, x], y)
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(m.logits(x), y))
-    assert 0.0 <= stats["acc"] <= 100.0
+    with pytest.raises(ValueError, match="num_classes to the k"):  # k=8 labels, num_classes=5
+        m([x], torch.full((8,), 7))
     with pytest.raises(ValueError, match="data.labels"):
         m([x])
-    with pytest.raises(ValueError, match="num_classes to the k"):
-        m([x], torch.full((8,), 7))
+    loss, stats = m([x, x], y)
+    logits = m.logits(x)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y))
+    expected_acc = 100.0 * (logits.argmax(1) == y).float().mean()
+    torch.testing.assert_close(stats["acc"], expected_acc)
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         ClusterFit.Config(num_classes=1)
 
