@@ -149,11 +149,17 @@ def test_ingest_runs_as_a_job_array_plus_a_dependent_merge(slurm, photos_dir, tm
     assert int(array_id.group(2)) == -(-n_photos // 30)
     merge_id = re.search(r"job id: (\d+)\s+\(merge", out.stdout).group(1)
     assert "state: COMPLETED" in out.stdout
-    acct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", f"{array_id.group(1)},{merge_id}"],
-                          capture_output=True, text=True).stdout.split()
-    tasks = {line.split("|")[0]: line.split("|")[1] for line in acct}
-    assert tasks == {**{f"{array_id.group(1)}_{i}": "COMPLETED" for i in range(int(array_id.group(2)))},
-                     merge_id: "COMPLETED"}
+    expected = {**{f"{array_id.group(1)}_{i}": "COMPLETED" for i in range(int(array_id.group(2)))},
+                merge_id: "COMPLETED"}
+    deadline = time.monotonic() + 30
+    while True:  # slurmdbd records job ends asynchronously: sacct may lag the scheduler briefly
+        acct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", f"{array_id.group(1)},{merge_id}"],
+                              capture_output=True, text=True).stdout.split()
+        tasks = {line.split("|")[0]: line.split("|")[1] for line in acct}
+        if tasks == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert tasks == expected
     summary = json.loads((out_dir / "summary.json").read_text())
     assert (out_dir / "manifest.parquet").is_file() and sorted(out_dir.glob("shards/*.tar"))
     # the merge ran after every chunk: it accounts for all of them
