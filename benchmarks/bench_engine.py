@@ -2,7 +2,7 @@
 
     python benchmarks/bench_engine.py            # all CPU sections
     python benchmarks/bench_engine.py --only fsdp ac overhead bf16
-    python benchmarks/bench_engine.py --cuda     # images/s on a GPU (SwAV multi-crop)
+    python benchmarks/bench_engine.py --cuda     # on a GPU: fp32 / bf16 / fp16 steps, AC memory and time
 
 1. fsdp:     per-rank parameter + gradient + optimizer-state bytes, FSDP2 on 2 gloo ranks vs 1 rank.
 2. ac:       RegNetY-1.6GF, batch 32 at 128 px: peak activation memory (peak bytes of live tensors
@@ -12,6 +12,10 @@
              batch and optimizer; medians of per-step process CPU time (and wall time), blocks
              alternated. CPU time is the robust figure on a machine shared with other jobs.
 4. bf16:     engine step time with bf16 autocast vs fp32 on CPU.
+
+--cuda (world-1 NCCL, FSDP2, SwAV multi-crop 2 x 224 + 6 x 96, LARC): step time, images/s and
+peak allocated memory of fp32 vs bf16 vs fp16 + loss scaler on ResNet-50, and without / with
+per-block activation checkpointing on ResNet-50, RegNetY-1.6GF and RegNetY-16GF.
 """
 
 from __future__ import annotations
@@ -242,66 +246,104 @@ def bench_bf16(batch: int = 64, steps: int = 15) -> list[str]:
 
 # ---------------------------------------------------------------- CUDA
 
+MULTICROP = ((2, 224), (6, 96))  # SwAV's 2 x 224 + 6 x 96 views
 
-def bench_cuda(steps: int = 20) -> list[str]:
-    """images/s per GPU for SwAV multi-crop (2 x 224 + 6 x 96): ResNet-50 and RegNetY-16GF,
-    bf16 / fp16, FSDP vs DDP (world 1 here; run under torchrun for more), AC on / off."""
-    from seerlike.engine.dist import init_distributed
+
+def _cuda_swav_run(backbone: str, batch: int, dtype: str, ac: str = "none", strategy: str = "fsdp",
+                   layout: str = "nchw", steps: int = 20, warmup: int = 5) -> dict:
+    """Median step time and peak allocated memory of SwAV multi-crop training steps on this GPU.
+
+    ``layout``: nchw; nhwc-inputs (channels_last views only: what ``model.channels_last`` gives
+    under FSDP, which shards contiguous weights only); nhwc (views and weights).
+    """
     from seerlike.engine.precision import PrecisionConfig, autocast, grad_scaler
 
-    info = init_distributed()
-    dev = info.device
-    rows = ["| backbone | precision | strategy | AC | images/s/GPU | peak GiB |", "|---|---|---|---|---|---|"]
-    for backbone, batch in (("resnet50", 64), ("regnet_y_16gf", 32)):
-        for dtype in ("bf16", "fp16"):
-            for strategy in ("fsdp", "ddp"):
-                for ac in ("none", "block"):
-                    torch.manual_seed(0)
-                    method = SwAV(SwAV.Config(num_crops=8, freeze_prototypes_steps=0), models.build(backbone))
-                    pcfg = PrecisionConfig(dtype=dtype)
-                    model = parallelize(method, ParallelConfig(strategy=strategy, ac=ac), device=dev,
-                                        compute_dtype=pcfg.torch_dtype)
-                    opt = build_optimizer(OptimConfig(name="larc", lr=0.1), method)
-                    scaler = grad_scaler(pcfg, dev)
-                    views = [torch.randn(batch, 3, 224, 224, device=dev) for _ in range(2)]
-                    views += [torch.randn(batch, 3, 96, 96, device=dev) for _ in range(6)]
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    times = []
-                    for i in range(steps):
-                        torch.cuda.synchronize(dev)
-                        t0 = time.perf_counter()
-                        with autocast(pcfg, dev):
-                            loss, _ = model(views)
-                        (scaler.scale(loss) if scaler else loss).backward()
-                        if scaler:
-                            scaler.step(opt)
-                            scaler.update()
-                        else:
-                            opt.step()
-                        opt.zero_grad(set_to_none=True)
-                        torch.cuda.synchronize(dev)
-                        times.append(time.perf_counter() - t0)
-                    med = statistics.median(times[5:])
-                    peak = torch.cuda.max_memory_allocated(dev) / 2**30
-                    rows.append(f"| {backbone} | {dtype} | {strategy} | {ac} | {batch / med:.0f} | {peak:.1f} |")
-                    del model, method, opt
-                    torch.cuda.empty_cache()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    method = SwAV(SwAV.Config(num_crops=sum(n for n, _ in MULTICROP), freeze_prototypes_steps=0),
+                  models.build(backbone))
+    if layout == "nhwc":
+        method.to(memory_format=torch.channels_last)
+    pcfg = PrecisionConfig(dtype=dtype)
+    model = parallelize(method, ParallelConfig(strategy=strategy, ac=ac), device=dev, compute_dtype=pcfg.torch_dtype)
+    opt = build_optimizer(OptimConfig(name="larc", lr=0.1), method)
+    scaler = grad_scaler(pcfg, dev)
+    fmt = torch.contiguous_format if layout == "nchw" else torch.channels_last
+    views = [torch.randn(batch, 3, px, px, device=dev).contiguous(memory_format=fmt)
+             for n, px in MULTICROP for _ in range(n)]
+    times = []
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with autocast(pcfg, dev):
+            loss, _ = model(views)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    assert torch.isfinite(loss), f"{backbone} {dtype}: loss {loss}"
+    out = {"step_s": statistics.median(times[warmup:]), "peak": torch.cuda.max_memory_allocated(dev) / 2**30}
+    out["img_s"] = batch / out["step_s"]
+    del model, method, opt, views
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_cuda_precision(backbone: str = "resnet50", batch: int = 64) -> list[str]:
+    variants = {"fp32 (TF32 convolutions: torch's default)": ("fp32", "fsdp", "nchw"),
+                "bf16 autocast": ("bf16", "fsdp", "nchw"),
+                "fp16 autocast + loss scaler": ("fp16", "fsdp", "nchw"),
+                "bf16, channels_last views (model.channels_last under FSDP)": ("bf16", "fsdp", "nhwc-inputs"),
+                "bf16, no FSDP (strategy none = DDP at world 1)": ("bf16", "none", "nchw"),
+                "bf16, no FSDP, channels_last views and weights": ("bf16", "none", "nhwc")}
+    runs = {k: _cuda_swav_run(backbone, batch, d, strategy=st, layout=lay) for k, (d, st, lay) in variants.items()}
+    ref = next(iter(runs.values()))["step_s"]
+    rows = [(f"| SwAV {backbone}, batch {batch} x (2x224 + 6x96), LARC; FSDP2 world 1 unless said | median step "
+             "| images/s | peak GiB | time vs fp32 |"), "|---|---|---|---|---|"]
+    for k, r in runs.items():
+        rows.append(f"| {k} | {r['step_s'] * 1000:.1f} ms | {r['img_s']:.0f} | {r['peak']:.1f} | {r['step_s'] / ref:.2f} |")
+    return rows
+
+
+def bench_cuda_ac(configs=(("resnet50", 64), ("regnet_y_1_6gf", 64), ("regnet_y_16gf", 32))) -> list[str]:
+    rows = [("| SwAV 2x224 + 6x96, bf16, FSDP2 world 1 | batch | images/s: no AC / per-block AC | peak GiB: no AC / AC "
+             "| **memory ratio** | **time ratio** |"), "|---|---|---|---|---|---|"]
+    for backbone, batch in configs:
+        n, b = (_cuda_swav_run(backbone, batch, "bf16", ac=ac) for ac in ("none", "block"))
+        rows.append(f"| {backbone} | {batch} | {n['img_s']:.0f} / {b['img_s']:.0f} | {n['peak']:.2f} / {b['peak']:.2f} "
+                    f"| {n['peak'] / b['peak']:.2f}x lower | {b['step_s'] / n['step_s']:.2f}x |")
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", default=["fsdp", "ac", "overhead", "bf16"])
+    p.add_argument("--only", nargs="*", help="sections: fsdp ac overhead bf16 (default all); with --cuda: precision ac")
     p.add_argument("--cuda", action="store_true")
     args = p.parse_args()
     if args.cuda:
         if not torch.cuda.is_available():
             raise SystemExit("--cuda needs a CUDA GPU")
-        print("\n".join(bench_cuda()))
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; medians of 20 steps after 5 warm-up steps")
+        from seerlike.engine.dist import init_distributed
+
+        init_distributed()  # world-1 NCCL group: the FSDP2 path of a real run
+        cuda = {"precision": ("Precision", bench_cuda_precision), "ac": ("Activation checkpointing", bench_cuda_ac)}
+        for title, fn in (cuda[k] for k in args.only or cuda):
+            t0 = time.perf_counter()
+            rows = fn()
+            print(f"\n### CUDA: {title} ({time.perf_counter() - t0:.0f} s)\n")
+            print("\n".join(rows), flush=True)
         return
     sections = {"fsdp": ("FSDP2 sharding", bench_fsdp), "ac": ("Activation checkpointing", bench_ac),
                 "overhead": ("Engine overhead", bench_overhead), "bf16": ("bf16 vs fp32 on CPU", bench_bf16)}
-    for key in args.only:
+    for key in args.only or sections:
         title, fn = sections[key]
         t0 = time.perf_counter()
         rows = fn()

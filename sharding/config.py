@@ -46,11 +46,15 @@ class IngestConfig:
     phash: bool = False
     """Also store a 64-bit DCT perceptual hash per image (manifest column phash) for near-duplicate analysis."""
     dedup: bool = True
-    """Exact dedup by the sha256 of the input bytes across the whole corpus; first in input order wins."""
+    """Exact dedup by the sha256 of the input bytes across the whole corpus; first in planned order wins."""
     dedup_partitions: int = 256
     """Hash partitions the merge spills to disk for cross-chunk dedup (memory ~ 40 B x written / partitions)."""
     chunk_size: int = 10_000
     """Inputs per chunk, the unit of work, resume and Slurm array tasks; raise to ~100k for 1B images."""
+    shuffle: bool = True
+    """Shuffle the inputs inside each chunk (seeded) so shards mix a listing's folders/classes; false keeps listing order."""
+    seed: int = 0
+    """Seed of the within-chunk shuffle; the plan is recorded, so reruns and resumes keep the same order."""
     shard_max_samples: int = 1000
     """Close a shard after this many samples."""
     shard_max_mb: float = 256.0

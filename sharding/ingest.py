@@ -4,15 +4,16 @@ The work is split so that a billion inputs need no more memory than one chunk:
 
 - ``plan(cfg)`` streams the input listing once into chunk lists
   (``_ingest/chunks/{k:06d}.parquet``, ``chunk_size`` inputs each) and records
-  ``_ingest/plan.json``. A rerun reuses the plan, so the listing is frozen: resuming never
-  sees a different corpus.
+  ``_ingest/plan.json``. Each chunk's inputs are shuffled (``shuffle``, seeded), so shards
+  mix the listing's folders. A rerun reuses the plan, so the listing is frozen: resuming
+  never sees a different corpus.
 - ``ingest_chunk(cfg, k)`` fetches, validates, converts and writes chunk ``k``'s images to
   ``shards/{k:06d}-{j:04d}.tar``, then writes its manifest part (``_ingest/parts/``) and,
   last, its done marker (``_ingest/done/{k:06d}.json``). Chunks share nothing, so they run
   as local processes or as the tasks of a Slurm job array. A chunk killed midway is
   simply redone: its output is a deterministic function of its inputs.
 - ``merge(cfg)`` runs once all chunks are done: cross-chunk exact dedup (hash-partitioned,
-  first in input order wins), rewrites the shards that held a later copy, writes
+  first in planned order wins), rewrites the shards that held a later copy, writes
   ``manifest.parquet`` and ``summary.json`` and checks that
   written + duplicate + rejected == seen.
 
@@ -144,8 +145,11 @@ def plan(cfg: IngestConfig) -> Plan:
     n, k, buf = 0, 0, []
 
     def flush() -> None:
+        # Listings come sorted (one folder per class, crawl or date); a training reader mixes only
+        # a few consecutive shards, so unshuffled shards make class-pure batches.
+        rows = [buf[i] for i in np.random.default_rng([cfg.seed, k]).permutation(len(buf))] if cfg.shuffle else buf
         table = pa.table(
-            {"source": [s.ref for s in buf], "label": [s.label for s in buf]},
+            {"source": [s.ref for s in rows], "label": [s.label for s in rows]},
             schema=pa.schema([("source", pa.string()), ("label", pa.string())]),
         )
         storage.write_bytes(_work(cfg, "chunks", f"{k:06d}.parquet"), table_to_bytes(table), endpoint_url=_ep(cfg))

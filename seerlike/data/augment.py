@@ -9,9 +9,11 @@ Pillow's). Its randomness comes from ``hash(seed, epoch, key)``, never from glob
 Gaussian blur, solarize and normalisation as batched tensor ops, with randomness from a
 ``torch.Generator`` seeded by ``(seed, epoch, step, rank)``. Colour jitter applies
 brightness, contrast, saturation and hue in a random order per sample (as torchvision's
-``ColorJitter``), each op a per-sample 3x3 colour matrix followed by a clamp, so the
-per-sample order costs nothing extra. Hue is a rotation of the chroma plane in YIQ space
-(as NVIDIA DALI does) rather than an HSV round trip: the same hue circle, about 10x cheaper.
+``ColorJitter``), each op a per-sample 3x3 colour matrix followed by a clamp to [0, 1];
+the ops whose clamp cannot change anything merge with the next into one matrix, so the
+result is torchvision's with fewer passes, and the per-sample order costs nothing extra.
+Hue is a rotation of the chroma plane in YIQ space (as NVIDIA DALI does) rather than an
+HSV round trip: the same hue circle, about 10x cheaper.
 """
 
 from __future__ import annotations
@@ -308,145 +310,242 @@ def sample_photometric(v: ViewConfig, n: int, gen: torch.Generator, random_order
     )
 
 
-def _yiq() -> tuple[torch.Tensor, torch.Tensor]:
-    t = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-    return t, torch.linalg.inv(t)
+_YIQ_FROM_RGB = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB_FROM_YIQ = np.linalg.inv(_YIQ_FROM_RGB)
 
 
-_T_YIQ, _T_RGB = _yiq()
-
-
-def _op_matrices(op: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample colour matrix (B,3,3) and contrast weight (B,) for jitter op ``op`` (0 b, 1 c, 2 s, 3 h, -1 none).
+def _jitter_ops(p: PhotometricParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample and position: the op's colour matrix (B,4,3,3), contrast weight (B,4) and clamp need (B,4).
 
     Contrast is ``f * x + (1 - f) * mean(gray(x))``: the matrix holds ``f``, the weight
-    ``1 - f`` multiplies the image's mean gray level, known only when the op runs.
+    ``1 - f`` multiplies the image's mean gray level, known only when the op runs. Hue
+    rotates the chroma plane in YIQ space. The clamp to [0, 1] after an op can only
+    change an image in [0, 1] after a hue shift or a factor above 1: brightness, contrast
+    and saturation with a factor <= 1 map [0, 1] into itself (a scaling, or a convex
+    combination with a gray level in [0, 1]).
     """
-    n = op.shape[0]
-    eye = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
-    gray = torch.tensor(GRAY, dtype=torch.float64)
-    f = factor.double()[:, None, None]
-    m = eye.clone()
-    scale = (op == 0) | (op == 1)
-    m[scale] = (f * eye)[scale]
-    weight = torch.where(op == 1, 1 - factor.double(), torch.zeros(n, dtype=torch.float64))
-    sat = op == 2
-    m[sat] = (f * eye + (1 - f) * gray.expand(3, 3))[sat]
-    hue = op == 3
-    if hue.any():
-        theta = factor.double()[hue] * 2 * math.pi
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        rot = torch.zeros(len(theta), 3, 3, dtype=torch.float64)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        m[hue] = _T_RGB @ rot @ _T_YIQ
-    return m, weight
+    order = p.order.numpy()
+    op = np.where(p.jitter_on.numpy()[:, None], order, -1)[..., None, None]  # (B, 4, 1, 1), -1: no op
+    f = np.take_along_axis(p.factors.double().numpy(), order, 1)[..., None, None]
+    theta = 2 * math.pi * f[..., 0, 0]
+    cos, sin = np.cos(theta), np.sin(theta)
+    rot = np.zeros(theta.shape + (3, 3))
+    rot[..., 0, 0], rot[..., 1, 1], rot[..., 1, 2], rot[..., 2, 1], rot[..., 2, 2] = 1, cos, -sin, sin, cos
+    eye, gray = np.eye(3), np.asarray(GRAY)
+    hue = _RGB_FROM_YIQ @ rot @ _YIQ_FROM_RGB
+    m = np.select([op < 0, op <= 1, op == 2], [eye, f * eye, f * eye + (1 - f) * gray], hue)
+    clamps = ((op == 3) & (f != 0)) | ((op >= 0) & (op <= 2) & (f > 1))
+    return m, np.where(op == 1, 1 - f, 0.0)[..., 0, 0], clamps[..., 0, 0]
 
 
-def _gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
+@dataclass
+class _Segments:
+    """Colour jitter as per-sample affine maps ``z -> m @ z + v @ mean(z)``, each then clamped to [0, 1].
+
+    Slot ``s`` holds each sample's s-th segment (the identity once it has no more);
+    ``clamp[i, s]`` says whether the clamp after it can change anything. The only
+    constant term is contrast's blend towards a mean gray level, hence ``v``.
+    """
+
+    m: np.ndarray  # (B, S, 3, 3)
+    v: np.ndarray  # (B, S, 3, 3): dependence on the segment input's channel means
+    clamp: np.ndarray  # (B, S) bool
+    count: np.ndarray  # (B,) segments per sample
+
+
+def _jitter_segments(p: PhotometricParams, scale: float, jitter: bool) -> _Segments:
+    """Compose each sample's jitter ops into as few clamped affine maps as keep torchvision's result.
+
+    torchvision clamps to [0, 1] after every jitter op; where that clamp cannot change
+    anything (:func:`_jitter_ops`) the op merges with the next one into one matrix, so a
+    sample's four ops become one to four segments (2.9 on average at SwAV's strengths).
+    Contrast blends towards the mean gray level of the image as it is at that point;
+    inside a segment that mean is a linear function of the segment input's channel
+    means, since the ops before it are linear there. A segment is built as the 3 x 6
+    matrix ``[m | v]`` acting on ``[z; mean(z)]``. ``scale`` (uint8 -> [0, 1]) rides on
+    the first segment.
+    """
+    n = p.order.shape[0]
+    start = np.zeros((3, 6))
+    start[:, :3] = np.eye(3)
+    t = np.broadcast_to(start, (n, 3, 6)).copy()
+    t[:, :, :3] *= scale
+    segs = np.broadcast_to(start, (n, 4, 3, 6)).copy()
+    done = np.zeros(n, dtype=np.int64)
+    jittered = p.jitter_on.numpy() & jitter
+    pending = jittered | (scale != 1.0)  # a segment under construction that is not the identity
+    if jittered.any():
+        ops, weights, clamps = _jitter_ops(p)
+        to_mean = np.zeros((6, 6))  # t @ to_mean: the mean of the current image, [0 | m + v]
+        to_mean[:3, 3:] = to_mean[3:, 3:] = np.eye(3)
+        contrast = weights[..., None, None] * (np.ones((3, 1)) * np.asarray(GRAY))  # w 1 gray^T
+        for pos in range(4):
+            t = ops[:, pos] @ t + contrast[:, pos] @ t @ to_mean
+            i = np.flatnonzero(clamps[:, pos])
+            segs[i, done[i]] = t[i]
+            done += clamps[:, pos]
+            t = np.where(clamps[:, pos, None, None], start, t)
+        pending &= ~jittered | ~clamps[:, 3]
+    i = np.flatnonzero(pending)
+    segs[i, done[i]] = t[i]
+    return _Segments(segs[..., :3], segs[..., 3:], np.arange(4) < done[:, None], done + pending)
+
+
+def _index_chunks(idx: np.ndarray, size: int, dev: torch.device):
+    """``idx`` in pieces of ``size``: a slice where a piece is consecutive (views, no copies), else an index tensor."""
+    for lo in range(0, len(idx), size):
+        part = idx[lo:lo + size]
+        if part[-1] - part[0] == len(part) - 1 and (len(part) == 1 or bool((np.diff(part) == 1).all())):
+            yield slice(int(part[0]), int(part[0]) + len(part))
+        else:
+            yield torch.from_numpy(part).to(dev)
+
+
+def _affine(z: torch.Tensor, m: torch.Tensor, c: torch.Tensor | None, diagonal: bool,
+            out: torch.Tensor) -> torch.Tensor:
+    """``m @ z + c`` per sample (z float (B,3,N), m (B,3,3), c (B,3) or None for 0) into ``out``, not ``z``.
+
+    Diagonal matrices (brightness, contrast, normalisation) take a multiply instead of a
+    matrix product, which costs about four such passes on CPU.
+    """
+    if diagonal:
+        out = torch.mul(z, torch.diagonal(m, dim1=1, dim2=2)[..., None], out=out)
+        return out if c is None else out.add_(c[..., None])
+    return torch.bmm(m, z, out=out) if c is None else torch.baddbmm(c[..., None], m, z, out=out)
+
+
+def _colour(flat: torch.Tensor, y: torch.Tensor, seg: _Segments, gray_on: np.ndarray, mean, std) -> None:
+    """Jitter segments, grayscale and normalisation of ``flat`` (B,3,N) into ``y`` (B,3,N) float32.
+
+    Grayscale and the normalisation form one final map, which rides on the last segment
+    where no clamp follows it. On CPU the samples go through in chunks of about 1 MiB of
+    floats, so a chain stays in the L2 cache; a one-sample chunk (a 224 px view) gets its
+    own segment count and the diagonal shortcut for its brightness and contrast segments.
+    """
+    n, _, npix = flat.shape
+    dev = flat.device
+    inv_std = 1 / np.asarray(std, dtype=np.float64)
+    shift = -np.asarray(mean, dtype=np.float64) * inv_std
+    fin = np.where(gray_on[:, None, None], np.ones((3, 1)) * np.asarray(GRAY), np.eye(3)) * inv_std[:, None]
+    # per sample and slot: (matrix, mean coefficients), plain or with the final map on it
+    maps = {False: (seg.m, seg.v), True: (fin[:, None] @ seg.m, fin[:, None] @ seg.v)}
+    diag = {k: (mm * (1 - np.eye(3)) == 0).all((2, 3)).tolist() for k, (mm, _) in maps.items()}
+    maps = {k: [t.astype(np.float32) for t in ts] for k, ts in maps.items()}
+    fin32, shift32 = fin.astype(np.float32), np.repeat(shift[None].astype(np.float32), n, 0)
+    # Python lists: the per-chunk decisions below cost less than with numpy reductions
+    count, clamp, has_v = seg.count.tolist(), seg.clamp.tolist(), (seg.v != 0).any((2, 3)).tolist()
+    gray = gray_on.tolist()
+    chunk = n if dev.type != "cpu" else max(1, CPU_CHUNK_BYTES // (3 * npix * 4))
+    scratch = torch.empty(min(chunk, n), 3, npix, device=dev, dtype=torch.float32)
+    for lo in range(0, n, chunk):
+        sl = slice(lo, min(n, lo + chunk))
+        rows = range(sl.start, sl.stop)
+        z, pair = flat[sl], (y[sl], scratch[: len(rows)])  # the last stage writes y
+        stages = max(count[r] for r in rows)
+        fold = stages > 0 and not any(clamp[r][stages - 1] for r in rows)
+        stages += not fold
+        for s in range(stages):
+            dst, other = pair[(stages - 1 - s) % 2], pair[(stages - s) % 2]
+            if z.dtype != torch.float32:
+                z = other.copy_(z)
+            if fold or s < stages - 1:  # a jitter segment
+                folded = fold and s == stages - 1
+                m, mv = (torch.from_numpy(t[sl, s]).to(dev) for t in maps[folded])
+                c = torch.from_numpy(shift32[sl]).to(dev) if folded else None
+                if any(has_v[r][s] for r in rows):  # contrast: the segment input's channel means
+                    c_mean = (mv @ z.mean(-1)[..., None]).squeeze(-1)
+                    c = c_mean if c is None else c + c_mean
+                z = _affine(z, m, c, all(diag[folded][r][s] for r in rows), dst)
+                if any(clamp[r][s] for r in rows):
+                    z.clamp_(0, 1)
+            else:
+                m, c = (torch.from_numpy(t[sl]).to(dev) for t in (fin32, shift32))
+                z = _affine(z, m, c, not any(gray[r] for r in rows), dst)
+
+
+def _gaussian_kernels(sigma: torch.Tensor, k: int, taps: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, k) normalised Gaussian kernels; sample i's cut to its own ``taps[i]`` (odd, <= k) centre taps."""
     x = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
     w = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
+    if taps is not None:
+        w = torch.where(x[None].abs() <= (taps[:, None] - 1) // 2, w, 0.0)
     return w / w.sum(1, keepdim=True)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma; x (N,3,H,W) float, reflect padding.
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int, out: torch.Tensor | None = None,
+                  taps: torch.Tensor | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma (and kernel size ``taps``, default k); x (N,3,H,W) float.
 
-    Both passes run as vertical (k x 1) depthwise convolutions, the second on the
-    transposed image: on CPU that is ~1.7x faster than a horizontal (1 x k) pass.
+    Reflect padding. Each pass is k shifted multiply-adds over the padded image (on CPU
+    faster than a depthwise convolution, whose oneDNN kernels are slow for few
+    channels), the vertical pass over the full padded width so that its output is
+    already padded for the horizontal one. ``out`` may be ``x``.
     """
-    n, ch, hgt, wid = x.shape
+    hgt, wid = x.shape[-2:]
     k = min(k, 2 * ((min(hgt, wid) - 1) // 2) + 1)  # reflect padding needs pad < side
     if k < 3:
-        return x
-    w = _gaussian_kernels(sigma.cpu(), k).to(x.device, x.dtype).repeat_interleave(ch, 0)[:, None, :, None]
+        return x if out is None else out.copy_(x)
+    taps = None if taps is None else taps.clamp(max=k)
+    w = _gaussian_kernels(sigma.cpu(), k, taps).to(x.device, x.dtype)[:, :, None, None, None].unbind(1)  # k x (N,1,1,1)
     p = k // 2
-    y = x.reshape(1, n * ch, hgt, wid)
-    y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), w, groups=n * ch)
-    y = y.transpose(2, 3).contiguous()
-    y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), w, groups=n * ch)
-    return y.transpose(2, 3).reshape(n, ch, hgt, wid)
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    t = padded[:, :, 0:hgt] * w[0]
+    for i in range(1, k):
+        t.addcmul_(padded[:, :, i:i + hgt], w[i])
+    out = torch.mul(t[..., 0:wid], w[0], out=out)
+    for i in range(1, k):
+        out.addcmul_(t[..., i:i + wid], w[i])
+    return out
 
 
-def _color_matmul(m: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,3,3) @ (B,3,N) into a fresh (or the given) contiguous tensor."""
-    if out is None:
-        out = torch.empty(y.shape, dtype=torch.float32, device=y.device)
-    return torch.bmm(m, y, out=out)
+def _blur(y: torch.Tensor, v: ViewConfig, p: PhotometricParams) -> None:
+    """Gaussian blur, in place, of the samples of ``y`` (B,3,H,W) that ``p`` selects.
+
+    Taps beyond 3 sigma weigh < 0.3%: each sample's kernel stops there (and at the
+    view's ``blur_kernel_frac``). On CPU the samples go through in chunks of about 1 MiB,
+    sorted by kernel size; a chunk runs its largest kernel, the others' zero-padded.
+    """
+    n, _, h, w = y.shape
+    k_max = int(v.blur_kernel_frac * v.size) // 2 * 2 + 1
+    taps = torch.clamp(2 * torch.ceil(3 * p.sigma) + 1, max=k_max).long()
+    on = np.flatnonzero(p.blur_on.numpy())
+    on = on[np.argsort(taps.numpy()[on], kind="stable")]
+    chunk = n if y.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // (3 * h * w * 4))
+    for sel in _index_chunks(on, chunk, y.device):
+        rows = sel if isinstance(sel, slice) else sel.cpu()
+        k = int(taps[rows].max())
+        if isinstance(sel, slice):
+            gaussian_blur(y[sel], p.sigma[rows], k, out=y[sel], taps=taps[rows])
+        else:
+            y.index_copy_(0, sel, gaussian_blur(y.index_select(0, sel), p.sigma[rows], k, taps=taps[rows]))
 
 
 def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean, std) -> torch.Tensor:
-    """uint8 (B,H,W,3) or (B,3,H,W) -> normalised float32 (B,3,H,W), the ops of ``p`` applied.
+    """uint8 (B,H,W,3) or (B,3,H,W), or float in [0, 1] -> normalised float32 (B,3,H,W), the ops of ``p`` applied.
 
-    Jitter is one per-sample colour-matrix product and a clamp per position (identity
-    matrices for samples without jitter: cheaper than gathering a subset), which matches
-    torchvision's clamp after every jitter op; then grayscale and the normalisation. On
-    CPU these run in chunks of about 1 MiB of floats, so they stay in the L2 cache instead
-    of streaming the batch through memory once per op. Blur and solarize follow on the
-    normalised values of the samples they apply to: blur commutes exactly with the
-    per-channel affine normalisation, and solarize maps to ``c - y`` above a per-channel
-    threshold there, so the result equals blur/solarize before normalising.
+    Colour jitter, grayscale and normalisation run as the few clamped affine maps of
+    :func:`_jitter_segments` and :func:`_colour`, exactly torchvision's op-by-op result.
+    Blur and solarize follow on the normalised values of the samples they apply to:
+    blur commutes exactly with the per-channel affine normalisation, and solarize maps to
+    ``c - y`` above a per-channel threshold there, so the result equals blur/solarize
+    before normalising.
     """
     if x.dtype == torch.uint8 and x.shape[-1] == 3:
         x = x.permute(0, 3, 1, 2)
     n, _, h, w = x.shape
     dev = x.device
-    scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
-    flat = x.reshape(n, 3, h * w)
     y = torch.empty(n, 3, h * w, dtype=torch.float32, device=dev)
-    gray = torch.tensor(GRAY, device=dev)
-    mean_t = torch.tensor(mean, device=dev, dtype=torch.float32)[None, :, None]
-    inv_std = 1 / torch.tensor(std, device=dev, dtype=torch.float32)[None, :, None]
-    shift = -mean_t * inv_std
-    jitter = bool(p.jitter_on.any()) and any(s > 0 for s in v.jitter)
-    mats, weights = [], []
-    if jitter:
-        for pos in range(4):
-            op = torch.where(p.jitter_on, p.order[:, pos], torch.full_like(p.order[:, pos], -1))
-            m, wgt = _op_matrices(op, p.factors.gather(1, p.order[:, pos : pos + 1]).squeeze(1))
-            if pos == 0:
-                m = m * scale  # the uint8 -> [0, 1] scaling rides on the first product
-            mats.append(m.float().to(dev))
-            weights.append(wgt.float().to(dev) if bool((wgt != 0).any()) else None)
-    gray_on = p.gray_on.to(dev)
-    any_gray = bool(p.gray_on.any())
-    chunk = n if dev.type != "cpu" else max(1, CPU_CHUNK_BYTES // (3 * h * w * 4))
-    for lo in range(0, n, chunk):
-        sl = slice(lo, min(n, lo + chunk))
-        out = y[sl]
-        if jitter and bool(p.jitter_on[sl].any()):  # (a chunk without jitter skips the products)
-            z = flat[sl].float() if flat.dtype != torch.float32 else flat[sl]
-            for pos in range(4):
-                wgt = weights[pos]
-                if wgt is not None:  # contrast: mean gray level of the image as it is now
-                    mean_gray = (z.mean(-1) @ gray) * (scale if pos == 0 else 1.0)
-                z = _color_matmul(mats[pos][sl], z, out=out if pos == 3 else None)
-                if wgt is not None:
-                    z += (wgt[sl] * mean_gray)[:, None, None]
-                z.clamp_(0, 1)
-        else:
-            torch.mul(flat[sl], scale, out=out)
-        if any_gray and bool(gray_on[sl].any()):
-            g = (gray[None, :, None] * out).sum(1, keepdim=True)
-            torch.where(gray_on[sl][:, None, None], g, out, out=out)
-        out.mul_(inv_std).add_(shift)
+    seg = _jitter_segments(p, 1 / 255 if x.dtype == torch.uint8 else 1.0, any(s > 0 for s in v.jitter))
+    _colour(x.reshape(n, 3, h * w), y, seg, p.gray_on.numpy(), mean, std)
     y = y.reshape(n, 3, h, w)
-    k_max = int(v.blur_kernel_frac * v.size) // 2 * 2 + 1
-    # Taps beyond 3 sigma weigh < 0.3%: each sample's kernel stops there (and at size/10),
-    # and samples are blurred in three groups of kernel sizes, a third fewer taps on average.
-    k_need = torch.clamp(2 * torch.ceil(3 * p.sigma) + 1, max=k_max).long()
-    lo = 0
-    for k in sorted({min(k_max, b) for b in (5, 9, k_max)}):
-        group = (p.blur_on & (k_need > lo) & (k_need <= k)).nonzero().squeeze(1)
-        lo = k
-        if len(group) and k >= 3:
-            idx = group.to(dev)
-            y.index_copy_(0, idx, gaussian_blur(y.index_select(0, idx), p.sigma[group].to(dev), k))
+    _blur(y, v, p)
     sol_idx = p.solarize_on.nonzero().squeeze(1).to(dev)
     if len(sol_idx):
+        inv_std = 1 / torch.tensor(std, device=dev, dtype=torch.float32)[None, :, None, None]
+        shift = -torch.tensor(mean, device=dev, dtype=torch.float32)[None, :, None, None] * inv_std
         s = y.index_select(0, sol_idx)
-        threshold = (v.solarize_threshold * inv_std + shift)[..., None]  # in normalised units
-        y.index_copy_(0, sol_idx, torch.where(s >= threshold, (inv_std + 2 * shift)[..., None] - s, s))
+        threshold = v.solarize_threshold * inv_std + shift  # in normalised units
+        y.index_copy_(0, sol_idx, torch.where(s >= threshold, inv_std + 2 * shift - s, s))
     return y
 
 

@@ -14,6 +14,7 @@ buffers unchanged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -171,8 +172,11 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, *, compute_dtype: torch.d
             return model
         # per-rank buffers (unsynchronised BN stats) must not be overwritten by rank 0's on every
         # forward; syncing them once at init is harmless (every rank built the same model)
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel
+        # torch < 2.13 spells it broadcast_buffers (2.13 deprecates that name)
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"
+        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
     if world > 1:
         raise ValueError(f"parallel.strategy=none cannot train on {world} ranks; use fsdp or ddp")
     return model

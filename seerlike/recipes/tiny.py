@@ -8,7 +8,7 @@ Global batch 128 on 2 ranks; the LR is per 256 images (0.2 -> 0.1 at batch 128).
 
 from __future__ import annotations
 
-from seerlike.data.augment import AugmentConfig, ViewConfig, byol_views
+from seerlike.data.augment import AugmentConfig, ViewConfig
 from seerlike.data.pipeline import DataConfig
 from seerlike.engine.checkpoint import CheckpointConfig
 from seerlike.engine.optim import OptimConfig
@@ -33,20 +33,24 @@ def _common(method: MethodConfig, augment: AugmentConfig, lr_per_256: float) -> 
     )
 
 
+def _two_views() -> AugmentConfig:
+    """2 x 32 px crops at scale (0.14, 1), jitter, grayscale; no blur (it erases 32 px images)."""
+    return AugmentConfig(views=[ViewConfig(count=2, size=32, scale=(0.14, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),
+                                           jitter_p=0.8, grayscale_p=0.2, blur_p=0.0)])
+
+
 def tiny_swav() -> TrainConfig:
     """SwAV, 2 x 32 px crops at scale (0.14, 1), 100 prototypes, no queue, no blur."""
-    view = ViewConfig(count=2, size=32, scale=(0.14, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
-                      grayscale_p=0.2, blur_p=0.0)
     swav = SwAV.Config(head_dims=(2048, 128), num_prototypes=100, epsilon=0.05, sinkhorn_iters=3,
                        temperature=0.1, num_crops=2, crops_for_assign=(0, 1), queue_length=0,
                        freeze_prototypes_steps=40)
-    return _common(MethodConfig(name="swav", swav=swav), AugmentConfig(views=[view]), lr_per_256=0.2)
+    return _common(MethodConfig(name="swav", swav=swav), _two_views(), lr_per_256=0.2)
 
 
 def tiny_byol() -> TrainConfig:
-    """BYOL, its asymmetric views at 32 px, tau 0.99 -> 1, SGD 0.1 per 128 images x 2."""
+    """BYOL, tau 0.99 -> 1, SGD 0.2 at batch 128, SwAV's two views: BYOL's always-blurred view erases 32 px images."""
     byol = BYOL.Config(tau_base=0.99)
-    return _common(MethodConfig(name="byol", byol=byol), byol_views(32), lr_per_256=0.4)
+    return _common(MethodConfig(name="byol", byol=byol), _two_views(), lr_per_256=0.4)
 
 
 RECIPES: dict = {"tiny_swav": tiny_swav, "tiny_byol": tiny_byol}

@@ -150,6 +150,46 @@ def test_jitter_order_is_per_sample_and_matters() -> None:
     assert not torch.allclose(out[1], b_then_c[1], atol=1e-3)
 
 
+def _jitter_op_by_op(x01: torch.Tensor, p: PhotometricParams) -> torch.Tensor:
+    """torchvision's ColorJitter semantics, one sample and one op at a time, clamping after each op."""
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    out = []
+    for i in range(x01.shape[0]):
+        z = x01[i].double()
+        for op in p.order[i].tolist() if p.jitter_on[i] else []:
+            f = float(p.factors[i, op])
+            if op == 0:
+                z = f * z
+            elif op == 1:
+                z = f * z + (1 - f) * _gray(z[None]).mean()
+            elif op == 2:
+                z = f * z + (1 - f) * _gray(z[None])[0]
+            else:
+                cos, sin = math.cos(2 * math.pi * f), math.sin(2 * math.pi * f)
+                rot = torch.tensor([[1, 0, 0], [0, cos, -sin], [0, sin, cos]], dtype=torch.float64)
+                z = torch.einsum("ij,jhw->ihw", torch.linalg.inv(yiq) @ rot @ yiq, z)
+            z = z.clamp(0, 1)
+        out.append(z)
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # one sample per chunk (CPU shortcuts) / whole batch (GPU path)
+def test_fused_jitter_matches_op_by_op(monkeypatch, chunk_bytes: int) -> None:
+    # merged segments and the analytic contrast means must give the clamp-after-every-op result
+    monkeypatch.setattr(aug, "CPU_CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(7)
+    v = ViewConfig(size=12, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.3)
+    p = sample_photometric(v, 48, gen, True)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for top in (255, 128):  # full-range and dim images
+        x = torch.randint(0, top + 1, (48, 3, 12, 12), dtype=torch.uint8, generator=gen)
+        ref = _jitter_op_by_op(x.float() / 255, p)
+        assert ((ref == 0) | (ref == 1)).float().mean() > 0.05  # the clamps do bite
+        ref = torch.where(p.gray_on[:, None, None, None], _gray(ref).expand(-1, 3, -1, -1), ref)
+        ref = (ref - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        torch.testing.assert_close(apply_photometric(x, v, p, mean, std), ref, atol=2e-5, rtol=0)
+
+
 def test_grayscale_blur_solarize_normalise() -> None:
     torch.manual_seed(0)
     x = torch.rand(3, 3, 32, 32)

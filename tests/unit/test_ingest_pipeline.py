@@ -92,7 +92,7 @@ def _label(source: str, row_index: int) -> str:
 
 
 def _cfg(inputs, out, **kw) -> IngestConfig:
-    base = dict(chunk_size=5, resize_short_side=256, progress=False)
+    base = dict(chunk_size=5, resize_short_side=256, progress=False, shuffle=False)  # outcomes are keyed by listing order
     return IngestConfig(inputs=tuple(inputs), out=str(out), **{**base, **kw})
 
 
@@ -250,6 +250,29 @@ def test_csv_list_with_labels_and_cli(cifar_dir, tmp_path, capsys):
     assert main(["ingest-stats", str(out / "manifest.parquet"), "--verify"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["verify"]["ok"] and stats["manifest"]["status"] == {"written": 20} and stats["summary"]["shards"] == 3
+
+
+def test_shuffled_plan_mixes_a_class_sorted_folder_into_every_shard(cifar_dir, tmp_path):
+    # a class-sorted folder tree: 3 classes x 40 images, listed class after class
+    src = tmp_path / "sorted"
+    for cls in ("airplane", "cat", "truck"):
+        (src / cls).mkdir(parents=True)
+        for f in sorted((cifar_dir / "train" / cls).iterdir())[:40]:
+            shutil.copy(f, src / cls / f.name)
+
+    def shard_classes(out, **kw):
+        ingest(IngestConfig(inputs=(str(src),), out=str(out), progress=False, shard_max_samples=20, **kw))
+        by_shard: dict[str, list[str]] = {}
+        for r in read_manifest(str(out)).to_pylist():
+            by_shard.setdefault(r["shard"], []).append(r["source"].split("/")[-2])
+        return by_shard
+
+    listed = shard_classes(tmp_path / "listed", shuffle=False)
+    assert all(len(set(c)) == 1 for c in listed.values())  # without the shuffle: one class per shard
+    shuffled = shard_classes(tmp_path / "a")
+    assert len(shuffled) == 6 and all(set(c) == {"airplane", "cat", "truck"} for c in shuffled.values())
+    assert shard_classes(tmp_path / "b") == shuffled  # seeded: the same plan on a rerun elsewhere
+    assert shard_classes(tmp_path / "c", seed=1) != shuffled
 
 
 def test_config_is_documented_and_validated(tmp_path):

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The CUDA tests and benchmarks in one go, on a bare GPU machine that has torch but not all of
+# our dependencies. Run from the repository root:
+#
+#   bash benchmarks/gpu/run_device.sh [SECONDS]      # default 450: the whole run's time box
+#
+# Expects our missing dependencies as wheels in .whl/ (simplejpeg, webdataset, braceexpand,
+# faiss-cpu, submitit; torch is NOT installed: the machine's own build is used, and the
+# package is run from the tree through PYTHONPATH rather than installed, so that our
+# torch pin is not pulled in) and, if ../shared/data is missing, a copy of cifar10-dev in
+# .devdata/. Logs and the tests' junit XML go to $OUT (default /tmp/seerlike-gpu).
+set -uo pipefail
+END=$((SECONDS + ${1:-450}))
+OUT=${OUT:-/tmp/seerlike-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+left() {  # seconds left for a stage: its cap, or what remains of the time box
+    local r=$((END - SECONDS))
+    (( r < $1 )) && echo $((r > 5 ? r : 5)) || echo "$1"
+}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ ! -e ../shared/data ] && [ -d .devdata ]; then
+    mkdir -p ../shared && ln -s "$PWD/.devdata" ../shared/data
+fi
+
+{
+    date -u
+    nvidia-smi
+    python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda,
+                'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name(), 'TF32 conv', torch.backends.cudnn.allow_tf32,
+                'TF32 matmul', torch.backends.cuda.matmul.allow_tf32)"
+    python3 -c "import torchvision, timm; print('torchvision', torchvision.__version__, 'timm', timm.__version__)"
+    nproc
+} 2>&1 | tee "$OUT/env.log"
+
+echo "== CUDA tests" | tee "$OUT/tests_gpu.log"
+timeout -k 10 "$(left 220)" python3 -m pytest -q -m gpu tests/gpu tests/unit -p no:cacheprovider \
+    -o junit_family=xunit1 --junitxml="$OUT/tests_gpu.xml" 2>&1 | tee -a "$OUT/tests_gpu.log"
+
+echo "== bench_engine --cuda" | tee "$OUT/bench_engine.log"
+timeout -k 10 "$(left 150)" python3 benchmarks/bench_engine.py --cuda 2>&1 | tee -a "$OUT/bench_engine.log"
+echo "== bench_photometric_cuda" | tee "$OUT/bench_photometric.log"
+timeout -k 10 "$(left 60)" python3 benchmarks/bench_photometric_cuda.py 2>&1 | tee -a "$OUT/bench_photometric.log"
+
+# the paper recipe end to end (DDP world 1 = plain module, fp16 + loss scaler, 2x224 + 6x96 crops)
+# on the CIFAR-dev images: 32 px sources, so decoding is cheap and the crops are upsampled
+echo "== seerlike train --recipe swav_resnet50, 40 steps" | tee "$OUT/e2e.log"
+RUN=$(mktemp -d)
+timeout -k 10 "$(left 90)" python3 -m seerlike train --recipe swav_resnet50 --data ../shared/data/cifar10-dev/train \
+    --run-dir "$RUN" --nproc 1 --max-steps 40 optim.warmup_steps=0 data.num_workers=12 loop.log_every=10 \
+    loop.progress=false loop.tensorboard=false checkpoint.every_steps=1000 2>&1 | tail -5 | tee -a "$OUT/e2e.log"
+cat "$RUN/metrics.jsonl" | tee -a "$OUT/e2e.log"
+
+echo "== unit tests on the GPU machine" | tee "$OUT/tests_unit.log"
+timeout -k 10 "$(left 600)" python3 -m pytest -q -n 8 -m "not gpu" tests/unit -p no:cacheprovider \
+    >>"$OUT/tests_unit.log" 2>&1
+tail -40 "$OUT/tests_unit.log"
+echo "done in $SECONDS s"
