@@ -86,7 +86,8 @@ def server(photos_dir):
     s.close()
 
 
-CFG = IngestConfig(http_timeout_s=0.3, http_retries=2, http_backoff_s=0.1, max_bytes=500_000, progress=False)
+CFG = IngestConfig(http_timeout_s=0.3, http_retries=2, http_backoff_s=0.1, max_bytes=500_000, progress=False,
+                    shuffle=False)  # rows are compared in listing order
 
 
 def test_fetch_retries_backoff_timeouts_and_limits(server):

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from seerlike.cli import main
-from seerlike.quickstart import ARCH, STUDENT, budget_for
+from seerlike.quickstart import ARCH, SECONDS_PER_STEP, STUDENT, budget_for
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,9 @@ def test_budget_fills_the_minutes_and_overrides_win():
     full = budget_for(15, "swav")
     half = budget_for(7.5, "swav")
     assert full.pretrain_steps > 2 * half.pretrain_steps > 0  # the fixed overhead comes off first
-    assert budget_for(15, "byol").pretrain_steps < full.pretrain_steps  # BYOL steps cost more
+    # pretraining steps follow the per-step cost (BYOL's step is half SwAV's batch, so cheaper)
+    byol = budget_for(15, "byol").pretrain_steps
+    assert byol / full.pretrain_steps == pytest.approx(SECONDS_PER_STEP["swav"] / SECONDS_PER_STEP["byol"], rel=0.01)
     assert budget_for(15, "swav", pretrain_steps=7, distill_steps=3).pretrain_steps == 7
 
 
