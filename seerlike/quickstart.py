@@ -48,8 +48,8 @@ IMAGE_SIZE = 32
 #: 128, BYOL 64): the CPU seconds per step of `seerlike train --nproc 2` measured on the 2-core
 #: dev machine (difference of a 5- and a 65-step run: SwAV 0.94, ClusterFit 0.58, distillation
 #: into the half-width student 0.44) over 2 cores, plus 10% for rank syncs; BYOL: the median
-#: logged step time of a 1,020-step run alone on the machine (0.345 s).
-SECONDS_PER_STEP = {"swav": 0.52, "byol": 0.35, "clusterfit": 0.32, "distill": 0.24}
+#: logged step time of its pretraining stage inside a quickstart run alone on the machine (0.39 s).
+SECONDS_PER_STEP = {"swav": 0.52, "byol": 0.39, "clusterfit": 0.32, "distill": 0.24}
 #: Wall seconds of everything that is not a training step: process start-ups, ingest, extract,
 #: k-means, five kNN evaluations over 6,000 images, export, report (~150 CPU-s of a 4-minute run).
 OVERHEAD_S = 150.0
