@@ -8,8 +8,6 @@ Global batch 128 on 2 ranks; the LR is per 256 images (0.2 -> 0.1 at batch 128).
 
 from __future__ import annotations
 
-import dataclasses
-
 from seerlike.data.augment import AugmentConfig, ViewConfig
 from seerlike.data.pipeline import DataConfig
 from seerlike.engine.checkpoint import CheckpointConfig
@@ -21,11 +19,11 @@ from seerlike.methods.byol import BYOL
 from seerlike.methods.swav import SwAV
 
 
-def _common(method: MethodConfig, augment: AugmentConfig, lr_per_256: float) -> TrainConfig:
+def _common(method: MethodConfig, augment: AugmentConfig, lr_per_256: float, batch_size: int = 64) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(name="resnet10_cifar", channels_last=True),
         method=method,
-        data=DataConfig(batch_size=64, num_workers=1, augment=augment),
+        data=DataConfig(batch_size=batch_size, num_workers=1, augment=augment),
         optim=OptimConfig(name="sgd", lr=lr_per_256, final_lr=0.0, warmup_steps=10, momentum=0.9,
                           weight_decay=1e-5),
         parallel=ParallelConfig(strategy="fsdp"),
@@ -57,8 +55,7 @@ def tiny_byol() -> TrainConfig:
     erases 32 px images.
     """
     byol = BYOL.Config(projector_dims=(512, 128), predictor_dims=(512, 128), tau_base=0.95)
-    cfg = _common(MethodConfig(name="byol", byol=byol), _two_views(), lr_per_256=0.4)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=32))
+    return _common(MethodConfig(name="byol", byol=byol), _two_views(), lr_per_256=0.4, batch_size=32)
 
 
 RECIPES: dict = {"tiny_swav": tiny_swav, "tiny_byol": tiny_byol}
