@@ -1,6 +1,6 @@
 #!/bin/bash
 # Recipe sweep at fixed step counts: per variant `seerlike train` then kNN on cifar10-dev val,
-# P variants at a time. This is how tiny_byol was chosen (docs/benchmarks.md, "Session 2").
+# P variants at a time. This is how tiny_byol and distill_tiny's LR were chosen (docs/benchmarks.md).
 #
 #   bash benchmarks/sweep_learning.sh benchmarks/sweeps/byol_round2.txt
 #
@@ -10,6 +10,8 @@
 #   GPU=1   use CUDA (default: CPU only); EXTRA overrides for every variant (given before the line's)
 #   OUT     results.txt and each variant's metrics.jsonl (default /tmp/sweep/out)
 #   WHEELS=1  install .whl/*.whl into /tmp/site first (a bare GPU machine, benchmarks/gpu/run_device.sh)
+#   TEACHER replaces @TEACHER@ in the overrides (distillation variants: a ClusterFit run dir,
+#           e.g. RUN/clusterfit of `benchmarks/bench_learning.py`)
 # Data: ../shared/data/cifar10-dev, or .devdata/ (a copy, for machines without ../shared).
 set -u
 export OMP_NUM_THREADS=${OMPN:-1} NPROC=${NPROC:-2} EXTRA=${EXTRA:-} PYTHONUNBUFFERED=1
@@ -31,6 +33,7 @@ export -f seer knn top1
     || { cat $OUT/ingest.log; exit 1; }
 one() {
   IFS='|' read -r name recipe steps ov <<< "$1"
+  ov=${ov//@TEACHER@/${TEACHER:-}}
   d=$W/runs/$name; rm -rf $d; mkdir -p $d
   t0=$(date +%s)
   seer train --recipe $recipe --data $W/ds --run-dir $d/train --nproc $NPROC --max-steps $steps $EXTRA $ov loop.seed=0 \
@@ -45,4 +48,5 @@ one() {
 export -f one
 [ -e $W/rand/eval_knn.json ] || knn random:resnet10_cifar $W/rand > $OUT/rand.log 2>&1
 echo "RANDOM top1=$(top1 $W/rand)" | tee -a $OUT/results.txt
-grep -v '^#' "$1" | grep . | xargs -P ${P:-8} -I{} bash -c 'one "{}"'
+# one line = one argument, quotes kept (JSON-valued overrides)
+grep -v '^#' "$1" | grep . | xargs -d '\n' -P ${P:-8} -n 1 bash -c 'one "$1"' _
