@@ -35,7 +35,8 @@ def distill_tiny() -> TrainConfig:
     """CPU-sized: a resnet10_cifar student on 32 px, KL at T=2 on the teacher's logits, plain SGD.
 
     LR 0.8 per 256 images: in 750 steps the half-width student gained 2.3 points of kNN over
-    0.2 from the same teacher (docs/benchmarks.md, "Distillation"); a short schedule wants a high LR.
+    0.2 from the same teacher (docs/benchmarks.md, "Session 3", "Distillation sweep"); a short
+    schedule wants a high LR.
     """
     return TrainConfig(
         model=ModelConfig(name="resnet10_cifar", channels_last=True),
