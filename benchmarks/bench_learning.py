@@ -14,6 +14,13 @@ random init, and compared with its teacher.
     python benchmarks/bench_learning.py                       # both methods, seed 0, 7.5 min each
     python benchmarks/bench_learning.py --seeds 0,1,2 --methods swav
     python benchmarks/bench_learning.py --minutes 1 --followup-minutes 0.5   # a quick calibration
+    python benchmarks/bench_learning.py --heldout 10000     # also kNN on 10,000 held-out images
+
+`val` has 1,000 images, so one kNN figure on it has a standard error of about 1.5 points,
+as large as the differences a recipe change makes. ``--heldout N`` also scores every model
+on N images of the full 50,000-image CIFAR-10 train archive that are in neither cifar10-dev
+`train` nor `val` (unpacked once under the run root; same memory bank), about 0.5 points
+of standard error at 10,000.
 
 A (method, seed) takes about ``minutes`` + 2 x ``followup-minutes`` + 2.5 minutes of wall time.
 Run it on an otherwise idle 2-core machine: the step counts come from the per-step times
@@ -24,16 +31,76 @@ steps, only slower.
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
+import random
 import statistics
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seerlike.cli import main as seerlike_main  # noqa: E402
-from seerlike.quickstart import SECONDS_PER_STEP  # noqa: E402
+from seerlike.quickstart import ARCH, K, SECONDS_PER_STEP, SHARED_DATA, STUDENT  # noqa: E402
+
+CIFAR = SHARED_DATA / "cifar10-dev"
+#: results.json entry -> the model `seerlike eval knn` scores for the held-out figure
+HELDOUT_MODELS = {"random": f"random:{ARCH}", "pretrained": "pretrain", "clusterfit": "clusterfit",
+                  "distilled": "export", "random_student": f"random:{STUDENT}"}
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def heldout_csv(root: Path, n: int) -> Path:
+    """A `path,label` CSV of ``n`` images of the 50k archive that are in neither cifar10-dev train nor val.
+
+    Membership is by content (md5), not by file name; the sample is seeded, so every run of
+    the benchmark scores the same images.
+    """
+    out = root / f"heldout_{n}.csv"
+    if out.is_file():
+        return out
+    archive = CIFAR / "cifar10_train_full_50k.tar.gz"
+    if not archive.is_file():
+        raise SystemExit(f"--heldout needs {archive} (the shared data's full CIFAR-10 train archive)")
+    full = root / "train_full"
+    if not full.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+    used = {_md5(CIFAR / r["path"]) for split in ("train", "val") for r in csv.DictReader(open(CIFAR / f"{split}.csv"))}
+    rows = [(p, p.parent.name) for p in sorted(full.glob("*/*.jpg")) if _md5(p) not in used]
+    if len(rows) < n:
+        raise SystemExit(f"--heldout {n}: only {len(rows)} archive images are outside train and val")
+    rows = sorted(random.Random(0).sample(rows, n))
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows((str(p), label) for p, label in rows)
+    return out
+
+
+def heldout_scores(run_dir: Path, memory_bank: str, heldout: Path) -> dict[str, float]:
+    """kNN top-1 on the held-out images for every model of a quickstart run (the quickstart's kNN settings)."""
+    from seerlike.quickstart import IMAGE_SIZE
+
+    scores = {}
+    for name, model in HELDOUT_MODELS.items():
+        out = run_dir / "heldout" / name
+        if not (out / "eval_knn.json").is_file():
+            spec = model if model.startswith("random:") else str(run_dir / model)
+            argv = ["eval", "knn", "--model", spec, "--train", memory_bank, "--val", str(heldout),
+                    "--out", str(out), "--layer", "pool", "--image-size", str(IMAGE_SIZE), "--resize",
+                    str(IMAGE_SIZE), "--k", "20", "--temperature", "0.07", "--batch-size", "256"]
+            if seerlike_main(argv) != 0:
+                raise SystemExit(f"held-out kNN of {spec} failed")
+        scores[name] = json.loads((out / "eval_knn.json").read_text())["metrics"]["top1"]
+    return scores
 
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
@@ -55,38 +122,43 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     wall = time.monotonic() - t0
     results = json.loads((run_dir / "results.json").read_text())
     m = results["models"]
-    return {"method": method, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
-            "pretrain_s": m[method]["seconds"], "clusterfit_s": m["clusterfit"]["seconds"],
-            "distill_s": m["distilled"]["seconds"], "random": m["random_init"]["knn_top1"],
-            "pretrained": m[method]["knn_top1"], "clusterfit": m["clusterfit"]["knn_top1"],
-            "distilled": m["distilled"]["knn_top1"], "random_student": m["random_init_student"]["knn_top1"],
-            "run_dir": str(run_dir)}
+    val = {"random": m["random_init"]["knn_top1"], "pretrained": m[method]["knn_top1"],
+           "clusterfit": m["clusterfit"]["knn_top1"], "distilled": m["distilled"]["knn_top1"],
+           "random_student": m["random_init_student"]["knn_top1"]}
+    row = {"method": method, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
+           "pretrain_s": m[method]["seconds"], "clusterfit_s": m["clusterfit"]["seconds"],
+           "distill_s": m["distilled"]["seconds"], "val": val, "run_dir": str(run_dir)}
+    if args.heldout_csv:
+        row["heldout"] = heldout_scores(run_dir, args.eval_train or str(CIFAR / "train.csv"), args.heldout_csv)
+    return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], split: str = "val") -> str:
+    """One line per (method, seed): the kNN top-1 of every model on ``split`` and the gains."""
     head = (f"{'method':6} {'seed':>4} {'steps':>6} {'pre s':>6} {'random':>7} {'pretr':>6} {'gain':>6} "
             f"{'cfit':>6} {'d cfit':>6} {'distil':>6} {'d tea':>6} {'rnd st':>6} {'d st':>6}")
     lines = [head]
     for r in rows:
+        s = r[split]
         lines.append(f"{r['method']:6} {r['seed']:>4} {r['steps']['pretrain']:>6} {r['pretrain_s']:6.0f} "
-                     f"{r['random']:7.1f} {r['pretrained']:6.1f} {r['pretrained'] - r['random']:+6.1f} "
-                     f"{r['clusterfit']:6.1f} {r['clusterfit'] - r['pretrained']:+6.1f} {r['distilled']:6.1f} "
-                     f"{r['distilled'] - r['clusterfit']:+6.1f} {r['random_student']:6.1f} "
-                     f"{r['distilled'] - r['random_student']:+6.1f}")
+                     f"{s['random']:7.1f} {s['pretrained']:6.1f} {s['pretrained'] - s['random']:+6.1f} "
+                     f"{s['clusterfit']:6.1f} {s['clusterfit'] - s['pretrained']:+6.1f} {s['distilled']:6.1f} "
+                     f"{s['distilled'] - s['clusterfit']:+6.1f} {s['random_student']:6.1f} "
+                     f"{s['distilled'] - s['random_student']:+6.1f}")
     return "\n".join(lines)
 
 
-def verdict(rows: list[dict]) -> list[str]:
-    """Median over seeds of each gain, against its target."""
+def verdict(rows: list[dict], split: str = "val") -> list[str]:
+    """Median over seeds of each gain on ``split``, against its target."""
     out = []
     for method in sorted({r["method"] for r in rows}):
-        rs = [r for r in rows if r["method"] == method]
-        med = {k: statistics.median(v(r) for r in rs) for k, v in {
-            "gain": lambda r: r["pretrained"] - r["random"],
-            "cfit_vs_pre": lambda r: r["clusterfit"] - r["pretrained"],
-            "dist_vs_teacher": lambda r: r["distilled"] - r["clusterfit"],
-            "dist_vs_random": lambda r: r["distilled"] - r["random_student"]}.items()}
-        out.append(f"{method} (median of {len(rs)} seed(s)): gain over random init {med['gain']:+.1f} "
+        rs = [r[split] for r in rows if r["method"] == method]
+        med = {k: statistics.median(v(s) for s in rs) for k, v in {
+            "gain": lambda s: s["pretrained"] - s["random"],
+            "cfit_vs_pre": lambda s: s["clusterfit"] - s["pretrained"],
+            "dist_vs_teacher": lambda s: s["distilled"] - s["clusterfit"],
+            "dist_vs_random": lambda s: s["distilled"] - s["random_student"]}.items()}
+        out.append(f"{method} on {split} (median of {len(rs)} seed(s)): gain over random init {med['gain']:+.1f} "
                    f"[{'PASS' if med['gain'] >= 10 else 'FAIL'} >= +10]; ClusterFit vs {method} "
                    f"{med['cfit_vs_pre']:+.1f} [{'PASS' if med['cfit_vs_pre'] >= 0 else 'FAIL'} >= 0]; "
                    f"distilled vs teacher {med['dist_vs_teacher']:+.1f} "
@@ -100,26 +172,35 @@ def main() -> int:
     p.add_argument("--methods", default="swav,byol")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--minutes", type=float, default=7.5, help="pretraining wall minutes on 2 cores (x2 = CPU-minutes)")
-    p.add_argument("--followup-minutes", type=float, default=1.5, help="wall minutes each for ClusterFit and distillation")
-    p.add_argument("--k", type=int, default=100, help="k-means clusters")
+    p.add_argument("--followup-minutes", type=float, default=2.5,
+                   help="wall minutes each for ClusterFit and distillation (2.5: as the 15-minute quickstart)")
+    p.add_argument("--k", type=int, default=K, help=f"k-means clusters (default {K}, as the quickstart)")
     p.add_argument("--run-root", default="runs/bench_learning", help="one quickstart run folder per method and seed")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--images", help="pretraining images (default: cifar10-dev train, as the quickstart)")
     p.add_argument("--eval-train", help="kNN memory bank (default: cifar10-dev train.csv)")
     p.add_argument("--eval-val", help="kNN queries (default: cifar10-dev val.csv)")
+    p.add_argument("--heldout", type=int, default=0, metavar="N",
+                   help="also score every model on N archive images outside cifar10-dev train and val (0: off)")
     args = p.parse_args()
+    args.heldout_csv = heldout_csv(Path(args.run_root) / "heldout", args.heldout) if args.heldout else None
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):
             rows.append(run_one(method.strip(), seed, args))
             print(table(rows[-1:]), flush=True)
+            if args.json:  # after every row: an interrupted sweep keeps what it measured
+                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nkNN top-1 (%) on cifar10-dev val, k 20, cosine, T 0.07; pretraining {args.minutes:g} min x 2 ranks "
           f"(1 thread each), ClusterFit and distillation {args.followup_minutes:g} min each\n")
     print(table(rows))
     print()
     print("\n".join(verdict(rows)))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.heldout_csv:
+        print(f"\nThe same models on {args.heldout} held-out images ({args.heldout_csv})\n")
+        print(table(rows, "heldout"))
+        print()
+        print("\n".join(verdict(rows, "heldout")))
     return 0
 
 

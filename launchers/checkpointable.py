@@ -160,12 +160,17 @@ class StageJob(submitit.helpers.Checkpointable):
         previous = signal.signal(usr_sig, self._on_preempt_signal)
         try:
             result = run_target(self.target, self.argv)
-        finally:
+        except BaseException:
             signal.signal(usr_sig, previous)
+            raise
         if result == REQUEUE_EXIT_CODE:
+            # Slurm's SIGTERM can stop the stage before submitit's USR2 arrives; that USR2 must
+            # not reach submitit's own handler, which would requeue the job a second time
+            signal.signal(usr_sig, self._on_late_signal)
             cause = signal.Signals(self._stop_signal).name if self._stop_signal else "a stop signal"
             log.warning("%s checkpointed and stopped after %s", self, cause)
             self._requeue_or_fail(env)
+        signal.signal(usr_sig, previous)
         if self.done_marker and env.global_rank == 0:
             _write_marker(self.done_marker, {"target": self.target, "argv": self.argv, **self.marker_payload})
         log.info("%s finished", self)
@@ -186,6 +191,10 @@ class StageJob(submitit.helpers.Checkpointable):
         log.warning("caught %s and the stage has no SIGUSR1 handler: requeueing without a checkpoint",
                     signal.Signals(signum).name)
         self._requeue_or_fail(env)
+
+    def _on_late_signal(self, signum: int, frame: Any) -> None:
+        log.warning("caught %s after the stage had checkpointed and stopped: the job is requeued once, not again",
+                    signal.Signals(signum).name)
 
     def _requeue_or_fail(self, env: submitit.JobEnvironment) -> None:
         if env.global_rank != 0:

@@ -42,19 +42,22 @@ ARCH = "resnet10_cifar"
 STUDENT = "resnet10_cifar_w16"
 """Distillation student: the same net at half width (a quarter of the parameters)."""
 IMAGE_SIZE = 32
-"""Training and evaluation resolution (CIFAR)."""
+"""Evaluation and k-means feature resolution: whole CIFAR images (training views are 24 px, recipes.tiny.TRAIN_SIZE)."""
+K = 200
+"""k-means clusters = ClusterFit classes (the clusterfit_tiny recipe's sweep: k 200 beat 50 and 100)."""
 
-#: Wall seconds per optimizer step on 2 dedicated cores (2 ranks x 1 thread, bf16; global batch
-#: 128, BYOL 64): the CPU seconds per step of `seerlike train --nproc 2` measured on the 2-core
-#: dev machine (difference of a 5- and a 65-step run: SwAV 0.94, ClusterFit 0.58, distillation
-#: into the half-width student 0.44) over 2 cores, plus 10% for rank syncs; BYOL: the median
-#: logged step time of its pretraining stage inside a quickstart run alone on the machine (0.39 s).
-SECONDS_PER_STEP = {"swav": 0.52, "byol": 0.39, "clusterfit": 0.32, "distill": 0.24}
+#: Wall seconds per optimizer step on 2 dedicated cores (2 ranks x 1 thread, DDP, bf16, 24 px
+#: views; global batch 128, BYOL 64): the difference of a 20- and a 220-step run of
+#: `seerlike train --nproc 2` alone on the 2-core dev machine, twice (wall 0.355 / 0.22 / 0.18 /
+#: 0.133 s; CPU seconds / 2 x 1.1 for rank syncs agree within 3%; docs/benchmarks.md, "Session 4").
+SECONDS_PER_STEP = {"swav": 0.35, "byol": 0.22, "clusterfit": 0.18, "distill": 0.13}
 #: Wall seconds of everything that is not a training step: process start-ups, ingest, extract,
 #: k-means, five kNN evaluations over 6,000 images, export, report (~150 CPU-s of a 4-minute run).
 OVERHEAD_S = 150.0
-#: How the training time left after the overhead is shared (FACTS.md: pretraining is what learns).
-SHARES = {"pretrain": 0.75, "clusterfit": 0.125, "distill": 0.125}
+#: How the training time left after the overhead is shared: at the default 15 minutes,
+#: pretraining gets 450 s (7.5 minutes x 2 cores = the benchmark's 15 CPU-minutes), ClusterFit
+#: and distillation 150 s each, which is what each needs to match the model it starts from.
+SHARES = {"pretrain": 0.6, "clusterfit": 0.2, "distill": 0.2}
 
 
 @dataclass(kw_only=True)
@@ -67,7 +70,7 @@ class Budget:
     """ClusterFit optimizer steps."""
     distill_steps: int
     """Distillation optimizer steps."""
-    k: int = 100
+    k: int = K
     """k-means clusters = ClusterFit classes."""
 
     def __post_init__(self):
@@ -79,7 +82,7 @@ class Budget:
 
 
 def budget_for(minutes: float, method: str, *, pretrain_steps: int | None = None,
-               clusterfit_steps: int | None = None, distill_steps: int | None = None, k: int = 100) -> Budget:
+               clusterfit_steps: int | None = None, distill_steps: int | None = None, k: int = K) -> Budget:
     """Step counts that fill ``minutes`` of wall time on 2 cores; explicit counts win."""
     if minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
@@ -498,7 +501,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain-steps", type=int, help="override the pretraining steps")
     p.add_argument("--clusterfit-steps", type=int, help="override the ClusterFit steps")
     p.add_argument("--distill-steps", type=int, help="override the distillation steps")
-    p.add_argument("--k", type=int, default=100, help="k-means clusters (ClusterFit classes)")
+    p.add_argument("--k", type=int, default=K, help=f"k-means clusters (ClusterFit classes; default {K})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=2, help="ranks of each training stage")
     p.add_argument("--quiet", action="store_true", help="no stage log lines, only stage changes and the results")

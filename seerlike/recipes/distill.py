@@ -17,6 +17,7 @@ from seerlike.engine.parallelize import ParallelConfig
 from seerlike.engine.precision import PrecisionConfig
 from seerlike.engine.train import LoopConfig, MethodConfig, ModelConfig, TrainConfig
 from seerlike.methods.distill import Distill
+from seerlike.recipes.tiny import TRAIN_SIZE
 
 
 def teacher_student_views(size: int, strong: bool) -> AugmentConfig:
@@ -32,18 +33,19 @@ def teacher_student_views(size: int, strong: bool) -> AugmentConfig:
 
 
 def distill_tiny() -> TrainConfig:
-    """CPU-sized: a resnet10_cifar student on 32 px, KL at T=2 on the teacher's logits, plain SGD.
+    """CPU-sized: a resnet10_cifar student on 24 px views, KL at T=2 on the teacher's logits, plain SGD.
 
     LR 0.8 per 256 images: in 750 steps the half-width student gained 2.3 points of kNN over
     0.2 from the same teacher (docs/benchmarks.md, "Session 3", "Distillation sweep"); a short
-    schedule wants a high LR.
+    schedule wants a high LR. 24 px views instead of 32 px: 1,000 steps in the time of 750,
+    and 46.1 instead of 44.2 kNN on 10,000 held-out images from the same teacher ("Session 4").
     """
     return TrainConfig(
         model=ModelConfig(name="resnet10_cifar", channels_last=True),
         method=MethodConfig(name="distill", distill=Distill.Config(targets="logits", temperature=2.0)),
-        data=DataConfig(batch_size=64, num_workers=1, augment=teacher_student_views(32, strong=False)),
+        data=DataConfig(batch_size=64, num_workers=0, augment=teacher_student_views(TRAIN_SIZE, strong=False)),
         optim=OptimConfig(name="sgd", lr=0.8, final_lr=0.0, warmup_steps=10, momentum=0.9, weight_decay=5e-4),
-        parallel=ParallelConfig(strategy="fsdp"),
+        parallel=ParallelConfig(strategy="ddp"),
         precision=PrecisionConfig(dtype="bf16"),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
         loop=LoopConfig(max_steps=1000, log_every=10),

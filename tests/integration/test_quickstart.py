@@ -112,6 +112,8 @@ def test_budget_fills_the_minutes_and_overrides_win():
     full = budget_for(15, "swav")
     half = budget_for(7.5, "swav")
     assert full.pretrain_steps > 2 * half.pretrain_steps > 0  # the fixed overhead comes off first
+    # the default's pretraining is the learning benchmark's: 7.5 minutes of 2 cores = 15 CPU-minutes
+    assert full.pretrain_steps * SECONDS_PER_STEP["swav"] == pytest.approx(450, rel=0.01)
     # pretraining steps follow the per-step cost (BYOL's step is half SwAV's batch, so cheaper)
     byol = budget_for(15, "byol").pretrain_steps
     assert byol / full.pretrain_steps == pytest.approx(SECONDS_PER_STEP["swav"] / SECONDS_PER_STEP["byol"], rel=0.01)

@@ -125,7 +125,10 @@ def test_preempted_training_requeues_and_resumes_exactly(reference_run, cifar_di
     job._interrupt()  # what Slurm does on preemption: SIGTERM, then submitit's USR2
     assert _wait(job) == "COMPLETED", job.stderr()
     log = job.stderr()
-    assert "caught SIGUSR2" in log and "requeueing job" in log and "Slurm restart count 1" in log, log
+    # scancel sends SIGTERM, then USR2: the trainer may stop on either; the job is requeued exactly once
+    assert "caught SIGUSR2" in log or "checkpointed and stopped after" in log, log
+    assert log.count("requeueing job") == 1 and "scontrol requeue" not in log, log
+    assert "Slurm restart count 1" in log, log
     stop_step = int(re.search(r"checkpoint at step (\d+) written, exiting", log).group(1))
     assert 2 <= stop_step < TRAIN_STEPS
     assert f"from step {stop_step} to {TRAIN_STEPS}" in log  # the requeued run resumed there
