@@ -22,7 +22,8 @@ on N images of the full 50,000-image CIFAR-10 train archive that are in neither 
 `train` nor `val` (unpacked once under the run root; same memory bank), about 0.5 points
 of standard error at 10,000.
 
-A (method, seed) takes about ``minutes`` + 2 x ``followup-minutes`` + 2.5 minutes of wall time.
+A (method, seed) takes about ``minutes`` + 2 x ``followup-minutes`` + 1.5 minutes of wall time
+(+ 1 minute with ``--heldout``; session 4: 11-12.7 minutes at the defaults).
 Run it on an otherwise idle 2-core machine: the step counts come from the per-step times
 measured there (seerlike.quickstart.SECONDS_PER_STEP), so a busy machine trains as many
 steps, only slower.
@@ -44,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seerlike.cli import main as seerlike_main  # noqa: E402
-from seerlike.quickstart import ARCH, K, SECONDS_PER_STEP, SHARED_DATA, STUDENT  # noqa: E402
+from seerlike.quickstart import ARCH, K, SECONDS_PER_STEP, SHARED_DATA, STUDENT, knn_args  # noqa: E402
 
 CIFAR = SHARED_DATA / "cifar10-dev"
 #: results.json entry -> the model `seerlike eval knn` scores for the held-out figure
@@ -87,17 +88,12 @@ def heldout_csv(root: Path, n: int) -> Path:
 
 def heldout_scores(run_dir: Path, memory_bank: str, heldout: Path) -> dict[str, float]:
     """kNN top-1 on the held-out images for every model of a quickstart run (the quickstart's kNN settings)."""
-    from seerlike.quickstart import IMAGE_SIZE
-
     scores = {}
     for name, model in HELDOUT_MODELS.items():
         out = run_dir / "heldout" / name
         if not (out / "eval_knn.json").is_file():
             spec = model if model.startswith("random:") else str(run_dir / model)
-            argv = ["eval", "knn", "--model", spec, "--train", memory_bank, "--val", str(heldout),
-                    "--out", str(out), "--layer", "pool", "--image-size", str(IMAGE_SIZE), "--resize",
-                    str(IMAGE_SIZE), "--k", "20", "--temperature", "0.07", "--batch-size", "256"]
-            if seerlike_main(argv) != 0:
+            if seerlike_main(["eval", *knn_args(spec, memory_bank, str(heldout), str(out))]) != 0:
                 raise SystemExit(f"held-out kNN of {spec} failed")
         scores[name] = json.loads((out / "eval_knn.json").read_text())["metrics"]["top1"]
     return scores

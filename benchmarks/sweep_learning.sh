@@ -12,6 +12,9 @@
 #   WHEELS=1  install .whl/*.whl into /tmp/site first (a bare GPU machine, benchmarks/gpu/run_device.sh)
 #   TEACHER replaces @TEACHER@ in the overrides (distillation variants: a ClusterFit run dir,
 #           e.g. RUN/clusterfit of `benchmarks/bench_learning.py`)
+#   LABELS  replaces @LABELS@ (ClusterFit variants: a `seerlike cluster` output folder, e.g. RUN/cluster)
+#   HELDOUT a path,label CSV scored too (e.g. RUN_ROOT/heldout/heldout_10000.csv written by
+#           `bench_learning.py --heldout 10000`): the figure to choose by, val has 1,000 images
 # Data: ../shared/data/cifar10-dev, or .devdata/ (a copy, for machines without ../shared).
 set -u
 export OMP_NUM_THREADS=${OMPN:-1} NPROC=${NPROC:-2} EXTRA=${EXTRA:-} PYTHONUNBUFFERED=1
@@ -23,9 +26,9 @@ CIFAR=../shared/data/cifar10-dev; [ -d $CIFAR ] || CIFAR=.devdata/cifar10-dev
 export CIFAR=$(cd $CIFAR && pwd)
 mkdir -p $W/runs $OUT
 seer() { python3 -c 'from seerlike.cli import main; import sys; sys.exit(main(sys.argv[1:]))' "$@"; }
-knn() {  # MODEL OUT_DIR: the quickstart's kNN (k 20, cosine, T 0.07, whole 32 px images)
-  seer eval knn --model "$1" --train $CIFAR/train.csv --val $CIFAR/val.csv --out "$2" --layer pool \
-      --image-size 32 --resize 32 --k 20 --temperature 0.07 --batch-size 256
+knn() {  # MODEL OUT_DIR [VAL_CSV]: the quickstart's kNN (seerlike.quickstart.knn_args)
+  python3 -c 'import sys; from seerlike.cli import main; from seerlike.quickstart import knn_args
+sys.exit(main(["eval", *knn_args(*sys.argv[1:])]))' "$1" $CIFAR/train.csv "${3:-$CIFAR/val.csv}" "$2"
 }
 top1() { python3 -c "import json; print(json.load(open('$1/eval_knn.json'))['metrics']['top1'])"; }
 export -f seer knn top1
@@ -33,7 +36,7 @@ export -f seer knn top1
     || { cat $OUT/ingest.log; exit 1; }
 one() {
   IFS='|' read -r name recipe steps ov <<< "$1"
-  ov=${ov//@TEACHER@/${TEACHER:-}}
+  ov=${ov//@TEACHER@/${TEACHER:-}}; ov=${ov//@LABELS@/${LABELS:-}}
   d=$W/runs/$name; rm -rf $d; mkdir -p $d
   t0=$(date +%s)
   seer train --recipe $recipe --data $W/ds --run-dir $d/train --nproc $NPROC --max-steps $steps $EXTRA $ov loop.seed=0 \
@@ -41,8 +44,10 @@ one() {
       || { echo "FAILED $name"; grep -A12 Traceback $d/train.log | head -30; return; }
   t1=$(date +%s)
   knn $d/train $d/eval > $d/eval.log 2>&1
+  held=""
+  if [ -n "${HELDOUT:-}" ]; then knn $d/train $d/heldout "$HELDOUT" > $d/heldout.log 2>&1; held=" top1_heldout=$(top1 $d/heldout)"; fi
   st=$(python3 -c "import json, statistics; r=[json.loads(l) for l in open('$d/train/metrics.jsonl')]; print(round(statistics.median(x['step_time_s'] for x in (r[2:] or r)), 3))")
-  echo "RESULT $name steps=$steps train_s=$((t1 - t0)) median_step_s=$st top1=$(top1 $d/eval)" | tee -a $OUT/results.txt
+  echo "RESULT $name steps=$steps train_s=$((t1 - t0)) median_step_s=$st top1=$(top1 $d/eval)$held" | tee -a $OUT/results.txt
   cp $d/train/metrics.jsonl $OUT/$name.jsonl
 }
 export -f one

@@ -138,12 +138,15 @@ def _train_args(steps: int, seed: int, *extra: str) -> list[str]:
             f"loop.log_every={max(1, min(20, steps // 10))}"]
 
 
+def knn_args(model: str, train: str, val: str, out: str) -> list[str]:
+    """`seerlike eval knn` arguments of every quickstart score: k 20, cosine, T 0.07, pooled features, whole 32 px images."""
+    return ["knn", "--model", model, "--train", train, "--val", val, "--out", out, "--layer", "pool",
+            "--image-size", str(IMAGE_SIZE), "--resize", str(IMAGE_SIZE), "--k", "20", "--temperature", "0.07",
+            "--batch-size", "256"]
+
+
 def _eval_stage(name: str, model: str) -> dict:
-    """kNN (k 20, cosine, T 0.07) on pooled features, whole 32 px images (no crop)."""
-    return {"name": name, "command": "eval",
-            "args": ["knn", "--model", model, "--train", "{eval_train}", "--val", "{eval_val}", "--out", "{out}",
-                     "--layer", "pool", "--image-size", str(IMAGE_SIZE), "--resize", str(IMAGE_SIZE),
-                     "--k", "20", "--temperature", "0.07", "--batch-size", "256"]}
+    return {"name": name, "command": "eval", "args": knn_args(model, "{eval_train}", "{eval_val}", "{out}")}
 
 
 def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_val: str, method: str = "swav",

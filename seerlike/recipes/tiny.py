@@ -6,8 +6,9 @@ channels_last, plain SGD and many steps. The textbook recipes scaled down (LARS,
 from the paper recipes. Global batch 128 on 2 ranks; the LR is per 256 images (0.2 -> 0.1 at batch 128).
 
 DDP and no DataLoader worker (the rank decodes its own 32 px JPEGs): on 2 cores, 2 ranks with
-a worker each put 4 processes on 2 cores. A SwAV step took 0.28 s this way against 0.33 s with
-DDP and a worker and 0.37 s with FSDP2 and a worker (docs/benchmarks.md, "Session 4", "Step
+a worker each put 4 processes on 2 cores. FSDP2 made a SwAV step 1.13x and 1.27x as costly
+as DDP in two runs (the second ``benchmarks/bench_step_cost.py``); a worker per rank 1.18x in
+the first and no measurable cost in the second (docs/benchmarks.md, "Session 4", "Step
 cost"); FSDP2 also keeps the weights out of channels_last. FSDP2 on these recipes stays one
 override away (``parallel.strategy=fsdp``) and is what the dist tests check.
 """
@@ -27,8 +28,8 @@ from seerlike.methods.swav import SwAV
 TRAIN_SIZE = 24
 """Side of the training views of the CPU recipes; evaluation and k-means features stay at the images' 32 px.
 
-A step at 24 px costs about 0.7x one at 32 px, so a fixed CPU budget buys about 1.4x the
-steps; random resized crops at 24 px also show objects at about the scale a whole 32 px image
+A SwAV step at 24 px costs 0.65x one at 32 px (``benchmarks/bench_step_cost.py``), so a
+fixed CPU budget buys about 1.5x the steps; random resized crops at 24 px also show objects at about the scale a whole 32 px image
 shows them at test time (FixRes). Measured on cifar10-dev (docs/benchmarks.md, "Session 4"):
 at the same CPU time, SwAV +2.8 to +3.5 and ClusterFit +1.8 points of kNN on 10,000 held-out
 images over 32 px views; the same models scored at 24 px lose 1.2 points against 32 px.

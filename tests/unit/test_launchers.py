@@ -4,13 +4,45 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 
 import pytest
 
 from launchers import pipeline as pl
-from launchers.checkpointable import REQUEUE_EXIT_CODE
+from launchers.checkpointable import REQUEUE_EXIT_CODE, StageJob
 from launchers.submit import SubmitConfig, add_arguments, config_from_args, parse_time, run_dir_of
 from seerlike.config import ConfigError
+
+
+def _stopped_by_sigterm(argv: list[str]) -> int:
+    """A stage that checkpointed and stopped on Slurm's SIGTERM, before submitit's USR2 came."""
+    return REQUEUE_EXIT_CODE
+
+
+def test_a_usr2_after_the_stage_stopped_does_not_requeue_the_job_again(monkeypatch, caplog):
+    for k, v in {"_TEST_CLUSTER_": "local", "SUBMITIT_LOCAL_JOB_ID": "7", "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+                 "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0",
+                 "OMP_NUM_THREADS": "1", "RANK": "", "WORLD_SIZE": "", "LOCAL_RANK": "", "LOCAL_WORLD_SIZE": "",
+                 "MASTER_ADDR": "", "MASTER_PORT": ""}.items():
+        monkeypatch.setenv(k, v)  # the stage job rewrites the rank variables; monkeypatch restores them
+    submitit_requeues, our_requeues = [], []
+
+    def requeue(self, env):
+        os.kill(os.getpid(), signal.SIGUSR2)  # submitit's USR2, arriving while rank 0 requeues
+        our_requeues.append(self.requeues)
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(StageJob, "_requeue_or_fail", requeue)
+    # stands in for submitit's own handler, which requeues the job when it gets USR2
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: submitit_requeues.append(signum))
+    try:
+        with pytest.raises(SystemExit):
+            StageJob(f"{__name__}:_stopped_by_sigterm")()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert our_requeues == [0] and submitit_requeues == []
+    assert "caught SIGUSR2 after the stage had checkpointed and stopped" in caplog.text
 
 
 def test_requeue_exit_code_matches_the_trainer():
