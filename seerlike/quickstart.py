@@ -154,8 +154,10 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
     """The quickstart as a Pipeline (stages, their arguments and resources)."""
     from launchers.pipeline import pipeline_from_dict
 
-    if method not in ("swav", "byol"):
-        raise ConfigError(f"--method must be swav or byol, got {method!r}")
+    from seerlike.methods import pretraining_methods
+
+    if method not in pretraining_methods():
+        raise ConfigError(f"--method {method!r} is not a pretraining method; choose one of {pretraining_methods()}")
     run_dir = Path(run_dir).absolute()
     data = store.rstrip("/") if store else str(run_dir / "ingest")
     ranks = {"tasks_per_node": nproc}
@@ -177,7 +179,7 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
         {"name": "clusterfit", "command": "train", "submit": ranks,
          "args": ["--recipe", "clusterfit_tiny", "--data", "{data}", "--run-dir", "{out}",
                   *_train_args(budget.clusterfit_steps, seed, "data.labels={cluster}",
-                               "method.clusterfit.num_classes={k}")]},
+                               "method.num_classes={k}")]},
         _eval_stage("eval_clusterfit", "{clusterfit}"),
         {"name": "distill", "command": "distill", "submit": ranks,
          "args": ["--teacher", "{clusterfit}", "--student", STUDENT, "--data", "{data}", "--run-dir", "{out}",
@@ -497,7 +499,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default cifar10-dev train.csv)")
     p.add_argument("--eval-val", help="labeled kNN queries (default cifar10-dev val.csv)")
     p.add_argument("--run-dir", default="runs/quickstart", help="where everything goes (rerun to resume)")
-    p.add_argument("--method", choices=("swav", "byol"), default="swav", help="self-supervised pretraining method")
+    from seerlike.methods import pretraining_methods
+
+    p.add_argument("--method", choices=pretraining_methods(), default="swav",
+                   help="self-supervised pretraining method (its tiny_METHOD recipe)")
     p.add_argument("--store", default="", help="s3://bucket/prefix for the shards (default: RUN_DIR/ingest)")
     p.add_argument("--cluster", choices=("local", "slurm"), default="local", help="local processes or Slurm jobs")
     p.add_argument("--minutes", type=float, default=15.0, help="wall-time budget on 2 CPU cores (sets the steps)")
