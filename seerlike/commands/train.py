@@ -39,35 +39,32 @@ def resolve(recipe: str | None, run_dir: str | os.PathLike, overrides: list[str]
     return configlib.apply_overrides(cfg, list(overrides))
 
 
-def build_config(args: argparse.Namespace) -> TrainConfig:
-    """Recipe (or the run's saved config) + --data + --max-steps + overrides, validated."""
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--data and --max-steps as overrides, before the user's own (which win)."""
     extra = list(args.overrides)
     if args.data:
         extra.insert(0, f"data.source={args.data}")
     if args.max_steps is not None:
         extra.insert(0, f"loop.max_steps={args.max_steps}")
-    return resolve(args.recipe, args.run_dir, extra)
+    return extra
 
 
-def _child_argv(args: argparse.Namespace) -> list[str]:
-    argv = [sys.executable, "-m", "seerlike", "train", "--run-dir", args.run_dir]
-    if args.recipe:
-        argv += ["--recipe", args.recipe]
-    if args.data:
-        argv += ["--data", args.data]
-    if args.max_steps is not None:
-        argv += ["--max-steps", str(args.max_steps)]
-    return argv + list(args.overrides)
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Recipe (or the run's saved config) + --data + --max-steps + overrides, validated."""
+    return resolve(args.recipe, args.run_dir, _overrides(args))
+
+
+def child_argv(recipe: str | None, run_dir: str | os.PathLike, overrides: list[str]) -> list[str]:
+    """The command each local rank runs (the launcher sets RANK and friends)."""
+    argv = [sys.executable, "-m", "seerlike", "train", "--run-dir", str(run_dir)]
+    if recipe:
+        argv += ["--recipe", recipe]
+    return argv + list(overrides)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc < 1:
-        raise configlib.ConfigError(f"--nproc must be >= 1, got {args.nproc}")
-    cfg = build_config(args)  # fail on bad input before starting any process
-    if args.nproc > 1 and "RANK" not in os.environ:
-        from seerlike.commands.ranks import launch
+    from seerlike.api import pretrain
+    from seerlike.engine.loop import REQUEUE_EXIT_CODE
 
-        return launch(_child_argv(args), args.nproc)
-    from seerlike.engine.loop import train
-
-    return train(cfg, args.run_dir)
+    result = pretrain(out=args.run_dir, recipe=args.recipe, overrides=_overrides(args), nproc=args.nproc)
+    return REQUEUE_EXIT_CODE if result.stopped else 0

@@ -52,12 +52,19 @@ class LoopConfig:
     """Show a progress bar on rank 0."""
     num_threads: int = 0
     """torch intra-op threads per rank; 0 = the CPU count divided by the local ranks."""
+    time_budget_s: float = 0.0
+    """Wall seconds for the training steps; > 0: max_steps (then an upper bound) is set from timed first steps."""
+    calibrate_steps: int = 12
+    """With time_budget_s: steps timed (the first 2 left out) before max_steps is set and saved."""
 
     def __post_init__(self):
         if self.max_steps < 1 or self.grad_accum < 1 or self.log_every < 1:
             raise ValueError("loop.max_steps, loop.grad_accum and loop.log_every must be >= 1")
         if self.num_threads < 0:
             raise ValueError(f"loop.num_threads must be >= 0, got {self.num_threads}")
+        if self.time_budget_s < 0 or self.calibrate_steps < 3:
+            raise ValueError(f"loop.time_budget_s must be >= 0 and loop.calibrate_steps >= 3, "
+                             f"got {self.time_budget_s}, {self.calibrate_steps}")
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import dataclasses
 import random
 import signal
 import time
@@ -24,6 +25,7 @@ from torch import nn
 
 from seerlike import config as configlib
 from seerlike import methods, models
+from seerlike.engine.budget import StepBudget
 from seerlike.engine.checkpoint import Checkpointer
 from seerlike.engine.config import TrainConfig
 from seerlike.engine.dist import DistInfo, init_distributed, setup_logging, teardown
@@ -117,6 +119,15 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
         data = build_train_data(cfg.data, rank=rank, world_size=world, seed=loop.seed, device=device)
     if data_state is not None:
         data.load_state_dict(data_state)
+    budget = None
+    if loop.time_budget_s > 0:
+        if start < loop.calibrate_steps:
+            budget = StepBudget(loop.time_budget_s, loop.calibrate_steps, loop.max_steps,
+                                min_steps=max(cfg.optim.warmup_steps, loop.calibrate_steps + 1))
+        else:  # calibrated before the restart: continue with the saved max_steps
+            cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, max_steps=_saved_max_steps(found)))
+            loop = cfg.loop
+            schedule = LRSchedule(cfg.optim, global_batch, loop.max_steps)
     if start >= loop.max_steps:
         log.info("run already at step %d of %d: nothing to do", start, loop.max_steps)
         return 0
@@ -159,6 +170,15 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
             step += 1
             meter.add(result.images, time.perf_counter() - t_start - wait[0], wait[0])
             metrics.advance()
+            if budget is not None and budget.observe(step, time.perf_counter() - t_start):
+                cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, max_steps=budget.plan(step, device)))
+                loop = cfg.loop
+                schedule = LRSchedule(cfg.optim, global_batch, loop.max_steps)
+                metrics.set_total(loop.max_steps)
+                metrics.log(step, {"calibrated_step_s": budget.step_s, "planned_steps": loop.max_steps,
+                                   "time_budget_s": loop.time_budget_s})
+                if rank == 0:
+                    configlib.dump(cfg, run_dir / "config.yaml")
 
             if step % loop.log_every == 0 or step == loop.max_steps:
                 row = {"loss": result.loss, "lr": lr, **meter.summary(),
@@ -183,6 +203,13 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
         metrics.close()
     log.info("done: %d steps, last checkpoint %s", step, ckpt.last_complete)
     return 0
+
+
+def _saved_max_steps(ckpt_dir) -> int:
+    """``loop.max_steps`` in a checkpoint's saved config (a calibrated time budget lives there)."""
+    import yaml
+
+    return int(yaml.safe_load((Path(ckpt_dir) / "config.yaml").read_text())["loop"]["max_steps"])
 
 
 def _batches(data):

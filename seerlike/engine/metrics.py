@@ -102,6 +102,12 @@ class MetricsLogger:
             self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
                                   ips=f"{row.get('images_per_s', 0.0):.0f}", refresh=False)
 
+    def set_total(self, max_steps: int) -> None:
+        """The run's length changed (a time budget was calibrated)."""
+        if self._bar is not None:
+            self._bar.total = max_steps
+            self._bar.refresh()
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
