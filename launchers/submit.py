@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import submitit
 
 from seerlike import config as configlib
 from seerlike.config import ConfigError
+from seerlike.storage import write_bytes
 
 from launchers.checkpointable import StageJob
 
@@ -157,16 +157,7 @@ def make_executor(cfg: SubmitConfig, name: str = "seerlike", dependency: str = "
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, text.encode())
 
 
 def run_dir_of(argv: list[str]) -> str:

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from seerlike.config import ConfigError
+from seerlike.storage import DiskFullError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("seerlike.quickstart", "the whole pipeline on real images, one machine"),
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"seerlike {name}: config error: {e}", file=sys.stderr)
         return 2
+    except DiskFullError as e:  # one line naming the file and the fix, not a traceback
+        print(f"seerlike {name}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from seerlike.storage import write_bytes
+
 C = TypeVar("C")
 
 
@@ -334,9 +336,7 @@ def dump(cfg: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "json" if path.suffix == ".json" else "yaml"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(cfg, fmt))
-    tmp.replace(path)
+    write_bytes(path, dumps(cfg, fmt).encode())
     return path
 
 

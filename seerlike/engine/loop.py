@@ -34,6 +34,7 @@ from seerlike.engine.optim import LRSchedule, build_optimizer
 from seerlike.engine.parallelize import parallelize
 from seerlike.engine.precision import grad_scaler
 from seerlike.engine.step import NonFiniteLoss, train_step
+from seerlike.storage import DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
         torch.set_num_threads(cfg.loop.num_threads)
     try:
         return _train(cfg, Path(run_dir), info, data)
+    except DiskFullError as e:  # says which file and what to do: no traceback needed
+        log.error("training failed on rank %d: %s", info.rank, e)
+        raise
     except Exception:
         log.exception("training failed on rank %d", info.rank)
         raise

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from seerlike.storage import write_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -84,9 +86,7 @@ class MetricsLogger:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
