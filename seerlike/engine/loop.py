@@ -22,7 +22,7 @@ from torch import nn
 
 from seerlike import config as configlib
 from seerlike import models
-from seerlike.engine.checkpoint import Checkpointer
+from seerlike.engine.checkpoint import Checkpointer, prepare_run_dir
 from seerlike.engine.dist import DistInfo, init_distributed, setup_logging, teardown
 from seerlike.engine.metrics import MetricsLogger, Throughput, peak_memory_mb
 from seerlike.engine.optim import LRSchedule, build_optimizer
@@ -98,8 +98,9 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     rank, world, device = info.rank, info.world_size, info.device
     loop = cfg.loop
     run_dir.mkdir(parents=True, exist_ok=True)
+    to_record = prepare_run_dir(cfg, run_dir, rank=rank)  # refuses a mismatched resume or a mixing fresh start
     if rank == 0:
-        configlib.dump(cfg, run_dir / "config.yaml")
+        configlib.dump(to_record, run_dir / "config.yaml")
 
     # ---------------------------------------------------------------- model, optimizer
     torch.manual_seed(loop.seed)  # identical init everywhere: FSDP2 shards local copies
@@ -116,9 +117,8 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     # ---------------------------------------------------------------- resume or start
     ckpt = Checkpointer(cfg.checkpoint, run_dir)
     start, data_state, exact = 0, None, False
-    found = ckpt.find_latest()
-    if found is not None:
-        restored = ckpt.restore(found, model, optimizer, method=method, scaler=scaler)
+    restored = ckpt.resume(model, optimizer, method=method, scaler=scaler)  # newest that verifies and loads
+    if restored is not None:
         start, data_state, exact = restored.step, restored.data_state, restored.exact
     if not exact:  # fresh start (or a different world size): seeded per-rank RNG
         torch.manual_seed(loop.seed + 100_003 * (rank + 1))
