@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
@@ -395,7 +395,10 @@ class Checkpointer:
         for name, buf in method.named_buffers():
             if not hasattr(buf, "to_local"):
                 tensors[f"buffer.{name}"] = buf.detach().to("cpu", copy=True).contiguous()
-        save_file(tensors, str(path / f"rank_{self.rank:05d}.safetensors"))
+        # written by us rather than safetensors.save_file, whose files ignore the umask (mode 0600)
+        tmp = path / f"rank_{self.rank:05d}.safetensors.tmp"
+        tmp.write_bytes(save(tensors))
+        tmp.replace(path / f"rank_{self.rank:05d}.safetensors")
         py_state = random.getstate()
         rank_state = {"data": data_state, "python_random": [py_state[0], list(py_state[1]), py_state[2]]}
         tmp = path / f"rank_{self.rank:05d}.json.tmp"
@@ -516,6 +519,8 @@ class Checkpointer:
             candidates = list_complete(self.root)[::-1]
         failed: list[CheckpointError] = []
         for path in candidates:
+            # a failure inside DCP's load may have written part of the model; the next candidate
+            # overwrites every tensor and optimizer state it restores
             try:
                 return self.restore(path, model, optimizer, method=method, scaler=scaler)
             except CheckpointError as e:
@@ -523,8 +528,10 @@ class Checkpointer:
                 log.warning("skipping checkpoint %s: %s", path, e.reason)
         if failed:
             where = self.cfg.dir if self.remote else self.root
+            fix = (f"delete the local copy in {self.run_dir / 'checkpoints_cache'} to download it again, or fix or "
+                   f"remove the newest checkpoint under {self.cfg.dir}") if self.remote else "repair or move them away"
             raise CheckpointError(where, "no complete checkpoint could be loaded:\n  " + "\n  ".join(map(str, failed))
-                                  + "\nrepair or move them away, or start afresh with checkpoint.overwrite=true")
+                                  + f"\n{fix}, or start afresh with checkpoint.overwrite=true")
         return None
 
     def restore(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, method: nn.Module,
@@ -589,7 +596,8 @@ class Checkpointer:
         stored = open_checkpoint(path, rank=self.rank, world=self.world)
         _check_tensors_only(path, stored)
         meta = read_meta(path)
-        if not (isinstance(meta.get("step"), int) and isinstance(meta.get("world_size"), int) and meta["world_size"] > 0):
+        step, world = meta.get("step"), meta.get("world_size")
+        if not (isinstance(step, int) and isinstance(world, int) and world > 0):
             raise CheckpointError(path, f"{path / 'meta.json'} lacks an integer step and world_size")
         same_world = meta["world_size"] == self.world
         src = self.rank if same_world else min(self.rank, meta["world_size"] - 1)

@@ -219,7 +219,8 @@ def verify_files(ckpt_dir: str | os.PathLike, *, rank: int = 0, world: int = 1) 
     for name in names[rank::world]:
         got = hash_file(ckpt_dir / name)["sha256"]
         if got != table[name]["sha256"]:
-            raise CheckpointError(ckpt_dir, f"{ckpt_dir / name} fails its sha256 check (content changed since it was written)")
+            raise CheckpointError(ckpt_dir, f"{ckpt_dir / name} fails its sha256 check "
+                                            "(content changed since it was written)")
     return set(names)
 
 

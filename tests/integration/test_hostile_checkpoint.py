@@ -18,7 +18,7 @@ import yaml
 from seerlike import cli, config, recipes
 from seerlike.config import ConfigError
 from seerlike.engine import checkpoint
-from seerlike.engine.checkpoint import Checkpointer, CheckpointConfig, prepare_run_dir
+from seerlike.engine.checkpoint import Checkpointer, prepare_run_dir
 from seerlike.engine.checkpoint_verify import CHECKSUMS, CheckpointError, hash_file, read_dcp_metadata
 from seerlike.engine.loop import build_method, train
 from seerlike.engine.optim import build_optimizer
@@ -303,7 +303,7 @@ def test_overwrite_deletes_the_old_run_before_writing_the_new_one(run):
         assert ck["resume"] is True and ck["overwrite"] is False, saved
 
 
-def test_a_fresh_start_on_an_s3_root_with_checkpoints_is_refused_and_overwrite_empties_it(tmp_path, s3_bucket, monkeypatch):
+def test_a_fresh_start_on_an_s3_root_is_refused_and_overwrite_empties_it(tmp_path, s3_bucket, monkeypatch):
     import boto3
 
     endpoint, bucket = s3_bucket
