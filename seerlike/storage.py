@@ -231,10 +231,8 @@ def storage_error(message: str, cause: BaseException) -> StorageError:
     if _is_missing(cause):
         return StorageNotFound(text)
     if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
-        endpoint = endpoint_from_env()
-        where = f"endpoint {redact_url(split_endpoint(endpoint)[0])}" if endpoint else "AWS"
         return StorageError(
-            f"{message}: no S3 credentials for {where}: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            f"{message}: no S3 credentials found: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE). A user:password inside an endpoint URL is never saved (config.yaml holds the "
             "endpoint without it), so a resumed run takes its credentials from the environment "
             "(docs/cluster.md, S3 and credentials)")

@@ -35,13 +35,15 @@ class FaultProxy:
     SlowDown, the one after it sends half its body and then resets the connection.
     Keys listed in ``dead`` reset every GET before the first body byte. Requests for which
     ``lose_answer(method, path)`` is true reach the server, but their answer is replaced by
-    a connection reset (the client cannot tell whether the request took effect).
+    a connection reset (the client cannot tell whether the request took effect); those for
+    which ``answer(method, path)`` gives ``(status, body)`` get that instead of the server's.
     """
 
     def __init__(self, upstream: str, every: int = 3, dead: tuple[str, ...] = (),
-                 lose_answer: Callable[[str, str], bool] | None = None):
+                 lose_answer: Callable[[str, str], bool] | None = None,
+                 answer: Callable[[str, str], tuple[int, bytes] | None] | None = None):
         self.upstream = upstream.removeprefix("http://")
-        self.every, self.dead, self.lose_answer = every, dead, lose_answer
+        self.every, self.dead, self.lose_answer, self.answer = every, dead, lose_answer, answer
         self.counts = Counter()
         self._lock = threading.Lock()
         self._n = 0
@@ -56,6 +58,14 @@ class FaultProxy:
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = proxy._fault(self.command, self.path)
+                canned = proxy.answer(self.command, self.path) if proxy.answer is not None else None
+                if canned is not None:
+                    proxy.counts["canned"] += 1
+                    self.send_response(canned[0])
+                    self.send_header("Content-Length", str(len(canned[1])))
+                    self.end_headers()
+                    self.wfile.write(canned[1])
+                    return
                 if fault == "503":
                     msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
                     self.send_response(503)

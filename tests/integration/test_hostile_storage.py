@@ -15,6 +15,7 @@ import pytest
 
 from seerlike import config as configlib
 from seerlike import storage
+from seerlike.data.s3stream import open_shard
 from seerlike.data.sources import resolve
 from seerlike.engine.checkpoint import COMPLETE, CheckpointConfig, Checkpointer
 from sharding.manifest import iter_manifest, read_table
@@ -164,6 +165,23 @@ def test_train_with_credentials_in_the_endpoint_saves_none_and_resumes(s3_bucket
     assert Checkpointer(resumed.checkpoint, run_dir)._remote_complete()[-1] == "step_00000002"
 
 
+def test_job_records_and_argument_errors_leave_out_endpoint_credentials(tmp_path):
+    from types import SimpleNamespace
+
+    from seerlike.config import ConfigError
+    from launchers.submit import SubmitConfig, record_job, validate_stage
+
+    endpoint = _with_credentials("http://minio.example:9000")
+    argv = ["--recipe", "tiny_swav", "--run-dir", str(tmp_path / "run"), f"data.s3_endpoint_url={endpoint}"]
+    job = SimpleNamespace(job_id="42", paths=SimpleNamespace(folder=tmp_path / "logs"), num_tasks=1)
+    record_job(job, SubmitConfig(log_dir=str(tmp_path / "logs")), stage="train", argv=argv)
+    saved = (tmp_path / "logs" / "index" / "42.json").read_text()
+    assert SECRET not in saved and "data.s3_endpoint_url=http://minio.example:9000" in saved
+    with pytest.raises(ConfigError) as err:
+        validate_stage("ingest", ["--out", "s3://b/ds", "--endpoint-url", endpoint, "--workers", "many"])
+    assert "--endpoint-url" in str(err.value) and SECRET not in str(err.value)
+
+
 def test_storage_errors_never_show_endpoint_credentials(s3_server, tmp_path, monkeypatch, fast_retries):
     closed = _with_credentials("http://127.0.0.1:9")  # the discard port: nothing listens there
     t0 = time.monotonic()
@@ -196,8 +214,13 @@ def test_reads_resume_through_connection_resets(s3_bucket, tmp_path, fast_retrie
     storage.write_bytes(url, manifest, endpoint_url=endpoint)
     for i in range(30):
         storage.write_bytes(f"s3://{bucket}/ds/labels/{i:03d}.json", b"{}" * 500, endpoint_url=endpoint)
+    shard = os.urandom(350_000)
+    storage.write_bytes(f"s3://{bucket}/ds/shards/000000.tar", shard, endpoint_url=endpoint)
     expected = pq.read_table(pa.BufferReader(manifest))
     with ResetProxy(endpoint) as proxy:
+        # the shard stream reads 1 MiB chunks through its read-ahead thread: same reader, same policy
+        with open_shard(f"s3://{bucket}/ds/shards/000000.tar", endpoint_url=proxy.url, backoff_s=0.002) as f:
+            assert f.read() == shard
         assert storage.read_bytes(url, endpoint_url=proxy.url) == manifest
         with storage.open_read(url, endpoint_url=proxy.url) as f:
             assert f.read() == manifest
@@ -210,7 +233,7 @@ def test_reads_resume_through_connection_resets(s3_bucket, tmp_path, fast_retrie
         listed = list(storage.list_files(f"s3://{bucket}/ds/labels/", endpoint_url=proxy.url, page_size=3))
         assert [u.rsplit("/", 1)[1] for u, _ in listed] == [f"{i:03d}.json" for i in range(30)]
         assert storage.size_of(url, endpoint_url=proxy.url) == len(manifest)
-    assert proxy.resets >= 10  # ~3 per full read of the manifest alone
+    assert proxy.resets >= 12  # ~3 per full read of the manifest or the shard
 
 
 def test_checkpoint_download_through_connection_resets(s3_bucket, tmp_path, monkeypatch, fast_retries):
@@ -263,7 +286,32 @@ def test_uploads_survive_connection_resets(s3_bucket, tmp_path, monkeypatch, fas
     assert _raw(endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-def test_a_lost_complete_answer_is_not_a_failed_upload(s3_bucket, tmp_path, monkeypatch, fast_retries):
+def test_an_object_replaced_during_a_read_is_an_error_not_a_splice(s3_bucket, fast_retries):
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/ds/shards/000000.tar"
+    storage.write_bytes(url, b"a" * 100_000, endpoint_url=endpoint)
+    gets = []
+
+    def replace_before_the_resume(method: str, path: str) -> None:
+        if method == "GET" and ".tar" in path:
+            gets.append(path)
+            if len(gets) == 2:
+                storage.write_bytes(url, b"b" * 100_000, endpoint_url=endpoint)
+
+    # the proxy cuts the first GET of a .tar after half its body; the resume meets the new object
+    with FaultProxy(endpoint, every=3, answer=replace_before_the_resume) as proxy:
+        with pytest.raises(storage.StorageError, match="changed while it was being read"):
+            storage.read_bytes(url, endpoint_url=proxy.url)
+    assert proxy.counts["reset"] == 1 and len(gets) == 2
+
+
+@pytest.mark.parametrize("store", ["idempotent", "forgetful"])
+def test_a_lost_complete_answer_is_not_a_failed_upload(s3_bucket, tmp_path, monkeypatch, fast_retries, store):
+    """The answer to CompleteMultipartUpload is lost; the retry finds the upload completed.
+
+    AWS (and moto) answer a repeated Complete with success; other stores (the "forgetful"
+    case, played by the proxy) answer NoSuchUpload, and the object's ETag must tell.
+    """
     import moto.s3.models
 
     endpoint, bucket = s3_bucket
@@ -272,15 +320,22 @@ def test_a_lost_complete_answer_is_not_a_failed_upload(s3_bucket, tmp_path, monk
     monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", part)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(3 * part))
-    lost = []
+    completes = []
 
-    def first_complete(method: str, path: str) -> bool:  # CompleteMultipartUpload: POST ...?uploadId=
-        if method == "POST" and "uploadId=" in path and not lost:
-            lost.append(path)
-            return True
-        return False
+    def is_complete(method: str, path: str) -> bool:  # CompleteMultipartUpload: POST KEY?uploadId=ID
+        return method == "POST" and "uploadId=" in path
 
-    with FaultProxy(endpoint, every=10**9, lose_answer=first_complete) as proxy:
+    def first_complete(method: str, path: str) -> bool:
+        if is_complete(method, path):
+            completes.append(path)
+        return is_complete(method, path) and len(completes) == 1
+
+    def forget(method: str, path: str) -> tuple[int, bytes] | None:
+        if store == "forgetful" and is_complete(method, path) and completes:
+            return 404, b"<Error><Code>NoSuchUpload</Code><Message>gone</Message></Error>"
+        return None
+
+    with FaultProxy(endpoint, every=10**9, lose_answer=first_complete, answer=forget) as proxy:
         storage.multipart_upload(big, f"s3://{bucket}/up/big.bin", part_size=part, endpoint_url=proxy.url)
-    assert proxy.counts["lost_answer"] == 1
+    assert proxy.counts["lost_answer"] == 1 and proxy.counts["canned"] == (store == "forgetful")
     assert storage.read_bytes(f"s3://{bucket}/up/big.bin", endpoint_url=endpoint) == big.read_bytes()
