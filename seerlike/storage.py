@@ -33,7 +33,6 @@ import hashlib
 import io
 import logging
 import os
-import posixpath
 import random
 import re
 import shutil
@@ -251,7 +250,8 @@ def with_retries(fn: Callable[[], T], *, what: str, retry: RetryPolicy | None = 
                 tries = f" after {attempt} retries" if attempt else ""
                 raise storage_error(f"{what} failed{tries}", e) from e
             delay = policy.delay(attempt)
-            log.warning("%s: %s; retry %d/%d in %.2fs", what, type(e).__name__, attempt + 1, policy.retries, delay)
+            log.warning("%s: %s; retry %d/%d in %.2fs", what, _error_code(e) or type(e).__name__, attempt + 1,
+                        policy.retries, delay)
             time.sleep(delay)
             attempt += 1
 
@@ -361,7 +361,7 @@ class S3Reader(io.RawIOBase):
             raise self._error(f"reading {self.url} failed at byte {self.offset} after {attempt} retries", e) from e
         delay = self.retry.delay(attempt)
         log.warning("reading %s: %s at byte %d; resuming with a Range request in %.2fs (retry %d/%d)",
-                    self.url, type(e).__name__, self.offset, delay, attempt + 1, self.retry.retries)
+                    self.url, _error_code(e) or type(e).__name__, self.offset, delay, attempt + 1, self.retry.retries)
         self._close_body()
         self.resumes += 1
         time.sleep(delay)
