@@ -173,8 +173,8 @@ def _engine_steps(views, steps: int, dtype: str, strategy: str) -> list[float]:
     cfg = config.apply_overrides(recipes.get("tiny_swav"), [
         f"loop.max_steps={steps}", "optim.warmup_steps=0", f"precision.dtype={dtype}", f"parallel.strategy={strategy}",
         "model.channels_last=false", "loop.log_every=10", "loop.progress=false", "loop.tensorboard=false",
-        f"checkpoint.every_steps={10 * steps}", "method.swav.freeze_prototypes_steps=0",
-        "method.swav.num_prototypes=100", f"data.batch_size={views[0].shape[0]}"])
+        f"checkpoint.every_steps={10 * steps}", "method.freeze_prototypes_steps=0",
+        "method.num_prototypes=100", f"data.batch_size={views[0].shape[0]}"])
     data = _TimedData(views, steps)
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = config.apply_overrides(cfg, [f"checkpoint.dir={run_dir}/ck"])

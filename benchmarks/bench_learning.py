@@ -6,8 +6,11 @@ CPU-minutes by default), then ClusterFit on k-means pseudo-labels and distillati
 half-width student, each scored by kNN top-1 on `val` with the features of `train` as the
 memory bank (k 20, cosine, T 0.07) against the same architecture at random init.
 
-Every (method, seed) is one `seerlike quickstart` pipeline with explicit step counts, so the
-benchmark measures exactly what users run. Targets: pretraining >= +10 points over random
+Every (method, seed) is one `seerlike quickstart` pipeline whose training stages get the
+given wall seconds and calibrate their step counts on their first steps
+(``loop.time_budget_s``), so the benchmark measures exactly what users run.
+``--pretrain-only`` skips ClusterFit and distillation (`seerlike train` with the method's
+``tiny_`` recipe, then kNN): the per-method table of docs/benchmarks.md. Targets: pretraining >= +10 points over random
 init; ClusterFit >= the pretrained model it starts from; the distilled student >= its own
 random init, and compared with its teacher.
 
@@ -24,9 +27,8 @@ of standard error at 10,000.
 
 A (method, seed) takes about ``minutes`` + 2 x ``followup-minutes`` + 1.5 minutes of wall time
 (+ 1 minute with ``--heldout``; session 4: 11-12.7 minutes at the defaults).
-Run it on an otherwise idle 2-core machine: the step counts come from the per-step times
-measured there (seerlike.quickstart.SECONDS_PER_STEP), so a busy machine trains as many
-steps, only slower.
+Run it on an otherwise idle 2-core machine: the step counts come from the step times measured
+at the start of each stage, so a busy machine trains fewer steps in the same time.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seerlike.cli import main as seerlike_main  # noqa: E402
-from seerlike.quickstart import ARCH, K, SECONDS_PER_STEP, SHARED_DATA, STUDENT, knn_args  # noqa: E402
+from seerlike.quickstart import ARCH, K, MAX_STEPS, SHARED_DATA, STUDENT, knn_args  # noqa: E402
 
 CIFAR = SHARED_DATA / "cifar10-dev"
 #: results.json entry -> the model `seerlike eval knn` scores for the held-out figure
@@ -101,14 +103,9 @@ def heldout_scores(run_dir: Path, memory_bank: str, heldout: Path) -> dict[str, 
 
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     run_dir = Path(args.run_root) / f"{method}_seed{seed}_{args.minutes:g}min"
-    steps = {
-        "pretrain": max(10, int(args.minutes * 60 / SECONDS_PER_STEP[method])),
-        "clusterfit": max(10, int(args.followup_minutes * 60 / SECONDS_PER_STEP["clusterfit"])),
-        "distill": max(10, int(args.followup_minutes * 60 / SECONDS_PER_STEP["distill"])),
-    }
     argv = ["quickstart", "--method", method, "--run-dir", str(run_dir), "--seed", str(seed), "--quiet",
-            "--pretrain-steps", str(steps["pretrain"]), "--clusterfit-steps", str(steps["clusterfit"]),
-            "--distill-steps", str(steps["distill"]), "--k", str(args.k)]
+            "--pretrain-seconds", str(args.minutes * 60), "--followup-seconds", str(args.followup_minutes * 60),
+            "--k", str(args.k)]
     for flag in ("images", "eval_train", "eval_val"):
         if getattr(args, flag):
             argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
@@ -118,6 +115,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     wall = time.monotonic() - t0
     results = json.loads((run_dir / "results.json").read_text())
     m = results["models"]
+    steps = {"pretrain": m[method]["steps"], "clusterfit": m["clusterfit"]["steps"], "distill": m["distilled"]["steps"]}
     val = {"random": m["random_init"]["knn_top1"], "pretrained": m[method]["knn_top1"],
            "clusterfit": m["clusterfit"]["knn_top1"], "distilled": m["distilled"]["knn_top1"],
            "random_student": m["random_init_student"]["knn_top1"]}
@@ -127,6 +125,55 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     if args.heldout_csv:
         row["heldout"] = heldout_scores(run_dir, args.eval_train or str(CIFAR / "train.csv"), args.heldout_csv)
     return row
+
+
+def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
+    """`seerlike train --recipe tiny_METHOD` for ``--minutes`` on 2 ranks, then kNN of it and of random init."""
+    run_dir = Path(args.run_root) / f"{method}_seed{seed}_{args.minutes:g}min_pretrain"
+    train_argv = ["train", "--recipe", f"tiny_{method}", "--data", args.images or str(CIFAR / "train"),
+                  "--run-dir", str(run_dir / "pretrain"), "--nproc", "2", "--max-steps", str(MAX_STEPS),
+                  f"loop.time_budget_s={args.minutes * 60:.0f}", "optim.warmup_steps=50", f"loop.seed={seed}",
+                  "checkpoint.every_steps=250", "checkpoint.keep_last=1", "loop.tensorboard=false",
+                  "loop.progress=false", "loop.log_every=20"]
+    t0 = time.monotonic()
+    if not (run_dir / "pretrain" / "DONE").exists():
+        if seerlike_main(train_argv) != 0:
+            raise SystemExit(f"pretraining {method} seed {seed} failed; see {run_dir}")
+        (run_dir / "pretrain" / "DONE").write_text("")
+    wall = time.monotonic() - t0
+    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    bank, val = args.eval_train or str(CIFAR / "train.csv"), args.eval_val or str(CIFAR / "val.csv")
+    splits = {"val": val, **({"heldout": str(args.heldout_csv)} if args.heldout_csv else {})}
+    out = {"method": method, "seed": seed, "wall_s": round(wall, 1), "run_dir": str(run_dir),
+           "steps": {"pretrain": max(r["step"] for r in rows)},
+           "step_s": next((r["calibrated_step_s"] for r in rows if "calibrated_step_s" in r), None),
+           "peak_rss_mb": max((r.get("peak_mem_mb", 0.0) for r in rows), default=0.0),
+           "first_loss": next(r["loss"] for r in rows if "loss" in r),
+           "final_loss": [r["loss"] for r in rows if "loss" in r][-1]}
+    for split, queries in splits.items():
+        scores = {}
+        for name, spec in (("random", f"random:{ARCH}"), ("pretrained", str(run_dir / "pretrain"))):
+            dest = run_dir / f"knn_{split}_{name}"
+            if not (dest / "eval_knn.json").is_file():
+                if seerlike_main(["eval", *knn_args(spec, bank, queries, str(dest))]) != 0:
+                    raise SystemExit(f"kNN of {spec} on {split} failed")
+            scores[name] = json.loads((dest / "eval_knn.json").read_text())["metrics"]["top1"]
+        out[split] = scores
+    return out
+
+
+def pretrain_table(rows: list[dict]) -> str:
+    """One line per (method, seed): steps, step cost, memory, kNN of random init and pretrained, gains."""
+    lines = [f"{'method':13} {'seed':>4} {'steps':>6} {'s/step':>6} {'rss MB':>7} {'val rnd':>7} {'val':>6} "
+             f"{'gain':>6} {'held rnd':>8} {'held':>6} {'gain':>6}"]
+    for r in rows:
+        v, h = r["val"], r.get("heldout")
+        held = (f"{h['random']:8.1f} {h['pretrained']:6.1f} {h['pretrained'] - h['random']:+6.1f}" if h
+                else f"{'-':>8} {'-':>6} {'-':>6}")
+        lines.append(f"{r['method']:13} {r['seed']:>4} {r['steps']['pretrain']:>6} {r['step_s'] or 0:6.3f} "
+                     f"{r['peak_rss_mb']:7.0f} {v['random']:7.1f} {v['pretrained']:6.1f} "
+                     f"{v['pretrained'] - v['random']:+6.1f} {held}")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], split: str = "val") -> str:
@@ -178,8 +225,22 @@ def main() -> int:
     p.add_argument("--eval-val", help="kNN queries (default: cifar10-dev val.csv)")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="also score every model on N archive images outside cifar10-dev train and val (0: off)")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="pretraining and kNN only (no ClusterFit / distillation): the per-method table")
     args = p.parse_args()
     args.heldout_csv = heldout_csv(Path(args.run_root) / "heldout", args.heldout) if args.heldout else None
+    if args.pretrain_only:
+        rows = []
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for method in args.methods.split(","):
+                rows.append(run_pretrain_only(method.strip(), seed, args))
+                print(pretrain_table(rows[-1:]), flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"\nkNN top-1 (%), k 20, cosine, T 0.07; pretraining {args.minutes:g} min x 2 ranks (1 thread each), "
+              "calibrated step counts\n")
+        print(pretrain_table(rows))
+        return 0
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):

@@ -59,7 +59,7 @@ def memory_table() -> list[str]:
         cfg = recipes.get(name)
         arch = cfg.model.name
         trunk = complexity(arch, 224, None)["params"]
-        sw = cfg.method.swav
+        sw = cfg.method
         head = head_params(spec(arch).widths[-1], tuple(sw.head_dims), sw.num_prototypes)
         p = trunk + head
         states_ddp = 12 * p / GB  # fp32 params + grads + SGD momentum

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 #: Exit status of a local-executor task that asks to be restarted (submitit's convention).
 LOCAL_REQUEUE_RETURN_CODE = 144
 #: Exit status of a stage that saved a checkpoint on SIGUSR1/SIGTERM and stopped early
-#: (EX_TEMPFAIL); the same number as ``seerlike.engine.train.REQUEUE_EXIT_CODE``.
+#: (EX_TEMPFAIL); the same number as ``seerlike.engine.loop.REQUEUE_EXIT_CODE``.
 REQUEUE_EXIT_CODE = 75
 #: How long a non-zero rank waits for the requeue to kill it before giving up.
 REQUEUE_WAIT_S = 300.0

@@ -273,7 +273,7 @@ def clusterfit_tiny(data: str, dir: str, *, pretrain_steps: int = 200, k: int = 
             {"name": "cluster", "command": "cluster", "args": ["{extract}", "--k", "{k}", "--out", "{out}"]},
             {"name": "retrain", "command": "train",
              "args": ["--recipe", "clusterfit_tiny", "--data", "{data}", "--run-dir", "{out}", "--max-steps",
-                      str(retrain_steps), "data.labels={cluster}", "method.clusterfit.num_classes={k}"]},
+                      str(retrain_steps), "data.labels={cluster}", "method.num_classes={k}"]},
             {"name": "distill", "command": "distill",
              "args": ["--teacher", "{retrain}", "--student", student, "--data", "{data}", "--run-dir", "{out}",
                       "--max-steps", str(distill_steps)]},

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,8 @@ from typing import Any, Callable, Literal
 import submitit
 
 from seerlike import config as configlib
-from seerlike import storage
 from seerlike.config import ConfigError
+from seerlike.storage import strip_credentials, write_bytes
 
 from launchers.checkpointable import StageJob
 
@@ -158,16 +157,7 @@ def make_executor(cfg: SubmitConfig, name: str = "seerlike", dependency: str = "
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, text.encode())
 
 
 def run_dir_of(argv: list[str]) -> str:
@@ -188,7 +178,7 @@ def record_job(job: submitit.Job, cfg: SubmitConfig, *, stage: str, argv: list[s
     rec = {
         "job_id": job.job_id, "cluster": "local" if isinstance(job, submitit.LocalJob) else "slurm",
         # the index is a record, not the job's input: a URL's user:password is left out of it
-        "stage": stage, "argv": [storage.strip_credentials(a) for a in argv], "run_dir": run_dir,
+        "stage": stage, "argv": [strip_credentials(a) for a in argv], "run_dir": run_dir,
         "log_folder": str(job.paths.folder),
         "log_dir": str(Path(cfg.log_dir).absolute()), "tasks": job.num_tasks, "submitted_at": time.time(),
         **(extra or {}),
@@ -224,9 +214,9 @@ def validate_stage(target: str, argv: list[str]) -> None:
     try:
         ns = parser.parse_args(argv)
     except argparse.ArgumentError as e:
-        raise ConfigError(storage.strip_credentials(f"seerlike {target} {' '.join(argv)}: {e}")) from None
+        raise ConfigError(strip_credentials(f"seerlike {target} {' '.join(argv)}: {e}")) from None
     except SystemExit:  # argparse already printed the usage and the reason
-        shown = storage.strip_credentials(" ".join(argv))
+        shown = strip_credentials(" ".join(argv))
         raise ConfigError(f"invalid arguments for seerlike {target} (after --): {shown}") from None
     if hasattr(mod, "build_config"):
         try:
@@ -288,7 +278,7 @@ def submit_ingest(cfg: SubmitConfig, argv: list[str]) -> tuple[list[submitit.Job
     try:
         icfg = ingest_cli.build_config(parser.parse_args(argv))
     except SystemExit:
-        shown = storage.strip_credentials(" ".join(argv))
+        shown = strip_credentials(" ".join(argv))
         raise ConfigError(f"invalid arguments for seerlike ingest (after --): {shown}") from None
     plan = ingest.plan(icfg)
     todo = ingest.pending_chunks(icfg)

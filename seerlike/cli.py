@@ -13,6 +13,7 @@ import logging
 import sys
 
 from seerlike.config import ConfigError
+from seerlike.storage import DiskFullError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("seerlike.quickstart", "the whole pipeline on real images, one machine"),
@@ -20,10 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("seerlike.models.info", "params, FLOPs, activations and stages of a backbone"),
     "ingest": ("sharding.cli", "ingest images into WebDataset shards + a parquet manifest"),
     "ingest-stats": ("sharding.stats", "inspect an ingested dataset (manifest, summary, shards)"),
-    "train": ("seerlike.engine.train", "pretrain (SwAV, BYOL) or retrain (ClusterFit)"),
+    "train": ("seerlike.commands.train", "pretrain with any method (SwAV, BYOL, ...), retrain (ClusterFit)"),
     "extract": ("seerlike.eval.extract", "extract features over shards"),
     "cluster": ("seerlike.eval.cluster", "faiss k-means on features -> pseudo-labels"),
-    "distill": ("seerlike.methods.distill", "distill a teacher into a student backbone"),
+    "distill": ("seerlike.commands.distill", "distill a teacher into a student backbone"),
     "eval": ("seerlike.eval.cli", "kNN / linear / low-shot evaluation"),
     "export": ("seerlike.export", "export a backbone (torchvision, safetensors, torchscript, onnx)"),
     "submit": ("launchers.submit", "submit a stage to Slurm or the local executor"),
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"seerlike {name}: config error: {e}", file=sys.stderr)
         return 2
+    except DiskFullError as e:  # one line naming the file and the fix, not a traceback
+        print(f"seerlike {name}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,11 +22,46 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from seerlike.storage import strip_credentials, write_bytes
+
 C = TypeVar("C")
 
 
 class ConfigError(ValueError):
     """A bad key or value in a config override or a config file."""
+
+
+class Choice:
+    """Base of a config section that is one of several dataclasses, chosen by its ``name`` field.
+
+    A subclass is a dataclass with a ``name: str`` field and a ``choices()`` classmethod
+    (name -> the dataclass for that name, each a subclass carrying ``name: Literal[...]``).
+    ``SECTION.name=X`` swaps in X's defaults; every other key is checked against the chosen
+    dataclass, so a saved config holds the chosen section only.
+    """
+
+    name: str
+
+    @classmethod
+    def choices(cls) -> dict[str, type]:
+        raise NotImplementedError
+
+    @classmethod
+    def upgrade(cls, data: dict) -> dict:
+        """A saved section in an older layout, rewritten into the current one (identity by default)."""
+        return data
+
+
+def _is_choice(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Choice)
+
+
+def choose(tp: type, name: Any, key: str) -> type:
+    """The dataclass that ``name`` selects in the Choice section ``tp``; unknown names list the valid ones."""
+    options = tp.choices()
+    if name not in options:
+        raise ConfigError(f"{key}.name: unknown {key} {name!r}; choose one of {sorted(options)}")
+    return options[name]
 
 
 # ---------------------------------------------------------------- field docs
@@ -111,6 +146,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return m
         raise ConfigError(f"{key}: expected one of {[m.value for m in tp]}, got {value!r}")
     if dataclasses.is_dataclass(tp):
+        if _is_choice(tp) and isinstance(value, tp):
+            choose(tp, value.name, key)
+            return value
         if isinstance(value, tp):
             return value
         if isinstance(value, dict):
@@ -231,6 +269,13 @@ def _set_in_dict(cls: type, data: dict, path: list[str], value: Any, prefix: str
     if head not in _fields(cls):
         raise _unknown(full, cls)
     tp = _hints(cls)[head]
+    if _is_choice(tp):
+        if rest == ["name"]:
+            name = str(_convert(value, str, f"{full}.name"))
+            if data[head].get("name") != name:  # another choice: its own defaults
+                data[head] = to_dict(choose(tp, name, full)())
+            return
+        tp = choose(tp, data[head].get("name"), full)
     if rest:
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"{full} is a value ({_type_name(tp)}), not a section; cannot set {full}.{'.'.join(rest)}")
@@ -261,6 +306,10 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
     """Build ``cls`` from a nested dict, with the same checks as overrides."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    if _is_choice(cls):
+        data = cls.upgrade(data)
+        default = cls.__dataclass_fields__["name"].default
+        cls = choose(cls, data.get("name", default), prefix or cls.__name__)
     fields = _fields(cls)
     hints = _hints(cls)
     kwargs = {}
@@ -278,8 +327,6 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
 def _without_credentials(data: Any) -> Any:
     """``data`` with the ``user:password@`` of every URL removed: saved configs hold no secret, so a
     resumed run takes its S3 credentials from the environment (docs/cluster.md, S3 and credentials)."""
-    from seerlike.storage import strip_credentials
-
     if isinstance(data, str):
         return strip_credentials(data)
     if isinstance(data, list):
@@ -301,9 +348,7 @@ def dump(cfg: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "json" if path.suffix == ".json" else "yaml"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(cfg, fmt))
-    tmp.replace(path)
+    write_bytes(path, dumps(cfg, fmt).encode())
     return path
 
 
@@ -335,9 +380,14 @@ def load(path: str | Path, cls: type[C] | None = None) -> C:
 # ---------------------------------------------------------------- reference
 
 
-def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows (key, type, default, doc) for every field, nested sections flattened."""
+def reference(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Rows (key, type, value, doc) for every field, nested sections flattened.
+
+    Given a config object the values are its own (a recipe's); given a class, its defaults.
+    A Choice section given as a class lists every choice's fields, each marked with its name.
+    """
     rows = []
+    cls = cfg if isinstance(cfg, type) else type(cfg)
     docs = field_docs(cls)
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -345,17 +395,35 @@ def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             continue
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
+        if isinstance(cfg, type):
+            if f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = "(required)"
+        else:
+            value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(tp):
             rows.append((key, tp.__qualname__, "(section)", docs.get(f.name, "")))
-            rows.extend(reference(tp, prefix=f"{key}."))
+            if not isinstance(cfg, type):
+                rows.extend(reference(value, prefix=f"{key}."))
+            elif _is_choice(tp):
+                rows.extend(_choice_reference(tp, f"{key}."))
+            else:
+                rows.extend(reference(tp, prefix=f"{key}."))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        rows.append((key, _type_name(tp), repr(to_dict(default)), docs.get(f.name, "")))
+        rows.append((key, _type_name(tp), repr(to_dict(value)), docs.get(f.name, "")))
+    return rows
+
+
+def _choice_reference(tp: type, prefix: str) -> list[tuple[str, str, str, str]]:
+    default = tp.__dataclass_fields__["name"].default
+    rows = [(f"{prefix}name", "str", repr(default), f"one of: {', '.join(sorted(tp.choices()))}")]
+    for name, option in sorted(tp.choices().items()):
+        for key, t, value, doc in reference(option, prefix):
+            if key != f"{prefix}name":
+                rows.append((key, t, value, f"[{name}] {doc}"))
     return rows
 
 
@@ -369,6 +437,7 @@ def undocumented(cls: type, prefix: str = "") -> list[str]:
             continue
         if not docs.get(f.name):
             missing.append(f"{cls.__qualname__}.{f.name}")
-        if dataclasses.is_dataclass(hints[f.name]):
-            missing.extend(undocumented(hints[f.name], f"{prefix}{f.name}."))
+        tp = hints[f.name]
+        for sub in (tp.choices().values() if _is_choice(tp) else [tp] if dataclasses.is_dataclass(tp) else []):
+            missing.extend(undocumented(sub, f"{prefix}{f.name}."))
     return missing

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from seerlike import storage
 from seerlike.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,10 @@ def write_torchscript(module: nn.Module, example: Tensor, path: Path) -> float:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream, still asked for
         traced = torch.jit.trace(module, example, check_trace=False)
-        traced.save(str(path))
+        # through a Python file: saving to a path on a full disk aborts the whole process
+        # (the C++ writer throws in its destructor); a file object raises OSError instead
+        with open(path, "wb") as f:
+            torch.jit.save(traced, f)
         loaded = torch.jit.load(str(path))
         # a different batch size than the trace: the graph must not have baked it in
         probe = torch.cat([example, example.flip(0)])
@@ -343,7 +347,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
     if str(source).startswith("random:"):
         log.warning("exporting a randomly initialised %s", loaded.arch)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with storage.reporting_disk_full(out):
+        out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((out / META).read_text()) if (out / META).exists() else {}
     if meta and meta.get("arch") != loaded.arch:
         raise ConfigError(f"{out} already holds an export of {meta.get('arch')}; use another --out for {loaded.arch}")
@@ -366,29 +371,37 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
     graph = _graph_module(loaded, with_head)
     for fmt in formats:
         path = out / FILES[fmt]
-        if fmt == "torchvision":
-            torch.save(state, path)
-        elif fmt == "safetensors":
-            from safetensors.torch import save_file
+        # every file is written beside its destination and renamed when complete (and, for the
+        # graph formats, checked): a full disk or a failed check leaves no partial file behind
+        with storage.atomic_write(path) as tmp:
+            if fmt == "torchvision":
+                with open(tmp, "wb") as f:  # a file object: a full disk surfaces as OSError
+                    torch.save(state, f)
+            elif fmt == "safetensors":
+                from safetensors.torch import save
 
-            save_file(state, str(path), metadata={"arch": loaded.arch, "format": "seerlike-backbone"})
-        elif fmt == "torchscript":
-            meta["checks"][fmt] = write_torchscript(graph, example, path)
-        elif fmt == "onnx":
-            meta["checks"][fmt] = write_onnx(graph, example, path)
+                # serialised in memory, written by Python: the Rust writer reports a full disk
+                # only as text
+                tmp.write_bytes(save(state, metadata={"arch": loaded.arch, "format": "seerlike-backbone"}))
+            elif fmt == "torchscript":
+                meta["checks"][fmt] = write_torchscript(graph, example, tmp)
+            elif fmt == "onnx":
+                meta["checks"][fmt] = write_onnx(graph, example, tmp)
+            if meta["checks"].get(fmt, 0.0) > tolerance:
+                raise RuntimeError(f"{fmt} export differs from eager by {meta['checks'][fmt]:.3g} (> {tolerance}); not trusted")
         meta["files"][fmt] = FILES[fmt]
-        if meta["checks"].get(fmt, 0.0) > tolerance:
-            raise RuntimeError(f"{fmt} export differs from eager by {meta['checks'][fmt]:.3g} (> {tolerance}); not trusted")
         log.info("wrote %s", path)
     if loaded.train_config:
         import yaml
 
-        (out / "config.yaml").write_text(yaml.safe_dump(loaded.train_config, sort_keys=False))
+        storage.write_bytes(out / "config.yaml", yaml.safe_dump(loaded.train_config, sort_keys=False).encode())
     run_dir = Path(loaded.source).parent.parent  # RUN_DIR/checkpoints/step_N
     if _is_checkpoint(Path(loaded.source)) and (run_dir / "metrics.jsonl").exists():
         from seerlike.plots import training_curves
 
-        meta["curves"] = training_curves(run_dir, out / "training_curves.png").name
+        with storage.atomic_write(out / "training_curves.png") as tmp:
+            training_curves(run_dir, tmp)
+        meta["curves"] = "training_curves.png"
     evals = {}
     # results `seerlike eval` wrote by default beside this very checkpoint (MODEL/eval) are picked up too
     found = [p for d in (Path(loaded.source) / "eval", run_dir / "eval") if d.is_dir() for p in sorted(d.glob("eval_*.json"))]
@@ -401,8 +414,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
     if evals:
         meta["evals"] = {k: {"metrics": v.get("metrics"), "kind": v.get("kind"), "val": v.get("val"),
                              "layer": v.get("layer")} for k, v in evals.items()}
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "MODEL_CARD.md").write_text(model_card(loaded, meta, meta.get("evals", {})))
+    storage.write_bytes(out / "MODEL_CARD.md", model_card(loaded, meta, meta.get("evals", {})).encode())
+    storage.write_bytes(out / META, (json.dumps(meta, indent=2) + "\n").encode())  # last: it marks an export
     return meta
 
 

@@ -63,7 +63,7 @@ def training_curves(metrics: str | os.PathLike, out_png: str | os.PathLike,
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=100, format="png")  # not from the name: callers may pass a temp file
     plt.close(fig)
     return out_png
 

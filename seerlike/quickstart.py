@@ -10,9 +10,10 @@ local-executor job (``--cluster local``, the default) or a Slurm job chained wit
 completion marker matches. While the stages run, a watcher thread prints which stage runs,
 the elapsed time and the stage's own log lines (from the job's log files).
 
-The default budget fits 15 minutes on 2 CPU cores: the training stages get step counts from
-the per-step times measured on such a machine (``SECONDS_PER_STEP``); ``--minutes`` scales
-them and ``--pretrain-steps`` / ``--clusterfit-steps`` / ``--distill-steps`` set them outright.
+The default budget fits 15 minutes on 2 CPU cores: each training stage gets a share of the
+time (``SHARES``) and sets its own step count from its first timed steps on the actual data and
+model (``loop.time_budget_s``); ``--minutes`` scales them and ``--pretrain-steps`` /
+``--clusterfit-steps`` / ``--distill-steps`` set step counts outright.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -46,11 +47,6 @@ IMAGE_SIZE = 32
 K = 200
 """k-means clusters = ClusterFit classes (the clusterfit_tiny recipe's sweep: k 200 beat 50 and 100)."""
 
-#: Wall seconds per optimizer step on 2 dedicated cores (2 ranks x 1 thread, DDP, bf16, 24 px
-#: views; global batch 128, BYOL 64): the difference of a 20- and a 220-step run of
-#: `seerlike train --nproc 2` alone on the 2-core dev machine, twice (wall 0.355 / 0.22 / 0.18 /
-#: 0.133 s; CPU seconds / 2 x 1.1 for rank syncs agree within 3%; docs/benchmarks.md, "Session 4").
-SECONDS_PER_STEP = {"swav": 0.35, "byol": 0.22, "clusterfit": 0.18, "distill": 0.13}
 #: Wall seconds of everything that is not a training step: process start-ups, ingest, extract,
 #: k-means, five kNN evaluations over 6,000 images, export, report (~150 CPU-s of a 4-minute run).
 OVERHEAD_S = 150.0
@@ -58,46 +54,65 @@ OVERHEAD_S = 150.0
 #: pretraining gets 450 s (7.5 minutes x 2 cores = the benchmark's 15 CPU-minutes), ClusterFit
 #: and distillation 150 s each, which is what each needs to match the model it starts from.
 SHARES = {"pretrain": 0.6, "clusterfit": 0.2, "distill": 0.2}
+#: Warmup steps of each training stage (its length is only known once its first steps are timed).
+WARMUP = {"pretrain": 50, "clusterfit": 25, "distill": 25}
+#: Upper bound of a time-budgeted stage's steps (the budget ends it far earlier on 2 cores).
+MAX_STEPS = 1_000_000
 
 
 @dataclass(kw_only=True)
 class Budget:
-    """Step counts of the three training stages (and the k of k-means)."""
+    """Seconds of training per stage (each stage times its first steps and sets its own length:
+    ``loop.time_budget_s``), or step counts that replace them; and the k of k-means."""
 
-    pretrain_steps: int
-    """SwAV/BYOL optimizer steps at global batch 128."""
-    clusterfit_steps: int
-    """ClusterFit optimizer steps."""
-    distill_steps: int
-    """Distillation optimizer steps."""
+    pretrain_s: float
+    """Training seconds of the pretraining stage."""
+    clusterfit_s: float
+    """Training seconds of ClusterFit."""
+    distill_s: float
+    """Training seconds of distillation."""
+    pretrain_steps: int | None = None
+    """Explicit pretraining steps (instead of its seconds)."""
+    clusterfit_steps: int | None = None
+    """Explicit ClusterFit steps."""
+    distill_steps: int | None = None
+    """Explicit distillation steps."""
     k: int = K
     """k-means clusters = ClusterFit classes."""
 
     def __post_init__(self):
-        for name in ("pretrain_steps", "clusterfit_steps", "distill_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pretrain", "clusterfit", "distill"):
+            steps = getattr(self, f"{name}_steps")
+            if getattr(self, f"{name}_s") <= 0 or (steps is not None and steps < 1):
+                raise ValueError(f"{name}: seconds must be > 0 and steps >= 1")
         if self.k < 2:
             raise ValueError(f"k must be >= 2, got {self.k}")
 
+    def train_args(self, stage: str, seed: int, *extra: str) -> list[str]:
+        """The stage's --max-steps / time budget and key=value overrides (after every option)."""
+        steps = getattr(self, f"{stage}_steps")
+        if steps is not None:
+            length = ["--max-steps", str(steps), f"optim.warmup_steps={max(1, steps // 20)}"]
+        else:
+            length = ["--max-steps", str(MAX_STEPS), f"loop.time_budget_s={getattr(self, f'{stage}_s'):.0f}",
+                      f"optim.warmup_steps={WARMUP[stage]}"]
+        # checkpoints a few times per run (resume after a kill) instead of the recipes' every 10 steps
+        every = max(50, steps // 4) if steps is not None else 250
+        log_every = max(1, min(20, steps // 10)) if steps is not None else 20
+        return [*length, *extra, f"loop.seed={seed}", f"checkpoint.every_steps={every}", "checkpoint.keep_last=1",
+                "loop.tensorboard=false", f"loop.log_every={log_every}"]
 
-def budget_for(minutes: float, method: str, *, pretrain_steps: int | None = None,
-               clusterfit_steps: int | None = None, distill_steps: int | None = None, k: int = K) -> Budget:
-    """Step counts that fill ``minutes`` of wall time on 2 cores; explicit counts win."""
+
+def budget_for(minutes: float, *, pretrain_steps: int | None = None, clusterfit_steps: int | None = None,
+               distill_steps: int | None = None, k: int = K) -> Budget:
+    """Training seconds that fill ``minutes`` of wall time on 2 cores; explicit step counts win."""
     if minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
     train_s = max(minutes * 60.0 - OVERHEAD_S, 60.0)
-
-    def steps(stage: str, per_step: float) -> int:
-        return max(10, int(train_s * SHARES[stage] / per_step))
-
     try:
-        return Budget(
-            pretrain_steps=pretrain_steps or steps("pretrain", SECONDS_PER_STEP[method]),
-            clusterfit_steps=clusterfit_steps or steps("clusterfit", SECONDS_PER_STEP["clusterfit"]),
-            distill_steps=distill_steps or steps("distill", SECONDS_PER_STEP["distill"]),
-            k=k,
-        )
+        return Budget(pretrain_s=train_s * SHARES["pretrain"], clusterfit_s=train_s * SHARES["clusterfit"],
+                      distill_s=train_s * SHARES["distill"], pretrain_steps=pretrain_steps,
+                      clusterfit_steps=clusterfit_steps, distill_steps=distill_steps, k=k)
     except ValueError as e:
         raise ConfigError(f"seerlike quickstart: {e}") from None
 
@@ -130,14 +145,6 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, str]:
 # ---------------------------------------------------------------- the pipeline
 
 
-def _train_args(steps: int, seed: int, *extra: str) -> list[str]:
-    """--max-steps and key=value overrides (after every option: argparse wants them last)."""
-    # checkpoints a few times per run (resume after a kill) instead of the recipes' every 10 steps
-    return ["--max-steps", str(steps), *extra, f"loop.seed={seed}", f"optim.warmup_steps={max(1, steps // 20)}",
-            f"checkpoint.every_steps={max(50, steps // 4)}", "checkpoint.keep_last=1", "loop.tensorboard=false",
-            f"loop.log_every={max(1, min(20, steps // 10))}"]
-
-
 def knn_args(model: str, train: str, val: str, out: str) -> list[str]:
     """`seerlike eval knn` arguments of every quickstart score: k 20, cosine, T 0.07, pooled features, whole 32 px images."""
     return ["knn", "--model", model, "--train", train, "--val", val, "--out", out, "--layer", "pool",
@@ -154,8 +161,10 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
     """The quickstart as a Pipeline (stages, their arguments and resources)."""
     from launchers.pipeline import pipeline_from_dict
 
-    if method not in ("swav", "byol"):
-        raise ConfigError(f"--method must be swav or byol, got {method!r}")
+    from seerlike.methods import pretraining_methods
+
+    if method not in pretraining_methods():
+        raise ConfigError(f"--method {method!r} is not a pretraining method; choose one of {pretraining_methods()}")
     run_dir = Path(run_dir).absolute()
     data = store.rstrip("/") if store else str(run_dir / "ingest")
     ranks = {"tasks_per_node": nproc}
@@ -166,7 +175,7 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
         _eval_stage("eval_random", f"random:{ARCH}"),
         {"name": "pretrain", "command": "train", "submit": ranks,
          "args": ["--recipe", f"tiny_{method}", "--data", "{data}", "--run-dir", "{out}",
-                  *_train_args(budget.pretrain_steps, seed)]},
+                  *budget.train_args("pretrain", seed)]},
         _eval_stage("eval_pretrain", "{pretrain}"),
         {"name": "extract", "command": "extract",
          "args": ["--checkpoint", "{pretrain}", "--data", "{data}", "--layer", "res5", "--image-size",
@@ -176,12 +185,12 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
                   "--images", "{data}"]},
         {"name": "clusterfit", "command": "train", "submit": ranks,
          "args": ["--recipe", "clusterfit_tiny", "--data", "{data}", "--run-dir", "{out}",
-                  *_train_args(budget.clusterfit_steps, seed, "data.labels={cluster}",
-                               "method.clusterfit.num_classes={k}")]},
+                  *budget.train_args("clusterfit", seed, "data.labels={cluster}",
+                               "method.num_classes={k}")]},
         _eval_stage("eval_clusterfit", "{clusterfit}"),
         {"name": "distill", "command": "distill", "submit": ranks,
          "args": ["--teacher", "{clusterfit}", "--student", STUDENT, "--data", "{data}", "--run-dir", "{out}",
-                  *_train_args(budget.distill_steps, seed)]},
+                  *budget.train_args("distill", seed)]},
         {"name": "export", "command": "export",
          "args": ["--checkpoint", "{distill}", "--format", "torchvision,safetensors", "--image-size",
                   str(IMAGE_SIZE), "--out", "{out}"]},
@@ -497,10 +506,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default cifar10-dev train.csv)")
     p.add_argument("--eval-val", help="labeled kNN queries (default cifar10-dev val.csv)")
     p.add_argument("--run-dir", default="runs/quickstart", help="where everything goes (rerun to resume)")
-    p.add_argument("--method", choices=("swav", "byol"), default="swav", help="self-supervised pretraining method")
+    from seerlike.methods import pretraining_methods
+
+    p.add_argument("--method", choices=pretraining_methods(), default="swav",
+                   help="self-supervised pretraining method (its tiny_METHOD recipe)")
     p.add_argument("--store", default="", help="s3://bucket/prefix for the shards (default: RUN_DIR/ingest)")
     p.add_argument("--cluster", choices=("local", "slurm"), default="local", help="local processes or Slurm jobs")
     p.add_argument("--minutes", type=float, default=15.0, help="wall-time budget on 2 CPU cores (sets the steps)")
+    p.add_argument("--pretrain-seconds", type=float, help="training seconds of pretraining (instead of its share of --minutes)")
+    p.add_argument("--followup-seconds", type=float, help="training seconds each of ClusterFit and distillation")
     p.add_argument("--pretrain-steps", type=int, help="override the pretraining steps")
     p.add_argument("--clusterfit-steps", type=int, help="override the ClusterFit steps")
     p.add_argument("--distill-steps", type=int, help="override the distillation steps")
@@ -522,8 +536,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--cluster slurm: no sbatch on PATH (start infra/slurm or run on a login node); "
                           "omit --cluster to run the stages as local processes")
     images, eval_train, eval_val = resolve_inputs(args)
-    budget = budget_for(args.minutes, args.method, pretrain_steps=args.pretrain_steps,
+    budget = budget_for(args.minutes, pretrain_steps=args.pretrain_steps,
                         clusterfit_steps=args.clusterfit_steps, distill_steps=args.distill_steps, k=args.k)
+    if args.pretrain_seconds or args.followup_seconds:
+        budget = replace(budget, pretrain_s=args.pretrain_seconds or budget.pretrain_s,
+                         clusterfit_s=args.followup_seconds or budget.clusterfit_s,
+                         distill_s=args.followup_seconds or budget.distill_s)
     run_dir = Path(args.run_dir).absolute()
     p = build_pipeline(run_dir, images=images, eval_train=eval_train, eval_val=eval_val, method=args.method,
                        budget=budget, store=args.store, seed=args.seed, nproc=args.nproc)

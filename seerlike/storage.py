@@ -11,7 +11,9 @@ Every function here takes either a local path or an ``s3://bucket/key`` URL, so 
   ``remove_tree(prefix)``.
 - paths: ``join(base, *parts)``; ``join_within(root, rel)`` and ``local_path_for(dest, rel)``
   for names that come from data (manifests, S3 keys), which must stay below their root.
-- ``atomic_write(path)``; ``redact_url`` (logs, errors) and ``strip_credentials`` (saved configs).
+- ``atomic_write(path)``: the one write-then-rename helper of the project (temp file beside
+  the destination, umask permissions, fsync); ``DiskFullError`` for a full disk.
+- ``redact_url`` (logs, errors) and ``strip_credentials`` (saved configs, job records).
 
 Every S3 request goes through one retry policy (``RetryPolicy``): connection resets,
 timeouts, truncated bodies, 5xx and throttling are retried with exponential backoff and
@@ -29,14 +31,15 @@ saved: a resumed run takes its credentials from the environment.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
 import os
 import random
 import re
+import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -526,26 +529,82 @@ def _walk_sorted(root: str) -> Iterator[tuple[str, int]]:
 # ---------------------------------------------------------------- write
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """Out of space (or quota) while writing ``filename``; ``str()`` is one line naming it and the fix."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_full(path: str | os.PathLike, hint: str = "free space or choose another --out") -> DiskFullError:
+    return DiskFullError(errno.ENOSPC, f"disk full while writing {os.fspath(path)}: {hint}", os.fspath(path))
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether ``e``, or an error it was raised from or while handling, is out of space or quota.
+
+    The chain matters: torch.save, writing to a Python file, turns the file's ENOSPC into a
+    RuntimeError raised while handling it.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def reporting_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an out-of-space error from the block as ``DiskFullError`` naming ``path``."""
+    try:
+        yield
+    except BaseException as e:
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise disk_full(path) from e
+        raise
+
+
+def _create_beside(path: Path) -> Path:
+    """A new empty hidden ``.NAME.RANDOM.tmp`` beside ``path``, created the way ``open()`` creates
+    files: mode 0666 minus the umask (``tempfile.mkstemp`` would make it 0600, unreadable to a team)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temp name beside {path}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
 
-    Readers see either the old file or the complete new one, never a partial write; on an
-    exception the temp file is removed and ``path`` is untouched.
+    Readers see either the old file or the complete new one, never a partial write. The temp
+    file sits in the destination's folder (so the rename never crosses filesystems) and gets
+    the permissions ``open()`` would give (0644 under umask 022). On an exception it is
+    removed and ``path`` is untouched; running out of space raises ``DiskFullError`` naming
+    ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with reporting_disk_full(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_beside(path)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_bytes(url: str | os.PathLike, data: bytes, *, endpoint_url: str | None = None,
@@ -583,10 +642,17 @@ def put_file(
     dest = Path(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if move:
-        os.replace(local, dest)
-    else:
-        with atomic_write(dest) as tmp:
-            shutil.copyfile(local, tmp)
+        try:
+            os.replace(local, dest)
+            return
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+    # a copy (or a move across filesystems): staged beside the destination, then renamed
+    with atomic_write(dest) as tmp:
+        shutil.copyfile(local, tmp)
+    if move:
+        local.unlink()
 
 
 def _multipart_etag(parts: list[dict]) -> str:

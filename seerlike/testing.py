@@ -17,6 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def micro_batch(views: list[torch.Tensor], labels: torch.Tensor | None = None):
+    """A training-step input (``.views``, ``.labels``) from plain tensors, for tests of ``train_step``."""
+    from seerlike.data.pipeline import Batch
+
+    return Batch(views=list(views), keys=[str(i) for i in range(views[0].shape[0])], labels=labels)
+
+
 class RankFailed(RuntimeError):
     """A function run by :func:`run_on_ranks` raised on some rank."""
 

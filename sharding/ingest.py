@@ -49,7 +49,7 @@ from sharding.config import IngestConfig
 from sharding.manifest import MANIFEST, SCHEMA, SUMMARY, WORK, read_table, table_to_bytes
 from sharding.process import REASONS, process_image
 from sharding.sources import FetchError, Source, check_inputs, iter_sources, normalize_ref, prefetch
-from sharding.writer import ShardWriter, rewrite_shard
+from sharding.writer import SHARDS_DIR, ShardWriter, rewrite_shard, staged
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +194,37 @@ def pending_chunks(cfg: IngestConfig) -> list[int]:
 # ---------------------------------------------------------------- one chunk
 
 
-def _tmp_dir(cfg: IngestConfig) -> str:
-    """Where shards are built: beside shards/ locally (same filesystem: rename is atomic)."""
+def _spool_dir(cfg: IngestConfig) -> str:
+    """Local scratch space: S3 shards are built here before their upload; the merge spills here.
+
+    Local outputs use ``_ingest/tmp`` (the output's own filesystem: the system temp dir may
+    be small or on another device); S3 outputs one folder per output (not per process) under
+    ``spool_dir`` or the system temp dir, so a rerun on this machine finds and removes the
+    temp files of a killed attempt.
+    """
     if storage.is_s3_url(cfg.out):
-        # One spool folder per output (not per process), so a rerun finds and removes the
-        # temp shards of a killed attempt on this machine.
         base = cfg.spool_dir or tempfile.gettempdir()
         return os.path.join(base, "seerlike-ingest-" + hashlib.sha256(cfg.out.encode()).hexdigest()[:12])
     return _work(cfg, "tmp")
+
+
+def _remove_temps(folder: str, pattern: str) -> None:
+    """Delete files a killed attempt left in a local folder (no-op for S3, which has no temp objects)."""
+    if storage.is_s3_url(folder):
+        return
+    for stale in Path(folder).glob(pattern):
+        stale.unlink(missing_ok=True)
+
+
+def _remove_chunk_temps(cfg: IngestConfig, k: int) -> None:
+    """Temp files of chunk ``k``: shards beside their destination (S3: in the spool), parts, marker."""
+    _remove_temps(storage.join(cfg.out, SHARDS_DIR), f".{k:06d}-*.tmp")
+    for d in ("parts", "done"):
+        _remove_temps(_work(cfg, d), f".{k:06d}.*.tmp")
+    if storage.is_s3_url(cfg.out):
+        spool = _spool_dir(cfg)
+        _remove_temps(spool, f".{k:06d}-*.tmp")
+        _remove_temps(spool, f"{k:06d}-*.tar")
 
 
 def ingest_chunk(cfg: IngestConfig, chunk_index: int, progress: Progress | None = None) -> dict:
@@ -213,15 +236,14 @@ def ingest_chunk(cfg: IngestConfig, chunk_index: int, progress: Progress | None 
         return json.loads(storage.read_bytes(done_url, endpoint_url=_ep(cfg)))
     t0, c0 = time.perf_counter(), time.process_time()
     sources = chunk_sources(cfg, k)
-    tmp_dir = _tmp_dir(cfg)
-    for stale in Path(tmp_dir).glob(f"{k:06d}-*.tar.tmp"):  # left by a killed attempt
-        stale.unlink(missing_ok=True)
+    spool = _spool_dir(cfg)
+    _remove_chunk_temps(cfg, k)  # of a killed attempt
     writer = ShardWriter(
         cfg.out,
         k,
         max_samples=cfg.shard_max_samples,
         max_bytes=int(cfg.shard_max_mb * 1e6),
-        tmp_dir=tmp_dir,
+        spool_dir=spool,
         endpoint_url=_ep(cfg),
     )
     rows: list[dict] = []
@@ -246,14 +268,14 @@ def ingest_chunk(cfg: IngestConfig, chunk_index: int, progress: Progress | None 
                 progress(sum(pending.values()), pending)
                 pending, last_report = Counter(), now
         shards = writer.close()
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        writer.abort(e)  # a full disk comes out of here as DiskFullError naming the shard
         raise
     if progress is not None and pending:
         progress(sum(pending.values()), pending)
     if storage.is_s3_url(cfg.out):
         with contextlib.suppress(OSError):
-            os.rmdir(tmp_dir)  # the spool folder, empty once every shard is uploaded (else in use)
+            os.rmdir(spool)  # the spool folder, empty once every shard is uploaded (else in use)
     storage.write_bytes(
         _work(cfg, "parts", f"{k:06d}.parquet"),
         table_to_bytes(pa.Table.from_pylist(rows, schema=SCHEMA)),
@@ -321,12 +343,22 @@ def merge(cfg: IngestConfig, run_stats: dict | None = None) -> dict:
             "run ingest_chunk for them, or rerun `seerlike ingest`, before merging"
         )
     t0 = time.perf_counter()
-    local_tmp = tempfile.mkdtemp(prefix="seerlike-merge-", dir=cfg.spool_dir or None)
+    # Every chunk is done, so no writer is alive: whatever temp files remain belong to a
+    # killed chunk attempt or merge. The merge only rereads parts and rewrites deterministic
+    # outputs, so rerunning it after a stop at any point gives the same result.
+    for folder in (cfg.out, storage.join(cfg.out, SHARDS_DIR), *(_work(cfg, d) for d in ("", "chunks", "parts", "done"))):
+        _remove_temps(folder, ".*.tmp")
+    scratch = os.path.join(_spool_dir(cfg), "merge")
+    shutil.rmtree(scratch, ignore_errors=True)
     try:
-        dup_ids, win_ids = _cross_chunk(cfg, p, local_tmp)
-        summary = _write_manifest(cfg, p, dup_ids, win_ids, local_tmp)
+        with storage.reporting_disk_full(scratch):
+            os.makedirs(scratch, exist_ok=True)
+            dup_ids, win_ids = _cross_chunk(cfg, p, scratch)
+        summary = _write_manifest(cfg, p, dup_ids, win_ids, scratch)
     finally:
-        shutil.rmtree(local_tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(_spool_dir(cfg))  # gone when empty
     chunk_seconds = chunk_cpu = 0.0
     for k in p.chunks:
         marker = json.loads(storage.read_bytes(_work(cfg, "done", f"{k:06d}.json"), endpoint_url=_ep(cfg)))
@@ -376,8 +408,8 @@ def _write_manifest(cfg: IngestConfig, p: Plan, dup_ids: np.ndarray, win_ids: np
     bytes_in = bytes_out = kept = 0
     shards: set[str] = set()
     cross = 0
-    local_manifest = os.path.join(tmp, MANIFEST)
-    with pq.ParquetWriter(local_manifest, SCHEMA, compression="zstd") as out:
+    with staged(storage.join(cfg.out, MANIFEST), tmp, endpoint_url=_ep(cfg)) as local_manifest, \
+            pq.ParquetWriter(local_manifest, SCHEMA, compression="zstd") as out:
         for k in p.chunks:
             t = read_table(_work(cfg, "parts", f"{k:06d}.parquet"), endpoint_url=_ep(cfg))
             lo, hi = np.searchsorted(dup_ids, [k * p.chunk_size, (k + 1) * p.chunk_size])
@@ -395,7 +427,6 @@ def _write_manifest(cfg: IngestConfig, p: Plan, dup_ids: np.ndarray, win_ids: np
                     kept += bool(ko)
                     shards.add(shard)
             out.write_table(t)
-    storage.put_file(local_manifest, storage.join(cfg.out, MANIFEST), endpoint_url=_ep(cfg), move=True)
     written = counts["written"]
     return {
         "dataset": cfg.out,
@@ -416,8 +447,17 @@ def _write_manifest(cfg: IngestConfig, p: Plan, dup_ids: np.ndarray, win_ids: np
 
 
 def _apply_duplicates(cfg, t: pa.Table, k: int, p: Plan, dups: np.ndarray, wins: np.ndarray, tmp: str) -> pa.Table:
-    """Mark later copies as duplicates and rewrite the shards that held them (new offsets)."""
+    """Mark later copies as duplicates and rewrite the shards that held them (new offsets).
+
+    Which samples a shard keeps comes from the chunk's manifest part, never from the shard's
+    current state, so a rerun after a stop midway (some shards rewritten, an emptied one
+    already deleted) does exactly the same thing.
+    """
     d = t.to_pydict()
+    members: dict[str, set[str]] = {}
+    for key, shard, status in zip(d["key"], d["shard"], d["status"]):
+        if status == "written":
+            members.setdefault(shard, set()).add(key)
     idx = (dups - k * p.chunk_size).tolist()
     drop: dict[str, set[str]] = {}
     for i, w in zip(idx, wins.tolist()):
@@ -428,7 +468,19 @@ def _apply_duplicates(cfg, t: pa.Table, k: int, p: Plan, dups: np.ndarray, wins:
             d[col][i] = None
     offsets: dict[str, int] = {}
     for shard, keys in sorted(drop.items()):
-        offsets.update(rewrite_shard(storage.join(cfg.out, shard), keys, tmp, endpoint_url=_ep(cfg)))
+        url, kept = storage.join(cfg.out, shard), members[shard] - keys
+        if not kept:
+            storage.remove(url, endpoint_url=_ep(cfg))  # idempotent: a rerun finds it gone
+            continue
+        if not storage.exists(url, endpoint_url=_ep(cfg)):
+            raise RuntimeError(
+                f"{url} is missing but chunk {k}'s manifest part lists samples in it; redo the chunk: "
+                f"delete {_work(cfg, 'done', f'{k:06d}.json')} and rerun the ingest"
+            )
+        got = rewrite_shard(url, keys, tmp, endpoint_url=_ep(cfg))
+        if set(got) != kept:
+            raise RuntimeError(f"{url} does not hold the samples chunk {k}'s manifest part lists; redo the chunk")
+        offsets.update(got)
     for i, (key, shard) in enumerate(zip(d["key"], d["shard"])):
         if shard in drop:
             d["offset"][i] = offsets[key]
@@ -497,6 +549,12 @@ def ingest(cfg: IngestConfig) -> dict:
         else:
             _run_pool(cfg, todo, bar)
         finished = True
+    except BaseException:
+        # a failed chunk stopped the pool, killing the others midway: drop their temp files
+        # (the workers are gone; a rerun redoes every chunk without a done marker)
+        for k in todo:
+            _remove_chunk_temps(cfg, k)
+        raise
     finally:
         bar.close(p.n_inputs if finished else None)
     seconds = time.perf_counter() - t1

@@ -3,17 +3,18 @@
 A chunk's samples go to ``shards/{chunk:06d}-{j:04d}.tar``: ``KEY.jpg`` then ``KEY.json``
 per sample, plain USTAR headers with fixed mtime/uid/gid/mode, so the same inputs give
 byte-identical shards on every run (resume and idempotent reruns rely on this). A shard
-is built in a temp file and only then renamed into ``shards/`` (local) or uploaded
-(S3: a single PUT or a multipart upload, visible only once complete).
+is built in a temp file beside it (``storage.atomic_write``) and only then renamed into
+place (local), or built in a local spool folder and uploaded (S3: a single PUT or a
+multipart upload, visible only once complete).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -94,11 +95,34 @@ def sample_json(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+@contextlib.contextmanager
+def staged(url: str, spool_dir: str | os.PathLike, *, endpoint_url: str | None = None) -> Iterator[Path]:
+    """A local path to build ``url`` in; ``url`` appears, complete, only if the block succeeds.
+
+    A local ``url`` is built beside itself (``storage.atomic_write``: same filesystem, so the
+    final rename is atomic, with the umask's permissions); an S3 object in ``spool_dir``, then
+    uploaded (one PUT or a multipart upload, visible only once complete).
+    """
+    if not storage.is_s3_url(url):
+        with storage.atomic_write(url) as tmp:
+            yield tmp
+        return
+    local = Path(spool_dir) / url.rsplit("/", 1)[-1]
+    with storage.atomic_write(local) as tmp:
+        yield tmp
+    try:
+        storage.put_file(local, url, endpoint_url=endpoint_url, move=True)
+    finally:
+        local.unlink(missing_ok=True)
+
+
 class ShardWriter:
     """Writes one chunk's samples into consecutive shards, closing at max samples or bytes.
 
     ``add`` returns ``(shard_name, jpeg_offset)``: ``offset`` is where the JPEG bytes start
     inside the tar (its header is the 512 bytes before), so one range read fetches an image.
+    Each shard is built with ``staged``: beside its destination locally, in ``spool_dir``
+    for S3 outputs.
     """
 
     def __init__(
@@ -108,28 +132,27 @@ class ShardWriter:
         *,
         max_samples: int,
         max_bytes: int,
-        tmp_dir: str | os.PathLike,
+        spool_dir: str | os.PathLike,
         endpoint_url: str | None = None,
     ):
         self.out = out
         self.chunk = chunk
         self.max_samples = max_samples
         self.max_bytes = max_bytes
-        self.tmp_dir = Path(tmp_dir)
+        self.spool_dir = Path(spool_dir)
         self.endpoint_url = endpoint_url
         self.published: list[str] = []
         self._j = 0
-        self._file: IO[bytes] | None = None
+        # the open shard: its staged() context (held across add() calls), file and tar stream
+        self._stack: contextlib.ExitStack | None = None
         self._sink: TarSink | None = None
-        self._tmp: Path | None = None
         self._count = 0
 
     def _open(self) -> None:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{self.chunk:06d}-{self._j:04d}.", suffix=".tar.tmp", dir=self.tmp_dir)
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
-        self._sink = TarSink(self._file)
+        url = storage.join(self.out, shard_name(self.chunk, self._j))
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(staged(url, self.spool_dir, endpoint_url=self.endpoint_url))
+        self._sink = TarSink(self._stack.enter_context(open(tmp, "wb")))
         self._count = 0
 
     def add(self, key: str, jpeg: bytes, meta: dict) -> tuple[str, int]:
@@ -144,16 +167,13 @@ class ShardWriter:
         return name, offset
 
     def _publish(self) -> None:
-        assert self._sink is not None and self._file is not None and self._tmp is not None
+        assert self._sink is not None and self._stack is not None
         self._sink.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        stack, self._stack, self._sink = self._stack, None, None
+        stack.close()  # closes the file, then fsync + rename (or upload)
         name = shard_name(self.chunk, self._j)
-        storage.put_file(self._tmp, storage.join(self.out, name), endpoint_url=self.endpoint_url, move=True)
         self.published.append(name)
         log.debug("published %s (%d samples)", name, self._count)
-        self._sink = self._file = self._tmp = None
         self._j += 1
 
     def close(self) -> list[str]:
@@ -162,12 +182,16 @@ class ShardWriter:
             self._publish()
         return self.published
 
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-        self._sink = self._file = self._tmp = None
+    def abort(self, error: BaseException | None = None) -> None:
+        """Drop the shard being built: its temp file is removed even when closing it fails.
+
+        ``error`` (what stopped the chunk) goes through the shard's ``staged`` context, so a
+        full disk comes out as ``storage.DiskFullError`` naming the shard.
+        """
+        stack, self._stack, self._sink = self._stack, None, None
+        if stack is not None:
+            error = error or RuntimeError("shard writer aborted")
+            stack.__exit__(type(error), error, error.__traceback__)
 
 
 def iter_tar(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
@@ -179,31 +203,32 @@ def iter_tar(f: IO[bytes]) -> Iterator[tuple[str, bytes]]:
                 yield member.name, data.read() if data else b""
 
 
-def rewrite_shard(url: str, drop_keys: set[str], tmp_dir: str | os.PathLike, *, endpoint_url: str | None = None) -> dict[str, int]:
+class _NothingKept(Exception):
+    """Every sample of a rewritten shard was dropped: discard the rewrite, delete the shard."""
+
+
+def rewrite_shard(url: str, drop_keys: set[str], spool_dir: str | os.PathLike, *, endpoint_url: str | None = None) -> dict[str, int]:
     """Rewrite a shard without the samples in ``drop_keys``; returns the new ``{key: jpeg offset}``.
 
     Deterministic (same kept members, same headers), so rewriting an already rewritten
     shard yields the same bytes: the merge can be rerun after a crash at any point. A
     shard left with no samples is deleted.
     """
-    Path(tmp_dir).mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="rewrite.", suffix=".tar.tmp", dir=tmp_dir)
     offsets: dict[str, int] = {}
     try:
-        with os.fdopen(fd, "wb") as out, storage.open_read(url, endpoint_url=endpoint_url) as src:
-            sink = TarSink(out)
-            for name, data in iter_tar(src):
-                key, _, ext = name.partition(".")
-                if key in drop_keys:
-                    continue
-                offset = sink.add(name, data)
-                if ext == "jpg":
-                    offsets[key] = offset
-            sink.close()
-        if offsets:
-            storage.put_file(tmp, url, endpoint_url=endpoint_url, move=True)
-        else:
-            storage.remove(url, endpoint_url=endpoint_url)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        with staged(url, spool_dir, endpoint_url=endpoint_url) as tmp:
+            with open(tmp, "wb") as out, storage.open_read(url, endpoint_url=endpoint_url) as src:
+                sink = TarSink(out)
+                for name, data in iter_tar(src):
+                    key, _, ext = name.partition(".")
+                    if key in drop_keys:
+                        continue
+                    offset = sink.add(name, data)
+                    if ext == "jpg":
+                        offsets[key] = offset
+                sink.close()
+            if not offsets:
+                raise _NothingKept
+    except _NothingKept:
+        storage.remove(url, endpoint_url=endpoint_url)
     return offsets

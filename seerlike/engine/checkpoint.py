@@ -27,6 +27,7 @@ checkpoint into ``RUN_DIR/checkpoints_cache``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -43,7 +44,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -51,6 +53,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from seerlike import config as configlib
+from seerlike import storage
 
 log = logging.getLogger(__name__)
 
@@ -204,19 +207,20 @@ class Checkpointer:
             # DCP copy is rank 0's rather than whichever rank DCP's load balancing would pick
             msd = {k: v for k, v in msd.items() if hasattr(v, "placements")}
         state = {"model": msd, "optim": osd}
-        self._write_rank_files(path, method, data_state)
-        if self.rank == 0:
-            meta = {"step": step, "world_size": self.world, "time": time.time(), "torch": torch.__version__,
-                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
-            (path / "meta.json").write_text(json.dumps(meta, indent=1))
-            configlib.dump(train_config, path / "config.yaml")
-        if self.cfg.async_save:
-            fut = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
-            self._pending = (fut, step, path)
-            log.info("checkpoint step %d: writing in the background", step)
-            return
-        dcp.save(state, checkpoint_id=str(path), process_group=self.group)
-        self._finish(step, path)
+        with _reporting_disk_full(path, _tensor_bytes(state), self.rank):
+            self._write_rank_files(path, method, data_state)
+            if self.rank == 0:
+                meta = {"step": step, "world_size": self.world, "time": time.time(), "torch": torch.__version__,
+                        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+                storage.write_bytes(path / "meta.json", json.dumps(meta, indent=1).encode())
+                configlib.dump(train_config, path / "config.yaml")
+            if self.cfg.async_save:
+                fut = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
+                self._pending = (fut, step, path)
+                log.info("checkpoint step %d: writing in the background", step)
+                return
+            dcp.save(state, checkpoint_id=str(path), process_group=self.group)
+            self._finish(step, path)
         log.info("checkpoint step %d written in %.2fs: %s", step, time.perf_counter() - t0, self.last_complete)
 
     def wait(self) -> None:
@@ -224,8 +228,9 @@ class Checkpointer:
         if self._pending is not None:
             fut, step, path = self._pending
             self._pending = None
-            fut.result()
-            self._finish(step, path)
+            with _reporting_disk_full(path, 0, self.rank):
+                fut.result()
+                self._finish(step, path)
             log.info("checkpoint step %d complete: %s", step, self.last_complete)
 
     def _write_rank_files(self, path: Path, method: nn.Module, data_state: dict) -> None:
@@ -235,12 +240,12 @@ class Checkpointer:
         for name, buf in method.named_buffers():
             if not hasattr(buf, "to_local"):
                 tensors[f"buffer.{name}"] = buf.detach().to("cpu", copy=True).contiguous()
-        save_file(tensors, str(path / f"rank_{self.rank:05d}.safetensors"))
+        # serialised in memory (RNG states and buffers: small) and written by Python, so the
+        # file gets the umask's permissions and a full disk raises OSError
+        storage.write_bytes(path / f"rank_{self.rank:05d}.safetensors", save_safetensors(tensors))
         py_state = random.getstate()
         rank_state = {"data": data_state, "python_random": [py_state[0], list(py_state[1]), py_state[2]]}
-        tmp = path / f"rank_{self.rank:05d}.json.tmp"
-        tmp.write_text(json.dumps(rank_state))
-        tmp.replace(path / f"rank_{self.rank:05d}.json")
+        storage.write_bytes(path / f"rank_{self.rank:05d}.json", json.dumps(rank_state).encode())
 
     def _finish(self, step: int, path: Path) -> None:
         self._barrier()  # every rank's shards and files are on disk
@@ -248,7 +253,7 @@ class Checkpointer:
         if self.remote:
             final = self._upload(step, path)
         elif self.rank == 0:
-            (path / COMPLETE).write_text(f"{step}\n")
+            storage.write_bytes(path / COMPLETE, f"{step}\n".encode())
             self._prune()
         self._barrier()
         self.last_complete = final
@@ -268,8 +273,6 @@ class Checkpointer:
     # ---------------------------------------------------------------- s3
 
     def _upload(self, step: int, path: Path) -> str:
-        from seerlike import storage
-
         remote_dir = storage.join(self.cfg.dir, path.name)
         mine = [f for f in path.iterdir() if f.is_file() and _owned_by(f.name, self.rank)]
         for f in mine:  # each upload retried per storage.RetryPolicy (multipart: part by part)
@@ -282,8 +285,6 @@ class Checkpointer:
         return remote_dir
 
     def _remote_complete(self) -> list[str]:
-        from seerlike import storage
-
         base = self.cfg.dir.rstrip("/") + "/"
         names = set()
         for url, _ in storage.list_files(base):
@@ -293,8 +294,6 @@ class Checkpointer:
         return sorted(names)
 
     def _prune_remote(self) -> None:
-        from seerlike import storage
-
         done = self._remote_complete()
         for name in done[: -self.cfg.keep_last] if self.cfg.keep_last else []:
             remote_dir = storage.join(self.cfg.dir, name)
@@ -309,8 +308,6 @@ class Checkpointer:
         final name only once every file is in, so an interrupted download is never taken for
         a cached checkpoint. Every rank learns whether rank 0 succeeded, so none waits forever.
         """
-        from seerlike import storage
-
         done = self._remote_complete()
         if not done:
             return None
@@ -391,6 +388,42 @@ class Checkpointer:
     def _barrier(self) -> None:
         if self.group is not None:
             dist.barrier(group=self.group)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of this rank's tensors in a (nested) state dict: what a save writes here."""
+    if isinstance(obj, torch.Tensor):
+        local = obj.to_local() if hasattr(obj, "to_local") else obj
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+@contextlib.contextmanager
+def _reporting_disk_full(path: Path, needed: int, rank: int):
+    """A save that ran out of space becomes one ``storage.DiskFullError`` naming the checkpoint.
+
+    DCP reports a full disk as a ``CheckpointException`` around torch.save's RuntimeError, with
+    the errno lost; a failed save on a filesystem with less free space than the save needs
+    counts as a full disk too. The partial folder (never marked COMPLETE) is removed: it holds
+    the space the user must free.
+    """
+    try:
+        yield
+    except BaseException as e:
+        wrapped = [exc for exc, _ in getattr(e, "failures", {}).values()]  # DCP: one error per rank
+        full = any(storage.is_disk_full(x) for x in (e, *wrapped))
+        if not full and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(path).free < needed
+        if not full:
+            raise
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        raise storage.disk_full(path, "free space or choose another checkpoint.dir") from e
 
 
 def _owned_by(name: str, rank: int) -> bool:

@@ -1,16 +1,19 @@
 """The training loop: read it top to bottom.
 
-Every rank runs :func:`train`. Exact resume holds because everything a step depends on is
-restored from the checkpoint: parameters, optimizer state, loss scale, method state (SwAV
-queue, BYOL target: buffers and submodules of the method), per-rank buffers, per-rank torch
-and Python RNG, the data pipeline's position; the LR is a function of the step.
+Every rank runs :func:`train`. The method comes from the registry (seerlike.methods) by
+``method.name``; the loop knows it only through the Method contract (seerlike.methods.base)
+and trains it with :func:`seerlike.engine.step.train_step`. Exact resume holds because
+everything a step depends on is restored from the checkpoint: parameters, optimizer state,
+loss scale, method state (queues, momentum encoders, centres: buffers and submodules of the
+method), per-rank buffers, per-rank torch and Python RNG, the data pipeline's position; the
+LR is a function of the step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import dataclasses
 import random
 import signal
 import time
@@ -21,41 +24,29 @@ import torch.distributed as dist
 from torch import nn
 
 from seerlike import config as configlib
-from seerlike import models
+from seerlike import methods, models
+from seerlike.engine.budget import StepBudget
 from seerlike.engine.checkpoint import Checkpointer
+from seerlike.engine.config import TrainConfig
 from seerlike.engine.dist import DistInfo, init_distributed, setup_logging, teardown
 from seerlike.engine.metrics import MetricsLogger, Throughput, peak_memory_mb
 from seerlike.engine.optim import LRSchedule, build_optimizer
 from seerlike.engine.parallelize import parallelize
-from seerlike.engine.precision import autocast, grad_scaler
-from seerlike.engine.train import REQUEUE_EXIT_CODE, TrainConfig
+from seerlike.engine.precision import grad_scaler
+from seerlike.engine.step import NonFiniteLoss, train_step
+from seerlike.storage import DiskFullError
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite and the run is configured to stop on it."""
+REQUEUE_EXIT_CODE = 75
+"""Exit status after a SIGUSR1/SIGTERM checkpoint-and-stop (EX_TEMPFAIL: 'try again'); launchers requeue on it."""
 
 
 def build_method(cfg: TrainConfig) -> nn.Module:
-    """The backbone wrapped by the configured method (SwAV or BYOL), on CPU, in fp32."""
+    """The backbone wrapped by the configured method, on CPU, in fp32."""
     backbone = models.build(cfg.model.name, zero_init_residual=cfg.model.zero_init_residual,
                             drop_path=cfg.model.drop_path)
-    if cfg.method.name == "swav":
-        from seerlike.methods.swav import SwAV
-
-        return SwAV(cfg.method.swav, backbone)
-    if cfg.method.name == "clusterfit":
-        from seerlike.methods.clusterfit import ClusterFit
-
-        return ClusterFit(cfg.method.clusterfit, backbone)
-    if cfg.method.name == "distill":
-        from seerlike.methods.distill import Distill
-
-        return Distill(cfg.method.distill, backbone)
-    from seerlike.methods.byol import BYOL
-
-    return BYOL(cfg.method.byol, backbone)
+    return methods.build(cfg.method, backbone)
 
 
 class StopRequest:
@@ -86,6 +77,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
         torch.set_num_threads(cfg.loop.num_threads)
     try:
         return _train(cfg, Path(run_dir), info, data)
+    except DiskFullError as e:  # says which file and what to do: no traceback needed
+        log.error("training failed on rank %d: %s", info.rank, e)
+        raise
     except Exception:
         log.exception("training failed on rank %d", info.rank)
         raise
@@ -129,6 +123,15 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
         data = build_train_data(cfg.data, rank=rank, world_size=world, seed=loop.seed, device=device)
     if data_state is not None:
         data.load_state_dict(data_state)
+    budget = None
+    if loop.time_budget_s > 0:
+        if start < loop.calibrate_steps:
+            budget = StepBudget(loop.time_budget_s, loop.calibrate_steps, loop.max_steps,
+                                min_steps=max(cfg.optim.warmup_steps, loop.calibrate_steps + 1))
+        else:  # calibrated before the restart: continue with the saved max_steps
+            cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, max_steps=_saved_max_steps(found)))
+            loop = cfg.loop
+            schedule = LRSchedule(cfg.optim, global_batch, loop.max_steps)
     if start >= loop.max_steps:
         log.info("run already at step %d of %d: nothing to do", start, loop.max_steps)
         return 0
@@ -147,67 +150,53 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
         while step < loop.max_steps:
             lr = schedule.apply(optimizer, step)
             t_start = time.perf_counter()
-            wait_s, images, loss_sum, stats = 0.0, 0, torch.zeros((), device=device), {}
-            for micro in range(loop.grad_accum):
-                t0 = time.perf_counter()
-                batch = next(batches)
-                views = batch.views
-                wait_s += time.perf_counter() - t0
-                if cfg.model.channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                images += views[0].shape[0] * world
-                last = micro == loop.grad_accum - 1
-                with _grad_sync(model, last), autocast(cfg.precision, device):
-                    # methods with uses_labels (ClusterFit) also get the batch's (pseudo-)labels
-                    loss, stats = model(views, batch.labels) if getattr(method, "uses_labels", False) else model(views)
-                scaled = loss / loop.grad_accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += loss.detach().float()
-            method.on_after_backward(step)
+            wait = [0.0]
 
-            # one small all-reduce: stop signal, mean loss, which ranks saw a non-finite loss
-            finite = bool(torch.isfinite(loss_sum))
-            flags = torch.zeros(2 + world, dtype=torch.float64, device=device)
-            flags[0] = float(stop.signum != 0)
-            flags[1] = loss_sum / loop.grad_accum if finite else 0.0
-            flags[2 + rank] = 0.0 if finite else 1.0
-            if world > 1:
-                dist.all_reduce(flags)
-            bad_ranks = [r for r in range(world) if flags[2 + r] > 0]
-            if bad_ranks:
-                if not loop.skip_nonfinite:
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {step} on rank(s) {bad_ranks} (this is rank {rank}); "
-                        f"last good checkpoint: {ckpt.last_complete or 'none'}; "
-                        f"lower optim.lr, use precision.dtype=bf16/fp32, or set loop.skip_nonfinite=true")
+            def timed():
+                while True:
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    wait[0] += time.perf_counter() - t0
+                    yield batch
+
+            try:
+                result = train_step(model, method, optimizer, scaler, timed(), num_micro=loop.grad_accum, step=step,
+                                    max_steps=loop.max_steps, precision=cfg.precision, device=device,
+                                    skip_nonfinite=loop.skip_nonfinite, channels_last=cfg.model.channels_last,
+                                    stop=lambda: stop.signum != 0)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{e}; last good checkpoint: {ckpt.last_complete or 'none'}; lower optim.lr, "
+                                    "use precision.dtype=bf16/fp32, or set loop.skip_nonfinite=true") from None
+            if result.skipped:
                 skipped += 1
-                log.warning("non-finite loss at step %d on rank(s) %s: step skipped (%d so far)", step, bad_ranks, skipped)
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.on_step_end(step, loop.max_steps)
+                log.warning("non-finite loss at step %d on rank(s) %s: step skipped (%d so far)",
+                            step, result.bad_ranks, skipped)
             step += 1
-            meter.add(images, time.perf_counter() - t_start - wait_s, wait_s)
+            meter.add(result.images, time.perf_counter() - t_start - wait[0], wait[0])
             metrics.advance()
+            if budget is not None and budget.observe(step, time.perf_counter() - t_start):
+                cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, max_steps=budget.plan(step, device)))
+                loop = cfg.loop
+                schedule = LRSchedule(cfg.optim, global_batch, loop.max_steps)
+                metrics.set_total(loop.max_steps)
+                metrics.log(step, {"calibrated_step_s": budget.step_s, "planned_steps": loop.max_steps,
+                                   "time_budget_s": loop.time_budget_s})
+                if rank == 0:
+                    configlib.dump(cfg, run_dir / "config.yaml")
 
             if step % loop.log_every == 0 or step == loop.max_steps:
-                row = {"loss": float(flags[1]) / world, "lr": lr, **meter.summary(),
+                row = {"loss": result.loss, "lr": lr, **meter.summary(),
                        "peak_mem_mb": peak_memory_mb(device), "skipped_steps": skipped,
-                       **{k: float(v) for k, v in stats.items()}}
+                       **{k: float(v) for k, v in result.stats.items()}}
                 if scaler is not None:
                     row["loss_scale"] = scaler.get_scale()
                 metrics.log(step, row)
                 meter.reset()
-            if step % cfg.checkpoint.every_steps == 0 or step == loop.max_steps or flags[0] > 0:
+            if step % cfg.checkpoint.every_steps == 0 or step == loop.max_steps or result.stop:
                 ckpt.save(step, model, optimizer, method=method, scaler=scaler,
                           data_state=data.state_dict(), train_config=cfg)
                 saved_at = step
-            if flags[0] > 0:
+            if result.stop:
                 ckpt.wait()
                 log.warning("stop requested (signal): checkpoint at step %d written, exiting with %d",
                             saved_at, REQUEUE_EXIT_CODE)
@@ -220,6 +209,13 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     return 0
 
 
+def _saved_max_steps(ckpt_dir) -> int:
+    """``loop.max_steps`` in a checkpoint's saved config (a calibrated time budget lives there)."""
+    import yaml
+
+    return int(yaml.safe_load((Path(ckpt_dir) / "config.yaml").read_text())["loop"]["max_steps"])
+
+
 def _batches(data):
     """Batches forever: a new pass over ``data`` whenever one ends."""
     while True:
@@ -229,14 +225,3 @@ def _batches(data):
             yield batch
         if empty:
             raise RuntimeError("the training data yielded no batch; check --data and data.batch_size")
-
-
-def _grad_sync(model: nn.Module, sync: bool):
-    """Skip the gradient reduction on all but the last micro-batch of an accumulated step."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    if isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
-        return model.no_sync()
-    return contextlib.nullcontext()
-

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from seerlike.storage import write_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -84,9 +86,7 @@ class MetricsLogger:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -101,6 +101,12 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
                                   ips=f"{row.get('images_per_s', 0.0):.0f}", refresh=False)
+
+    def set_total(self, max_steps: int) -> None:
+        """The run's length changed (a time budget was calibrated)."""
+        if self._bar is not None:
+            self._bar.total = max_steps
+            self._bar.refresh()
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

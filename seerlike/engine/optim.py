@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -52,6 +52,10 @@ class OptimConfig:
     """LARC denominator epsilon; AdamW epsilon."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """LR multiplier per parameter-name prefix of the method, e.g. {predictor: 10.0}; the longest matching prefix wins."""
+    fixed_lr: tuple[str, ...] = ()
+    """Parameter-name prefixes whose LR stays at the peak (x multiplier) with no warmup or decay (SimSiam's predictor)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -66,6 +70,9 @@ class OptimConfig:
             raise ValueError("optim.weight_decay and optim.eps must be >= 0 and optim.trust_coefficient > 0")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must lie in [0, 1), got {self.betas}")
+        bad = {k: v for k, v in self.lr_multipliers.items() if not v > 0}
+        if bad:
+            raise ValueError(f"optim.lr_multipliers must be > 0, got {bad}")
 
 
 # ---------------------------------------------------------------- whole-tensor norms
@@ -213,17 +220,38 @@ def _excluded(model: nn.Module) -> set[int]:
     return out
 
 
+def _longest_prefix(name: str, prefixes) -> str | None:
+    hits = [p for p in prefixes if name == p or name.startswith(p.rstrip(".") + ".")]
+    return max(hits, key=len) if hits else None
+
+
 def param_groups(cfg: OptimConfig, model: nn.Module) -> list[dict]:
-    """Trainable parameters split into ``decay`` (weight decay, adapted) and ``no_decay`` (neither)."""
+    """Trainable parameters split into ``decay`` (weight decay, adapted) and ``no_decay`` (neither),
+    and further by LR multiplier / fixed LR (``optim.lr_multipliers``, ``optim.fixed_lr``).
+
+    Every group carries ``lr_mult`` and ``fixed``, read by :meth:`LRSchedule.apply`.
+    """
     excluded = _excluded(model) if cfg.exclude_bias_and_norm else set()
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if id(p) in excluded else decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": cfg.weight_decay, "adapt": True}]
-    if no_decay:
-        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "adapt": False})
-    return [g for g in groups if g["params"]]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for prefix in [*cfg.lr_multipliers, *cfg.fixed_lr]:
+        if not any(_longest_prefix(n, [prefix]) for n, _ in named):
+            raise ValueError(f"optim: no trainable parameter of the method is named {prefix!r}* "
+                             f"(top-level names: {sorted({n.split('.')[0] for n, _ in named})})")
+    groups: dict[tuple, dict] = {}
+    for n, p in named:
+        decay = id(p) not in excluded
+        mult_key = _longest_prefix(n, cfg.lr_multipliers)
+        mult = cfg.lr_multipliers[mult_key] if mult_key else 1.0
+        fixed = _longest_prefix(n, cfg.fixed_lr) is not None
+        key = (decay, mult, fixed)
+        if key not in groups:
+            suffix = "".join([f"@x{mult:g}" if mult != 1.0 else "", "@fixed" if fixed else ""])
+            groups[key] = {"name": ("decay" if decay else "no_decay") + suffix, "params": [],
+                           "weight_decay": cfg.weight_decay if decay else 0.0, "adapt": decay,
+                           "lr_mult": mult, "fixed": fixed}
+        groups[key]["params"].append(p)
+    order = sorted(groups, key=lambda k: (not k[0], k[2], k[1]))  # decay first, as before
+    return [groups[k] for k in order]
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -273,9 +301,9 @@ class LRSchedule:
         return self.final + (self.peak - self.final) * (1 + math.cos(math.pi * t)) / 2
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set every group's LR for ``step``; returns it."""
+        """Set every group's LR for ``step`` (x its ``lr_mult``; the peak for ``fixed`` groups); returns the base LR."""
         lr = self(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = (self.peak if group.get("fixed") else lr) * group.get("lr_mult", 1.0)
         return lr
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from seerlike import config
 from seerlike.config import ConfigError
 from seerlike.eval.features import FeatureStore
+from seerlike.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +184,8 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
                  cfg.k, cfg.niter, sample.shape[0], len(store), store.dim)
         centroids, objective = train_centroids(sample, cfg)
         timings["train_s"] = time.perf_counter() - t0
-        tmp = out / ".centroids.npy.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(cent_path) as tmp, open(tmp, "wb") as f:
             np.save(f, centroids)
-        os.replace(tmp, cent_path)
         (out / ".train.json").write_text(json.dumps({"objective": objective, "sample": int(sample.shape[0]), **timings}))
     barrier()
     index = assignment_index(np.load(cent_path), cfg.gpu)
@@ -197,9 +196,8 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
         idx_table = pq.read_table(store.path / f"features-{chunk}.parquet", columns=["key"])
         cluster, distance = assign(index, _prep(store.features(chunk, mmap=False), cfg.normalize))
         table = pa.table({"key": idx_table["key"], "cluster": pa.array(cluster), "distance": pa.array(distance)})
-        tmp = out / "labels" / f".features-{chunk}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, out / "labels" / f"features-{chunk}.parquet")
+        with atomic_write(out / "labels" / f"features-{chunk}.parquet") as tmp:
+            pq.write_table(table, tmp)
     log.info("rank %d assigned its chunks in %.1fs", rank, time.perf_counter() - t0)
     barrier()
     if rank != 0:
@@ -214,9 +212,8 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
         **cluster_stats(sizes), "sizes": sizes.tolist(),
     }
     (out / ".train.json").unlink()
-    tmp = out / ".cluster_stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, out / "cluster_stats.json")
+    with atomic_write(out / "cluster_stats.json") as tmp:
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seerlike.storage import atomic_write
+
 META = "meta.json"
 INDEX = "index.parquet"
 
@@ -37,9 +39,8 @@ def chunk_done(out_dir: Path, unit: str) -> bool:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        write(tmp)
 
 
 def write_chunk(out_dir: Path, unit: str, keys: list[str], feats: np.ndarray, labels: list[str | None] | None = None) -> None:

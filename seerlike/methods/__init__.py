@@ -1,1 +1,44 @@
+"""Self-supervised methods and follow-up stages: ``METHODS`` maps ``method.name`` to the class.
 
+Every class meets the contract of :mod:`seerlike.methods.base`; adding a method is its file,
+its recipes, one line here and its tests (docs/methods.md).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from seerlike.config import ConfigError
+from seerlike.methods.base import Method, MethodConfig
+from seerlike.methods.byol import BYOL
+from seerlike.methods.clusterfit import ClusterFit
+from seerlike.methods.distill import Distill
+from seerlike.methods.swav import SwAV
+
+METHODS: dict[str, type[Method]] = {
+    "swav": SwAV,
+    "byol": BYOL,
+    "clusterfit": ClusterFit,
+    "distill": Distill,
+}
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; an unknown name fails listing the valid ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
+def build(cfg: MethodConfig, backbone: nn.Module) -> nn.Module:
+    """The method ``cfg.name`` around ``backbone`` (on CPU, fp32)."""
+    cls = method_class(cfg.name)
+    if not isinstance(cfg, cls.Config):
+        raise ConfigError(f"method.name={cfg.name!r} needs a {cls.__name__}.Config, got {type(cfg).__qualname__}")
+    return cls(cfg, backbone)
+
+
+def pretraining_methods() -> list[str]:
+    """Names of the methods that learn from unlabeled images alone (what the quickstart can run)."""
+    return [name for name, cls in METHODS.items() if cls.stage == "pretrain"]

@@ -13,11 +13,13 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
 from seerlike.methods.heads import mlp
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ def regression_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (2 - 2 * F.cosine_similarity(pred.float(), target.float().detach(), dim=-1)).mean()
 
 
-class BYOL(nn.Module):
+class BYOL(MethodBase):
     """BYOL over a backbone returning pooled features ``(B, backbone.out_dim)``.
 
     Both views go through each network in one batch (half the FSDP all-gathers of one pass
@@ -59,7 +61,9 @@ class BYOL(nn.Module):
     """
 
     @dataclass(kw_only=True)
-    class Config:
+    class Config(MethodConfig):
+        name: Literal["byol"] = "byol"
+        """BYOL (Grill et al. 2020); defaults from the paper's reference code."""
         projector_dims: tuple[int, ...] = (4096, 256)
         """Projector MLP widths after the trunk (hidden..., out)."""
         predictor_dims: tuple[int, ...] = (4096, 256)
@@ -77,10 +81,13 @@ class BYOL(nn.Module):
             if not 0.0 <= self.tau_base <= 1.0:
                 raise ValueError(f"tau_base must be in [0, 1], got {self.tau_base}")
 
+    @classmethod
+    def check_views(cls, cfg: Config, sizes: list[int]) -> None:
+        need_views("byol", sizes, 2, "use augment.byol_views() (two asymmetric views)")
+
     def __init__(self, cfg: Config, backbone: nn.Module) -> None:
         super().__init__()
-        if not isinstance(getattr(backbone, "out_dim", None), int):
-            raise ValueError("BYOL needs a backbone with an integer .out_dim (pooled feature width)")
+        need_backbone_dim("BYOL", backbone)
         self.cfg = cfg
         self.backbone = backbone
         self.projector = mlp(backbone.out_dim, cfg.projector_dims)
@@ -88,7 +95,7 @@ class BYOL(nn.Module):
         self.target = _Target(copy.deepcopy(backbone), copy.deepcopy(self.projector))
         self.target.requires_grad_(False)
 
-    def forward(self, views: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, views: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         """Symmetric loss: view 1 predicts the target of view 2 and vice versa, SUMMED (range [0, 8])."""
         if len(views) != 2:
             raise ValueError(f"BYOL takes exactly 2 views, got {len(views)}; set the data views to 2")
@@ -128,9 +135,6 @@ class BYOL(nn.Module):
         online += [*self.backbone.buffers(), *self.projector.buffers()]
         for t, o in zip(target, online):
             _local(t).copy_(_local(o))
-
-    def on_after_backward(self, step: int) -> None:
-        """Nothing to do for BYOL (the target has no gradients)."""
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:

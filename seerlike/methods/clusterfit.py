@@ -10,20 +10,25 @@ fresh trunk, cross-entropy averaged over the batch's views (standard augmentatio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim
 
-class ClusterFit(nn.Module):
+
+class ClusterFit(MethodBase):
     """A backbone + linear classifier trained on pseudo-labels (``head`` -> ``fc`` on export)."""
 
-    uses_labels = True
-    """The training loop passes ``batch.labels`` as the second argument of ``forward``."""
+    stage = "followup"
+    needs_labels = True
 
     @dataclass(kw_only=True)
-    class Config:
+    class Config(MethodConfig):
+        name: Literal["clusterfit"] = "clusterfit"
+        """ClusterFit (Yan et al. 2020): classify k-means pseudo-labels (needs data.labels)."""
         num_classes: int = 16000
         """Number of pseudo-label classes: the k of `seerlike cluster` (ClusterFit: 16,000)."""
         label_smoothing: float = 0.0
@@ -39,8 +44,7 @@ class ClusterFit(nn.Module):
 
     def __init__(self, cfg: Config, backbone: nn.Module) -> None:
         super().__init__()
-        if not isinstance(getattr(backbone, "out_dim", None), int):
-            raise ValueError("ClusterFit needs a backbone with an integer .out_dim (pooled feature width)")
+        need_backbone_dim("ClusterFit", backbone)
         self.cfg = cfg
         self.backbone = backbone
         self.dropout = nn.Dropout(cfg.dropout)
@@ -62,7 +66,7 @@ class ClusterFit(nn.Module):
             lo, hi = int(labels.min()), int(labels.max())
             if hi >= self.cfg.num_classes or lo < 0:
                 raise ValueError(f"pseudo-label {hi if hi >= self.cfg.num_classes else lo} outside "
-                                 f"[0, {self.cfg.num_classes}); set method.clusterfit.num_classes to the k used by "
+                                 f"[0, {self.cfg.num_classes}); set method.num_classes to the k used by "
                                  "`seerlike cluster`")
             self._labels_checked = True
         labels = labels.to(views[0].device, non_blocking=True)
@@ -74,9 +78,3 @@ class ClusterFit(nn.Module):
             correct += (logits.argmax(1) == labels).float().mean()
         # metrics stay tensors: the loop turns them into numbers only on logging steps
         return loss / len(views), {"acc": 100.0 * correct.detach() / len(views)}
-
-    def on_after_backward(self, step: int) -> None:
-        pass
-
-    def on_step_end(self, step: int, max_steps: int) -> None:
-        pass

@@ -1,6 +1,6 @@
 """Distillation of a trained teacher into any student backbone, on unlabeled images.
 
-Targets (``method.distill.targets``):
+Targets (``method.targets``):
 
 - ``logits``: the teacher's classifier (a ClusterFit checkpoint's head, an export's ``fc``)
   gives soft targets; the student's linear head matches them with KL at a temperature
@@ -19,13 +19,13 @@ The teacher is frozen and kept OUT of the module's state dict (it is an input, l
 data): checkpoints hold only the student and its heads, the optimizer never sees the
 teacher, and ``parallelize`` does not shard it (every rank holds a full copy).
 
-`seerlike distill --teacher T --student ARCH --data SHARDS --run-dir DIR` is
-`seerlike train` with a distillation recipe and those fields filled in.
+`seerlike distill --teacher T --student ARCH --data SHARDS --run-dir DIR`
+(:mod:`seerlike.commands.distill`) is `seerlike train` with a distillation recipe and those
+fields filled in.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.config import ConfigError
+from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim
 from seerlike.methods.heads import mlp
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Teacher:
         if "prototypes.weight" not in rest or method_cfg.get("name") != "swav":
             raise ConfigError(f"teacher {self.loaded.source} is not a SwAV checkpoint (no prototypes); "
                               "targets=prototypes needs one")
-        swav = SwAV(configlib.from_dict(SwAV.Config, method_cfg["swav"]), self.loaded.model)
+        swav = SwAV(configlib.from_dict(MethodConfig, method_cfg, prefix="method"), self.loaded.model)
         state = {f"backbone.{k}": v for k, v in self.loaded.model.state_dict().items()}
         swav.load_state_dict({**state, **rest}, strict=True)
         return swav
@@ -103,11 +104,15 @@ class Teacher:
         return feats, None
 
 
-class Distill(nn.Module):
+class Distill(MethodBase):
     """Student backbone + heads trained to match a frozen teacher."""
 
+    stage = "followup"
+
     @dataclass(kw_only=True)
-    class Config:
+    class Config(MethodConfig):
+        name: Literal["distill"] = "distill"
+        """Distillation of a frozen teacher into the student backbone (model.name)."""
         teacher: str = ""
         """The teacher: a checkpoint dir, run dir or export dir (`seerlike distill --teacher`)."""
         targets: Literal["logits", "prototypes", "none"] = "logits"
@@ -140,9 +145,8 @@ class Distill(nn.Module):
     def __init__(self, cfg: Config, backbone: nn.Module, teacher: Teacher | None = None) -> None:
         super().__init__()
         if not cfg.teacher and teacher is None:
-            raise ConfigError("set method.distill.teacher (or --teacher) to a checkpoint, run or export dir")
-        if not isinstance(getattr(backbone, "out_dim", None), int):
-            raise ValueError("Distill needs a student backbone with an integer .out_dim (pooled feature width)")
+            raise ConfigError("set method.teacher (or --teacher) to a checkpoint, run or export dir")
+        need_backbone_dim("Distill", backbone)
         self.cfg = cfg
         self.backbone = backbone
         # a list, not an attribute: the teacher stays out of state_dict, parameters() and .to()
@@ -175,7 +179,7 @@ class Distill(nn.Module):
             return feats, self.prototypes(z)
         return feats, None
 
-    def forward(self, views: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, views: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         n_t = min(cfg.teacher_views, len(views))
         student_views = views[n_t:] or views[:n_t]
@@ -214,9 +218,6 @@ class Distill(nn.Module):
         metrics = {"agreement": 100.0 * agree.detach() / terms} if target is not None else {}
         return loss / terms, metrics
 
-    def on_after_backward(self, step: int) -> None:
-        pass
-
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         if self.cfg.targets == "prototypes":
@@ -234,51 +235,3 @@ def agreement(student: nn.Module, teacher: Teacher, x: Tensor, batch_size: int =
         _, s = student.student_outputs(chunk)
         hits += int((s.argmax(1) == t.argmax(1)).sum())
     return 100.0 * hits / x.shape[0]
-
-
-# ---------------------------------------------------------------- `seerlike distill`
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True, help="teacher: checkpoint dir, run dir or export dir")
-    p.add_argument("--student", required=True, help="student backbone name (`seerlike model-info --list`)")
-    p.add_argument("--data", required=True, help="unlabeled training images (shards, dataset dir, folder, CSV)")
-    p.add_argument("--run-dir", required=True, help="run folder of the student (resumes if present)")
-    p.add_argument("--recipe", default="distill_tiny", help="distillation recipe (`seerlike config --list`)")
-    p.add_argument("--targets", choices=["logits", "prototypes", "none"], help="override method.distill.targets")
-    p.add_argument("--nproc", type=int, default=1, help="local ranks")
-    p.add_argument("--max-steps", type=int, help="shorthand for loop.max_steps=N")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
-
-
-def build_config(args: argparse.Namespace):
-    from seerlike import config as configlib
-    from seerlike import recipes
-    from seerlike.engine.train import TrainConfig
-
-    cfg = recipes.get(args.recipe)
-    if not isinstance(cfg, TrainConfig) or cfg.method.name != "distill":
-        raise ConfigError(f"recipe {args.recipe!r} is not a distillation recipe (method.name must be distill)")
-    extra = [f"model.name={args.student}", f"method.distill.teacher={args.teacher}", f"data.source={args.data}"]
-    if args.targets:
-        extra.append(f"method.distill.targets={args.targets}")
-    if args.max_steps is not None:
-        extra.append(f"loop.max_steps={args.max_steps}")
-    return configlib.apply_overrides(cfg, extra + list(args.overrides))
-
-
-def run(args: argparse.Namespace) -> int:
-    import os
-
-    from seerlike import config as configlib
-    from seerlike.engine import train as engine_train
-
-    cfg = build_config(args)
-    if args.nproc > 1 and "RANK" not in os.environ:
-        # the ranks continue the resolved config written here (`seerlike train --run-dir DIR`)
-        configlib.dump(cfg, os.path.join(args.run_dir, "config.yaml"))
-        ns = argparse.Namespace(recipe=None, data=None, run_dir=args.run_dir, nproc=args.nproc, max_steps=None, overrides=[])
-        return engine_train.launch(ns)
-    from seerlike.engine.loop import train
-
-    return train(cfg, args.run_dir)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim
 from seerlike.methods.heads import mlp
 
 log = logging.getLogger(__name__)
@@ -70,11 +72,16 @@ def sinkhorn(scores: Tensor, epsilon: float, iters: int, group: dist.ProcessGrou
     return q.t()
 
 
-class SwAV(nn.Module):
-    """SwAV over a backbone returning pooled features ``(B, backbone.out_dim)``."""
+class SwAV(MethodBase):
+    """SwAV over a backbone returning pooled features ``(B, backbone.out_dim)``.
+
+    Defaults are the SwAV paper's (its reference code, main_swav.py); SEER's values are noted.
+    """
 
     @dataclass(kw_only=True)
-    class Config:
+    class Config(MethodConfig):
+        name: Literal["swav"] = "swav"
+        """SwAV (Caron et al. 2020)."""
         head_dims: tuple[int, ...] = (2048, 128)
         """Projection MLP widths after the trunk (hidden..., out); SEER: (8192, 8192, 256)."""
         num_prototypes: int = 3000
@@ -117,10 +124,15 @@ class SwAV(nn.Module):
             if any(d <= 0 for d in self.head_dims):
                 raise ValueError(f"head_dims must be positive widths, got {list(self.head_dims)}")
 
+    @classmethod
+    def check_views(cls, cfg: Config, sizes: list[int]) -> None:
+        if len(sizes) != cfg.num_crops:
+            raise ValueError(f"swav: method.num_crops={cfg.num_crops} but the data config makes {len(sizes)} views "
+                             f"({sizes}); set method.num_crops={len(sizes)} or change data.augment.views")
+
     def __init__(self, cfg: Config, backbone: nn.Module) -> None:
         super().__init__()
-        if not isinstance(getattr(backbone, "out_dim", None), int):
-            raise ValueError("SwAV needs a backbone with an integer .out_dim (pooled feature width)")
+        need_backbone_dim("SwAV", backbone)
         self.cfg = cfg
         self.backbone = backbone
         self.projection = mlp(backbone.out_dim, cfg.head_dims)
@@ -154,11 +166,11 @@ class SwAV(nn.Module):
             z = F.normalize(z, dim=1)
         return z, self.prototypes(z)
 
-    def forward(self, views: list[Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, views: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         cfg = self.cfg
         if len(views) != cfg.num_crops:
             raise ValueError(f"SwAV got {len(views)} views but num_crops={cfg.num_crops}; "
-                             f"set method.num_crops to the number of crops the data yields")
+                             f"set method.num_crops to the number of views the data yields")
         bs = views[0].shape[0]
         if any(v.shape[0] != bs for v in views):
             raise ValueError(f"all views need the same batch size, got {[v.shape[0] for v in views]}")

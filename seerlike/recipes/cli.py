@@ -10,7 +10,7 @@ from seerlike import config, recipes
 
 # The top-level configs a user sets with key=value, each with the command that takes it.
 TOP_LEVEL: dict[str, tuple[str, str]] = {
-    "TrainConfig": ("seerlike.engine.train:TrainConfig", "seerlike train (recipes: seerlike config --list)"),
+    "TrainConfig": ("seerlike.engine.config:TrainConfig", "seerlike train (recipes: seerlike config --list)"),
     "IngestConfig": ("sharding.config:IngestConfig", "seerlike ingest"),
     "ExtractConfig": ("seerlike.eval.extract:ExtractConfig", "seerlike extract"),
     "KMeansConfig": ("seerlike.eval.cluster:KMeansConfig", "seerlike cluster"),

@@ -1,8 +1,8 @@
 """ClusterFit recipes: retrain from scratch on k-means pseudo-labels (`seerlike cluster`).
 
-Set ``data.labels`` to the cluster output and ``method.clusterfit.num_classes`` to its k:
+Set ``data.labels`` to the cluster output and ``method.num_classes`` to its k:
 ``seerlike train --recipe clusterfit_tiny --data TRAIN --run-dir RUN data.labels=CLUSTERS
-method.clusterfit.num_classes=K``. "Standard augmentation" is the supervised ImageNet one:
+method.num_classes=K``. "Standard augmentation" is the supervised ImageNet one:
 one random resized crop (scale 0.08-1) with a flip and light colour jitter.
 """
 
@@ -14,7 +14,7 @@ from seerlike.engine.checkpoint import CheckpointConfig
 from seerlike.engine.optim import OptimConfig
 from seerlike.engine.parallelize import ParallelConfig
 from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.train import LoopConfig, MethodConfig, ModelConfig, TrainConfig
+from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
 from seerlike.methods.clusterfit import ClusterFit
 from seerlike.recipes.tiny import TRAIN_SIZE
 
@@ -29,7 +29,7 @@ def clusterfit_resnet50() -> TrainConfig:
     """ClusterFit as in VISSL: ResNet-50 from scratch on 16,000 pseudo-classes, SGD 0.1 per 256, ~105 epochs of ImageNet."""
     return TrainConfig(
         model=ModelConfig(name="resnet50", zero_init_residual=True),
-        method=MethodConfig(name="clusterfit", clusterfit=ClusterFit.Config(num_classes=16000)),
+        method=ClusterFit.Config(num_classes=16000),
         data=DataConfig(batch_size=32, num_workers=8, augment=standard_view(224)),
         optim=OptimConfig(name="sgd", lr=0.1, final_lr=0.0, warmup_steps=5000, momentum=0.9, weight_decay=1e-4),
         parallel=ParallelConfig(strategy="ddp"),
@@ -49,7 +49,7 @@ def clusterfit_tiny() -> TrainConfig:
     """
     return TrainConfig(
         model=ModelConfig(name="resnet10_cifar", channels_last=True),
-        method=MethodConfig(name="clusterfit", clusterfit=ClusterFit.Config(num_classes=200)),
+        method=ClusterFit.Config(num_classes=200),
         data=DataConfig(batch_size=64, num_workers=0, augment=standard_view(TRAIN_SIZE)),
         optim=OptimConfig(name="sgd", lr=0.8, final_lr=0.0, warmup_steps=10, momentum=0.9, weight_decay=5e-4),
         parallel=ParallelConfig(strategy="ddp"),

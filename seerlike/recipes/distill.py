@@ -15,7 +15,7 @@ from seerlike.engine.checkpoint import CheckpointConfig
 from seerlike.engine.optim import OptimConfig
 from seerlike.engine.parallelize import ParallelConfig
 from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.train import LoopConfig, MethodConfig, ModelConfig, TrainConfig
+from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
 from seerlike.methods.distill import Distill
 from seerlike.recipes.tiny import TRAIN_SIZE
 
@@ -42,7 +42,7 @@ def distill_tiny() -> TrainConfig:
     """
     return TrainConfig(
         model=ModelConfig(name="resnet10_cifar", channels_last=True),
-        method=MethodConfig(name="distill", distill=Distill.Config(targets="logits", temperature=2.0)),
+        method=Distill.Config(targets="logits", temperature=2.0),
         data=DataConfig(batch_size=64, num_workers=0, augment=teacher_student_views(TRAIN_SIZE, strong=False)),
         optim=OptimConfig(name="sgd", lr=0.8, final_lr=0.0, warmup_steps=10, momentum=0.9, weight_decay=5e-4),
         parallel=ParallelConfig(strategy="ddp"),
@@ -56,7 +56,7 @@ def distill_noisy_student() -> TrainConfig:
     """Noisy Student at ImageNet scale: ResNet-50 student, strong views, dropout 0.5, stochastic depth 0.2."""
     return TrainConfig(
         model=ModelConfig(name="resnet50", drop_path=0.2),
-        method=MethodConfig(name="distill", distill=Distill.Config(targets="logits", temperature=1.0, dropout=0.5)),
+        method=Distill.Config(targets="logits", temperature=1.0, dropout=0.5),
         data=DataConfig(batch_size=64, num_workers=8, augment=teacher_student_views(224, strong=True)),
         optim=OptimConfig(name="sgd", lr=0.1, final_lr=0.0, warmup_steps=2500, momentum=0.9, weight_decay=1e-4),
         parallel=ParallelConfig(strategy="ddp"),
@@ -69,7 +69,7 @@ def distill_noisy_student() -> TrainConfig:
 def distill_swav_tiny() -> TrainConfig:
     """CPU-sized SwAV-style distillation: the student predicts a SwAV teacher's Sinkhorn assignments."""
     distill = Distill.Config(targets="prototypes", assignment="sinkhorn", swav_temperature=0.1)
-    return dataclasses.replace(distill_tiny(), method=MethodConfig(name="distill", distill=distill))
+    return dataclasses.replace(distill_tiny(), method=distill)
 
 
 RECIPES: dict = {"distill_tiny": distill_tiny, "distill_noisy_student": distill_noisy_student,

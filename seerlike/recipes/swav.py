@@ -8,7 +8,7 @@ from seerlike.engine.checkpoint import CheckpointConfig
 from seerlike.engine.optim import OptimConfig
 from seerlike.engine.parallelize import ParallelConfig
 from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.train import LoopConfig, MethodConfig, ModelConfig, TrainConfig
+from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
 from seerlike.methods.swav import SwAV
 
 STEPS_PER_EPOCH = 313  # 1.28M images / 4096
@@ -18,9 +18,9 @@ def swav_resnet50() -> TrainConfig:
     """64 ranks x 64 images; LR 4.8 at 4096 (0.3 per 256), warmup 10 epochs from 0.3, cosine to 0.0048."""
     return TrainConfig(
         model=ModelConfig(name="resnet50"),
-        method=MethodConfig(name="swav", swav=SwAV.Config(
+        method=SwAV.Config(
             head_dims=(2048, 128), num_prototypes=3000, temperature=0.1, epsilon=0.05, sinkhorn_iters=3,
-            num_crops=8, crops_for_assign=(0, 1), queue_length=0, freeze_prototypes_steps=313)),
+            num_crops=8, crops_for_assign=(0, 1), queue_length=0, freeze_prototypes_steps=313),
         data=DataConfig(batch_size=64, num_workers=8, augment=swav_multicrop(224, 96, 2, 6)),
         optim=OptimConfig(name="larc", lr=0.3, warmup_lr=0.3 / 16, final_lr=0.0048 / 16,
                           warmup_steps=10 * STEPS_PER_EPOCH, momentum=0.9, weight_decay=1e-6,

@@ -21,7 +21,8 @@ from seerlike.engine.checkpoint import CheckpointConfig
 from seerlike.engine.optim import OptimConfig
 from seerlike.engine.parallelize import ParallelConfig
 from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.train import LoopConfig, MethodConfig, ModelConfig, TrainConfig
+from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
+from seerlike.methods.base import MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.swav import SwAV
 
@@ -61,7 +62,7 @@ def tiny_swav() -> TrainConfig:
     swav = SwAV.Config(head_dims=(2048, 128), num_prototypes=100, epsilon=0.05, sinkhorn_iters=3,
                        temperature=0.1, num_crops=2, crops_for_assign=(0, 1), queue_length=0,
                        freeze_prototypes_steps=40)
-    return _common(MethodConfig(name="swav", swav=swav), _two_views(0.25), lr_per_256=0.2)
+    return _common(swav, _two_views(0.25), lr_per_256=0.2)
 
 
 def tiny_byol() -> TrainConfig:
@@ -73,7 +74,7 @@ def tiny_byol() -> TrainConfig:
     32 px images.
     """
     byol = BYOL.Config(projector_dims=(512, 128), predictor_dims=(512, 128), tau_base=0.9)
-    return _common(MethodConfig(name="byol", byol=byol), _two_views(0.14), lr_per_256=0.4, batch_size=32)
+    return _common(byol, _two_views(0.14), lr_per_256=0.4, batch_size=32)
 
 
 RECIPES: dict = {"tiny_swav": tiny_swav, "tiny_byol": tiny_byol}

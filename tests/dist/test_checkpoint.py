@@ -13,7 +13,7 @@ from seerlike.engine import checkpoint
 from seerlike.engine.checkpoint import CheckpointConfig, Checkpointer
 from seerlike.engine.optim import OptimConfig, build_optimizer
 from seerlike.engine.parallelize import ParallelConfig, parallelize
-from seerlike.engine.train import TrainConfig
+from seerlike.engine.config import TrainConfig
 from seerlike.methods.swav import SwAV
 from seerlike.testing import run_on_ranks
 

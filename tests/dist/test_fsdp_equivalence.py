@@ -18,9 +18,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from seerlike import models
 from seerlike.engine.optim import OptimConfig, build_optimizer
 from seerlike.engine.parallelize import ParallelConfig, parallelize
+from seerlike.engine.precision import PrecisionConfig
+from seerlike.engine.step import train_step
 from seerlike.methods.byol import BYOL
 from seerlike.methods.swav import SwAV
-from seerlike.testing import run_on_ranks
+from seerlike.testing import micro_batch, run_on_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -48,12 +50,8 @@ def _train(rank: int, world: int, name: str, dtype: torch.dtype = torch.float32)
     for step in range(STEPS):
         g = torch.Generator().manual_seed(step)
         views = [torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g).to(dtype) for _ in range(2)]
-        loss, _ = model([v.chunk(world)[rank] for v in views])
-        loss.backward()
-        method.on_after_backward(step)
-        opt.step()
-        opt.zero_grad()
-        method.on_step_end(step, STEPS)
+        train_step(model, method, opt, None, [micro_batch([v.chunk(world)[rank] for v in views])], step=step,
+                   max_steps=STEPS, precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu"))
     return {"model": get_model_state_dict(model, options=FULL),
             "optim": get_optimizer_state_dict(model, opt, options=FULL).get("state")}
 

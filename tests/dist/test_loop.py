@@ -15,7 +15,7 @@ import torch
 from seerlike import config, recipes
 from seerlike.engine import checkpoint
 from seerlike.engine.loop import NonFiniteLoss, train
-from seerlike.engine.train import REQUEUE_EXIT_CODE
+from seerlike.engine.loop import REQUEUE_EXIT_CODE
 from seerlike.testing import run_on_ranks
 
 pytestmark = pytest.mark.dist

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from seerlike.engine.optim import LRSchedule, OptimConfig, build_optimizer, squared_norms
+from seerlike.engine.precision import PrecisionConfig
+from seerlike.engine.step import train_step
 from seerlike.methods.byol import BYOL
 from seerlike.methods.swav import SwAV, sinkhorn
-from seerlike.testing import run_on_ranks
+from seerlike.testing import micro_batch, run_on_ranks
 
 pytestmark = pytest.mark.dist
 torch.set_num_threads(1)
@@ -105,19 +107,11 @@ def _train_swav(rank: int, world: int) -> dict:
     losses, used, history = [], [], [protos()]
     for step in range(SWAV_STEPS):
         views = [v.chunk(world)[rank] for v in _swav_views(step)]
-        loss, metrics = m(views)
-        opt.zero_grad()
-        loss.backward()
-        m.on_after_backward(step)
         sched.apply(opt, step)
-        opt.step()
-        m.on_step_end(step, SWAV_STEPS)
-        if world > 1:
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            loss /= world
-        losses.append(loss.item())
-        used.append(metrics["queue_used"])
+        result = train_step(m, m, opt, None, [micro_batch(views)], step=step, max_steps=SWAV_STEPS,
+                            precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu"))
+        losses.append(result.loss)
+        used.append(result.stats["queue_used"])
         history.append(protos())
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in m.state_dict().items()}
     return {"losses": losses, "used": used, "state": full, "prototypes": history}

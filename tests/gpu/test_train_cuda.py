@@ -77,7 +77,7 @@ def _stop_then_resume(cmd: list[str], run_dir: Path, after: int) -> tuple[int, s
 
 def test_swav_learns_on_cuda_and_resumes_after_sigusr1(tmp_path, cifar_dir):
     run_dir = tmp_path / "swav"
-    cmd = _command("tiny_swav", cifar_dir / "train", run_dir, STEPS, "method.swav.freeze_prototypes_steps=5")
+    cmd = _command("tiny_swav", cifar_dir / "train", run_dir, STEPS, "method.freeze_prototypes_steps=5")
     _stop_then_resume(cmd, run_dir, after=20)
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))

@@ -69,7 +69,7 @@ def test_followup_chain(tmp_path, cifar_dir):
     # ClusterFit: the head starts at ~zero logits, so its loss starts at ln K and must go below it
     cf = tmp_path / "clusterfit"
     assert main(["train", "--recipe", "clusterfit_tiny", "--data", train, "--run-dir", str(cf), *COMMON,
-                 f"data.labels={tmp_path / 'clusters'}", f"method.clusterfit.num_classes={K}",
+                 f"data.labels={tmp_path / 'clusters'}", f"method.num_classes={K}",
                  "optim.lr=0.8", "loop.max_steps=24", "checkpoint.every_steps=24"]) == 0
     losses = _losses(cf)
     assert abs(losses[0] - math.log(K)) < 0.1

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from seerlike.cli import main
-from seerlike.quickstart import ARCH, SECONDS_PER_STEP, STUDENT, budget_for
+from seerlike.quickstart import ARCH, MAX_STEPS, STUDENT, budget_for
 
 pytestmark = pytest.mark.integration
 
@@ -109,15 +109,19 @@ def test_quickstart_end_to_end_and_rerun_skips(tmp_path, cifar_dir, capsys):
 
 
 def test_budget_fills_the_minutes_and_overrides_win():
-    full = budget_for(15, "swav")
-    half = budget_for(7.5, "swav")
-    assert full.pretrain_steps > 2 * half.pretrain_steps > 0  # the fixed overhead comes off first
+    full = budget_for(15)
+    half = budget_for(7.5)
+    assert full.pretrain_s > 2 * half.pretrain_s > 0  # the fixed overhead comes off first
     # the default's pretraining is the learning benchmark's: 7.5 minutes of 2 cores = 15 CPU-minutes
-    assert full.pretrain_steps * SECONDS_PER_STEP["swav"] == pytest.approx(450, rel=0.01)
-    # pretraining steps follow the per-step cost (BYOL's step is half SwAV's batch, so cheaper)
-    byol = budget_for(15, "byol").pretrain_steps
-    assert byol / full.pretrain_steps == pytest.approx(SECONDS_PER_STEP["swav"] / SECONDS_PER_STEP["byol"], rel=0.01)
-    assert budget_for(15, "swav", pretrain_steps=7, distill_steps=3).pretrain_steps == 7
+    assert full.pretrain_s == pytest.approx(450, rel=0.01)
+    assert full.clusterfit_s == full.distill_s == pytest.approx(150, rel=0.01)
+    # each stage calibrates its own length on the data and model: a time budget, an upper bound on steps
+    args = full.train_args("pretrain", 0)
+    assert args[:2] == ["--max-steps", str(MAX_STEPS)] and "loop.time_budget_s=450" in args
+    fixed = budget_for(15, pretrain_steps=7, distill_steps=3)
+    assert fixed.train_args("pretrain", 0)[:2] == ["--max-steps", "7"]
+    assert not any(a.startswith("loop.time_budget_s") for a in fixed.train_args("distill", 0))
+    assert any(a.startswith("loop.time_budget_s") for a in fixed.train_args("clusterfit", 0))
 
 
 def test_bad_inputs_fail_before_anything_runs(tmp_path, capsys):

@@ -36,13 +36,13 @@ def write_checkpoint(run_dir, method, train_cfg, step=7):
 
 
 def _clusterfit_run(tmp_path, k=5):
-    from seerlike.engine.train import MethodConfig, ModelConfig, TrainConfig
+    from seerlike.engine.config import ModelConfig, TrainConfig
     from seerlike.methods.clusterfit import ClusterFit
 
     torch.manual_seed(0)
     cfg = TrainConfig(model=ModelConfig(name=ARCH),
-                      method=MethodConfig(name="clusterfit", clusterfit=ClusterFit.Config(num_classes=k)))
-    method = ClusterFit(cfg.method.clusterfit, models.build(ARCH))
+                      method=ClusterFit.Config(num_classes=k))
+    method = ClusterFit(cfg.method, models.build(ARCH))
     with torch.no_grad():  # non-trivial BN statistics, so a lost buffer would show
         for m in method.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -102,7 +102,7 @@ def test_checkpoint_with_head_exports_fc_and_card(tmp_path):
     card = (tmp_path / "exp" / "MODEL_CARD.md").read_text()
     assert "training steps: 7" in card and '"top1": 42.0' in card and "clusterfit" in card
     saved = configlib.load(tmp_path / "exp" / "config.yaml")
-    assert saved.method.name == "clusterfit" and saved.method.clusterfit.num_classes == 5
+    assert saved.method.name == "clusterfit" and saved.method.num_classes == 5
     # loading the run dir picks its newest complete checkpoint, trunk and head
     loaded = load_backbone(tmp_path / "run")
     with torch.no_grad():

@@ -40,14 +40,16 @@ def test_clusterfit_loss_is_cross_entropy_and_checks_labels():
 
 
 def _swav_teacher_run(tmp_path):
-    from seerlike.engine.train import MethodConfig, ModelConfig, TrainConfig
+    from seerlike.data.augment import AugmentConfig, ViewConfig
+    from seerlike.data.pipeline import DataConfig
+    from seerlike.engine.config import ModelConfig, TrainConfig
     from seerlike.methods.swav import SwAV
     from tests.unit.test_export import write_checkpoint
 
     torch.manual_seed(0)
-    cfg = TrainConfig(model=ModelConfig(name=ARCH), method=MethodConfig(
-        name="swav", swav=SwAV.Config(head_dims=(64, 16), num_prototypes=12, num_crops=2)))
-    swav = SwAV(cfg.method.swav, models.build(ARCH)).eval()
+    cfg = TrainConfig(model=ModelConfig(name=ARCH), method=SwAV.Config(head_dims=(64, 16), num_prototypes=12, num_crops=2),
+                      data=DataConfig(augment=AugmentConfig(views=[ViewConfig(count=2)])))
+    swav = SwAV(cfg.method, models.build(ARCH)).eval()
     write_checkpoint(tmp_path / "swav", swav, cfg, step=3)
     return swav
 

@@ -225,7 +225,7 @@ def test_killed_ingest_resumes_to_the_same_result(photos_dir, tmp_path):
     assert read_manifest(str(killed)).to_pylist() == read_manifest(str(clean)).to_pylist()
     assert _shard_bytes(killed) == _shard_bytes(clean)
     assert resumed["duplicate"] == 1 and resumed["seen"] == 29
-    assert not any((killed / "_ingest" / "tmp").glob("*.tmp"))  # temp shards of the killed attempt cleaned
+    assert not list(killed.rglob("*.tmp"))  # temp files of the killed attempt cleaned
 
 
 def test_csv_list_with_labels_and_cli(cifar_dir, tmp_path, capsys):

@@ -46,7 +46,7 @@ def test_a_usr2_after_the_stage_stopped_does_not_requeue_the_job_again(monkeypat
 
 
 def test_requeue_exit_code_matches_the_trainer():
-    from seerlike.engine.train import REQUEUE_EXIT_CODE as TRAINER_CODE
+    from seerlike.engine.loop import REQUEUE_EXIT_CODE as TRAINER_CODE
 
     assert REQUEUE_EXIT_CODE == TRAINER_CODE
 

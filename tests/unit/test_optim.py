@@ -140,3 +140,28 @@ def test_bad_optim_config_fails_clearly():
         LRSchedule(OptimConfig(warmup_steps=20), global_batch=256, max_steps=10)
     with pytest.raises(ValueError, match="no trainable"):
         build_optimizer(OptimConfig(), nn.Linear(2, 2).requires_grad_(False))
+
+
+def test_lr_multipliers_and_fixed_lr_per_parameter_prefix():
+    from torch import nn as tnn
+
+    net = tnn.ModuleDict({"backbone": tnn.Linear(4, 4), "predictor": tnn.Sequential(tnn.Linear(4, 4)),
+                          "head": tnn.Linear(4, 2)})
+    cfg = OptimConfig(name="sgd", lr=0.4, warmup_steps=2, lr_multipliers={"head": 10.0, "predictor": 2.0},
+                      fixed_lr=("predictor",))
+    opt = build_optimizer(cfg, net)
+    sched = LRSchedule(cfg, global_batch=256, max_steps=10)
+    by_param = {}
+    for step in (0, 1, 5, 9):
+        sched.apply(opt, step)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                by_param.setdefault(step, {})[id(p)] = g["lr"]
+    base = {s: sched(s) for s in (0, 1, 5, 9)}
+    for step, lrs in by_param.items():
+        assert lrs[id(net["backbone"].weight)] == pytest.approx(base[step])
+        assert lrs[id(net["head"].weight)] == pytest.approx(10.0 * base[step])
+        assert lrs[id(net["predictor"][0].weight)] == pytest.approx(2.0 * 0.4)  # fixed: the peak, no warmup/decay
+    assert base[0] == 0.0 and base[9] < 0.4
+    with pytest.raises(ValueError, match="no trainable parameter of the method is named 'projector'"):
+        build_optimizer(OptimConfig(lr_multipliers={"projector": 2.0}), net)

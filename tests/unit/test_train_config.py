@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from seerlike import cli, config, recipes
-from seerlike.engine.train import TrainConfig, add_arguments, build_config
+from seerlike.commands.train import add_arguments, build_config
+from seerlike.engine.config import TrainConfig
 
 TRAIN_RECIPES = ["swav_resnet50", "byol_resnet50", "seer_regnet_y_256gf", "seer_regnet_y_10b", "tiny_swav", "tiny_byol"]
 
@@ -33,8 +34,8 @@ def test_every_field_is_documented():
 
 def test_seer_recipe_is_the_paper_setup():
     cfg = recipes.get("seer_regnet_y_256gf")
-    assert cfg.method.swav.num_prototypes == 16000 and cfg.method.swav.sinkhorn_iters == 10
-    assert cfg.model.name == "regnet_y_256gf" and cfg.method.swav.head_dims == (8192, 8192, 256)
+    assert cfg.method.num_prototypes == 16000 and cfg.method.sinkhorn_iters == 10
+    assert cfg.model.name == "regnet_y_256gf" and cfg.method.head_dims == (8192, 8192, 256)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay) == ("larc", 0.3, 8000, 1e-5)
     assert cfg.optim.trust_coefficient == 0.001 and not cfg.optim.larc_clip
     assert cfg.precision.dtype == "fp16" and cfg.parallel.sync_bn and cfg.parallel.sync_bn_group_size == 64
