@@ -134,7 +134,7 @@ def test_train_with_credentials_in_the_endpoint_saves_none_and_resumes(s3_bucket
                                                                       caplog, one_thread):
     from seerlike import recipes
     from seerlike.engine.loop import train
-    from seerlike.engine.train import TrainConfig
+    from seerlike.engine.config import TrainConfig
 
     endpoint, bucket = s3_bucket
     secret_endpoint = _with_credentials(endpoint)
