@@ -185,6 +185,8 @@ def manifest_labels(dataset: str, endpoint_url: str | None = None) -> tuple[dict
         for batch in iter_manifest(dataset, ["key", "label", "status"], endpoint_url=endpoint_url):
             d = batch.to_pydict()
             names.update((k, l) for k, l, st in zip(d["key"], d["label"], d["status"]) if st == "written" and l)
+    except (storage.StorageError, FileNotFoundError):
+        raise  # a manifest that cannot be read (even after the retries) is not a manifest without labels
     except Exception as e:  # noqa: BLE001 - an older manifest without a label column: no labels
         log.info("no labels in the manifest of %s (%s)", dataset, e)
         return None

@@ -236,6 +236,19 @@ def test_reads_resume_through_connection_resets(s3_bucket, tmp_path, fast_retrie
     assert proxy.resets >= 12  # ~3 per full read of the manifest or the shard
 
 
+def test_labels_that_cannot_be_read_are_an_error_not_an_unlabelled_set(s3_bucket, fast_retries):
+    from seerlike.data.sources import manifest_labels
+
+    endpoint, bucket = s3_bucket
+    table = pa.table({"key": ["a", "b"], "label": ["cat", "dog"], "status": ["written"] * 2})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(f"s3://{bucket}/ds/manifest.parquet", sink.getvalue().to_pybytes(), endpoint_url=endpoint)
+    assert manifest_labels(f"s3://{bucket}/ds", endpoint) == ({"a": 0, "b": 1}, ["cat", "dog"])
+    with pytest.raises(storage.StorageError, match="manifest.parquet"):
+        manifest_labels(f"s3://{bucket}/ds", "http://127.0.0.1:9")  # nothing listens: retries, then fail
+
+
 def test_checkpoint_download_through_connection_resets(s3_bucket, tmp_path, monkeypatch, fast_retries):
     endpoint, bucket = s3_bucket
     files = {".metadata": os.urandom(30_000), "__0_0.distcp": os.urandom(400_000), "__1_0.distcp": os.urandom(250_000),
