@@ -422,7 +422,8 @@ def read_bytes(url: str | os.PathLike, *, endpoint_url: str | None = None, retry
     return Path(url).read_bytes()
 
 
-def open_read(url: str | os.PathLike, *, endpoint_url: str | None = None, retry: RetryPolicy | None = None) -> IO[bytes]:
+def open_read(url: str | os.PathLike, *, endpoint_url: str | None = None,
+              retry: RetryPolicy | None = None) -> IO[bytes]:
     """A buffered, streaming binary file object (S3: an S3Reader)."""
     if is_s3_url(url):
         return io.BufferedReader(S3Reader(str(url), endpoint_url=endpoint_url, retry=retry), buffer_size=CHUNK)
@@ -747,7 +748,7 @@ def remove_tree(prefix: str | os.PathLike, *, endpoint_url: str | None = None, r
                             what=f"deleting {len(batch['Objects'])} objects under {base}", retry=retry)
         if resp.get("Errors"):
             err = resp["Errors"][0]
-            raise StorageError(f"deleting s3://{bucket}/{err.get('Key')} failed: {err.get('Code')}: {err.get('Message')}"
-                               f" ({len(resp['Errors'])} objects under {base} not deleted)")
+            raise StorageError(f"deleting s3://{bucket}/{err.get('Key')} failed: {err.get('Code')}: "
+                               f"{err.get('Message')} ({len(resp['Errors'])} objects under {base} not deleted)")
     return len(keys)
 

@@ -165,7 +165,8 @@ def manifest_counts(dataset: str, endpoint_url: str | None = None) -> dict[str, 
     if not counts:
         raise ConfigError(f"data source {dataset!r}: the manifest lists no written samples")
     root = dataset_root(dataset)
-    return {storage.join_within(root, s, what=f"shard {s!r} of the manifest of {dataset}"): counts[s] for s in sorted(counts)}
+    return {storage.join_within(root, s, what=f"shard {s!r} of the manifest of {dataset}"): counts[s]
+            for s in sorted(counts)}
 
 
 def is_dataset(source: str) -> bool:
