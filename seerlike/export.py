@@ -159,6 +159,7 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
     from seerlike.engine.checkpoint import load_model_state, step_of
 
     ckpt = resolve_checkpoint(path)
+    full = load_model_state(ckpt)  # verifies the checkpoint's files (config.yaml too) before reading any of them
     cfg_path = ckpt / "config.yaml"
     if not cfg_path.exists():
         cfg_path = ckpt.parent.parent / "config.yaml"
@@ -166,7 +167,7 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
         raise ConfigError(f"no config.yaml in {ckpt} or its run dir; cannot tell which backbone it holds")
     train_cfg = yaml.safe_load(cfg_path.read_text())
     arch = arch_of_config(train_cfg)
-    trunk, rest = split_state(load_model_state(ckpt))
+    trunk, rest = split_state(full)
     return Loaded(_with_state(arch, trunk), arch, str(ckpt), _head_from(rest), step_of(ckpt), train_cfg, rest)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from seerlike import config as configlib
 from seerlike import methods, models
 from seerlike.engine.budget import StepBudget
-from seerlike.engine.checkpoint import Checkpointer
+from seerlike.engine.checkpoint import Checkpointer, prepare_run_dir
 from seerlike.engine.config import TrainConfig
 from seerlike.engine.dist import DistInfo, init_distributed, setup_logging, teardown
 from seerlike.engine.metrics import MetricsLogger, Throughput, peak_memory_mb
@@ -92,8 +92,9 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     rank, world, device = info.rank, info.world_size, info.device
     loop = cfg.loop
     run_dir.mkdir(parents=True, exist_ok=True)
+    to_record = prepare_run_dir(cfg, run_dir, rank=rank)  # refuses a mismatched resume or a mixing fresh start
     if rank == 0:
-        configlib.dump(cfg, run_dir / "config.yaml")
+        configlib.dump(to_record, run_dir / "config.yaml")
 
     # ---------------------------------------------------------------- model, optimizer
     torch.manual_seed(loop.seed)  # identical init everywhere: FSDP2 shards local copies
@@ -110,9 +111,8 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     # ---------------------------------------------------------------- resume or start
     ckpt = Checkpointer(cfg.checkpoint, run_dir)
     start, data_state, exact = 0, None, False
-    found = ckpt.find_latest()
-    if found is not None:
-        restored = ckpt.restore(found, model, optimizer, method=method, scaler=scaler)
+    restored = ckpt.resume(model, optimizer, method=method, scaler=scaler)  # newest that verifies and loads
+    if restored is not None:
         start, data_state, exact = restored.step, restored.data_state, restored.exact
     if not exact:  # fresh start (or a different world size): seeded per-rank RNG
         torch.manual_seed(loop.seed + 100_003 * (rank + 1))
@@ -129,9 +129,11 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
             budget = StepBudget(loop.time_budget_s, loop.calibrate_steps, loop.max_steps,
                                 min_steps=max(cfg.optim.warmup_steps, loop.calibrate_steps + 1))
         else:  # calibrated before the restart: continue with the saved max_steps
-            cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, max_steps=_saved_max_steps(found)))
+            cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, max_steps=_saved_max_steps(restored.path)))
             loop = cfg.loop
             schedule = LRSchedule(cfg.optim, global_batch, loop.max_steps)
+            if rank == 0:
+                configlib.dump(dataclasses.replace(to_record, loop=loop), run_dir / "config.yaml")
     if start >= loop.max_steps:
         log.info("run already at step %d of %d: nothing to do", start, loop.max_steps)
         return 0
@@ -182,7 +184,7 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
                 metrics.log(step, {"calibrated_step_s": budget.step_s, "planned_steps": loop.max_steps,
                                    "time_budget_s": loop.time_budget_s})
                 if rank == 0:
-                    configlib.dump(cfg, run_dir / "config.yaml")
+                    configlib.dump(dataclasses.replace(to_record, loop=loop), run_dir / "config.yaml")
 
             if step % loop.log_every == 0 or step == loop.max_steps:
                 row = {"loss": result.loss, "lr": lr, **meter.summary(),

@@ -72,7 +72,7 @@ def test_save_on_two_ranks_load_on_one(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["step_00000002", "step_00000003"]
     latest = checkpoint.latest(root)
     assert sorted(p.name for p in latest.iterdir()) == sorted([
-        ".metadata", "__0_0.distcp", "__1_0.distcp", "COMPLETE", "config.yaml", "meta.json",
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "COMPLETE", "checksums.json", "config.yaml", "meta.json",
         "rank_00000.json", "rank_00001.json", "rank_00000.safetensors", "rank_00001.safetensors"])
 
     loaded = run_on_ranks(_load_on_one, 1, root)[0]
