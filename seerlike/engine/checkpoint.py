@@ -270,18 +270,14 @@ def _check_same_run(train_config: Any, run_dir: Path, candidates: list[Path]) ->
 def _delete_checkpoints(ck: CheckpointConfig, run_dir: Path) -> None:
     """Every checkpoint of the root, invisible first (all COMPLETE markers), then gone; staging and cache too."""
     if ck.dir.startswith("s3://"):
-        from seerlike import storage
-
-        bucket, prefix = storage.split_s3_url(ck.dir)
-        client = storage.s3_client()
-        base = f"{prefix.rstrip('/')}/" if prefix else ""
-        keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
-                for obj in page.get("Contents", []) if _STEP_RE.match(obj["Key"][len(base):].split("/")[0])]
-        markers = [k for k in keys if k.endswith(f"/{COMPLETE}")]
-        for batch in (markers, [k for k in keys if k not in set(markers)]):
-            for i in range(0, len(batch), 1000):
-                client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch[i:i + 1000]]})
-        gone = sorted({k[len(base):].split("/")[0] for k in markers})
+        base = ck.dir.rstrip("/") + "/"
+        urls = [u for u, _ in storage.list_files(base) if _STEP_RE.match(u[len(base):].split("/")[0])]
+        markers = [u for u in urls if u.endswith(f"/{COMPLETE}")]
+        for url in markers:
+            storage.remove(url)
+        gone = sorted({u[len(base):].split("/")[0] for u in markers})
+        for name in sorted({u[len(base):].split("/")[0] for u in urls}):
+            storage.remove_tree(storage.join(ck.dir, name))
         where = ck.dir
     else:
         root = _local_root(ck, run_dir)
@@ -301,18 +297,13 @@ def _delete_checkpoints(ck: CheckpointConfig, run_dir: Path) -> None:
 
 def _remote_complete_urls(url: str) -> list[str]:
     """``s3://.../step_N`` of every complete checkpoint under an S3 root, oldest first."""
-    from seerlike import storage
-
-    bucket, prefix = storage.split_s3_url(url)
-    client = storage.s3_client()
-    base = f"{prefix.rstrip('/')}/" if prefix else ""
+    base = url.rstrip("/") + "/"
     names = set()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
-        for obj in page.get("Contents", []):
-            parts = obj["Key"][len(base):].split("/")
-            if len(parts) == 2 and parts[1] == COMPLETE and _STEP_RE.match(parts[0]):
-                names.add(parts[0])
-    return [f"s3://{bucket}/{base}{n}" for n in sorted(names)]
+    for found, _ in storage.list_files(base):
+        parts = found[len(base):].split("/")
+        if len(parts) == 2 and parts[1] == COMPLETE and _STEP_RE.match(parts[0]):
+            names.add(parts[0])
+    return [f"{base}{n}" for n in sorted(names)]
 
 
 # ---------------------------------------------------------------- saving / restoring
@@ -454,13 +445,7 @@ class Checkpointer:
         return remote_dir
 
     def _remote_complete(self) -> list[str]:
-        base = self.cfg.dir.rstrip("/") + "/"
-        names = set()
-        for url, _ in storage.list_files(base):
-            parts = url[len(base):].split("/")
-            if len(parts) == 2 and parts[1] == COMPLETE and _STEP_RE.match(parts[0]):
-                names.add(parts[0])
-        return sorted(names)
+        return [url.rsplit("/", 1)[1] for url in _remote_complete_urls(self.cfg.dir)]
 
     def _prune_remote(self) -> None:
         done = self._remote_complete()
