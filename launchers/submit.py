@@ -32,7 +32,7 @@ import submitit
 
 from seerlike import config as configlib
 from seerlike.config import ConfigError
-from seerlike.storage import write_bytes
+from seerlike.storage import strip_credentials, write_bytes
 
 from launchers.checkpointable import StageJob
 
@@ -177,7 +177,9 @@ def record_job(job: submitit.Job, cfg: SubmitConfig, *, stage: str, argv: list[s
     """Write ``LOG_DIR/index/JOB_ID.json`` for ``seerlike jobs`` and return it."""
     rec = {
         "job_id": job.job_id, "cluster": "local" if isinstance(job, submitit.LocalJob) else "slurm",
-        "stage": stage, "argv": list(argv), "run_dir": run_dir, "log_folder": str(job.paths.folder),
+        # the index is a record, not the job's input: a URL's user:password is left out of it
+        "stage": stage, "argv": [strip_credentials(a) for a in argv], "run_dir": run_dir,
+        "log_folder": str(job.paths.folder),
         "log_dir": str(Path(cfg.log_dir).absolute()), "tasks": job.num_tasks, "submitted_at": time.time(),
         **(extra or {}),
     }
@@ -212,9 +214,10 @@ def validate_stage(target: str, argv: list[str]) -> None:
     try:
         ns = parser.parse_args(argv)
     except argparse.ArgumentError as e:
-        raise ConfigError(f"seerlike {target} {' '.join(argv)}: {e}") from None
+        raise ConfigError(strip_credentials(f"seerlike {target} {' '.join(argv)}: {e}")) from None
     except SystemExit:  # argparse already printed the usage and the reason
-        raise ConfigError(f"invalid arguments for seerlike {target} (after --): {' '.join(argv)}") from None
+        shown = strip_credentials(" ".join(argv))
+        raise ConfigError(f"invalid arguments for seerlike {target} (after --): {shown}") from None
     if hasattr(mod, "build_config"):
         try:
             mod.build_config(ns)
@@ -275,7 +278,8 @@ def submit_ingest(cfg: SubmitConfig, argv: list[str]) -> tuple[list[submitit.Job
     try:
         icfg = ingest_cli.build_config(parser.parse_args(argv))
     except SystemExit:
-        raise ConfigError(f"invalid arguments for seerlike ingest (after --): {' '.join(argv)}") from None
+        shown = strip_credentials(" ".join(argv))
+        raise ConfigError(f"invalid arguments for seerlike ingest (after --): {shown}") from None
     plan = ingest.plan(icfg)
     todo = ingest.pending_chunks(icfg)
     log.info("ingest: %d inputs in %d chunks, %d still to do", plan.n_inputs, plan.n_chunks, len(todo))

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from seerlike.storage import write_bytes
+from seerlike.storage import strip_credentials, write_bytes
 
 C = TypeVar("C")
 
@@ -324,8 +324,20 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
 
 
+def _without_credentials(data: Any) -> Any:
+    """``data`` with the ``user:password@`` of every URL removed: saved configs hold no secret, so a
+    resumed run takes its S3 credentials from the environment (docs/cluster.md, S3 and credentials)."""
+    if isinstance(data, str):
+        return strip_credentials(data)
+    if isinstance(data, list):
+        return [_without_credentials(v) for v in data]
+    if isinstance(data, dict):
+        return {k: _without_credentials(v) for k, v in data.items()}
+    return data
+
+
 def dumps(cfg: Any, fmt: Literal["json", "yaml"] = "yaml") -> str:
-    data = {"_type": f"{type(cfg).__module__}:{type(cfg).__qualname__}", **to_dict(cfg)}
+    data = {"_type": f"{type(cfg).__module__}:{type(cfg).__qualname__}", **_without_credentials(to_dict(cfg))}
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
     return yaml.safe_dump(data, sort_keys=False)

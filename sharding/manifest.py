@@ -109,7 +109,7 @@ def shard_urls(dataset_url: str, *, endpoint_url: str | None = None) -> list[str
     for batch in iter_manifest(manifest_url(dataset_url), ["shard", "status"], endpoint_url=endpoint_url):
         d = batch.to_pydict()
         shards.update(s for s, st in zip(d["shard"], d["status"]) if st == "written" and s)
-    return [storage.join(root, s) for s in sorted(shards)]
+    return [storage.join_within(root, s, what=f"shard {s!r} of the manifest of {dataset_url}") for s in sorted(shards)]
 
 
 def read_summary(dataset: str, *, endpoint_url: str | None = None) -> dict:

@@ -23,7 +23,6 @@ import urllib.request
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import NamedTuple
 
 from seerlike import storage
@@ -120,7 +119,8 @@ def _iter_list_file(ref: str, cfg: IngestConfig) -> Iterator[Source]:
     if storage.is_s3_url(ref):
         base = ref.rsplit("/", 1)[0]
         with tempfile.TemporaryDirectory() as tmp:
-            local = storage.get_file(ref, Path(tmp) / Path(ref).name, endpoint_url=cfg.endpoint_url or None)
+            dest = storage.local_path_for(tmp, ref.rsplit("/", 1)[-1], what=ref)
+            local = storage.get_file(ref, dest, endpoint_url=cfg.endpoint_url or None)
             yield from _iter_list_entries(str(local), ref, base, cfg)
     else:
         yield from _iter_list_entries(ref, ref, os.path.dirname(ref), cfg)
@@ -176,13 +176,12 @@ def fetch(ref: str, cfg: IngestConfig) -> bytes:
     if storage.is_http_url(ref):
         return _fetch_http(ref, cfg)
     if storage.is_s3_url(ref):
-        bucket, key = storage.split_s3_url(ref)
-        client = storage.s3_client(cfg.endpoint_url or None)
+        endpoint = cfg.endpoint_url or None
         try:
-            head = client.head_object(Bucket=bucket, Key=key)
-            if head["ContentLength"] > cfg.max_bytes:
-                raise FetchError("too_many_bytes", f"{ref}: {head['ContentLength']} bytes > max_bytes")
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            size = storage.size_of(ref, endpoint_url=endpoint)
+            if size > cfg.max_bytes:
+                raise FetchError("too_many_bytes", f"{ref}: {size} bytes > max_bytes")
+            return storage.read_bytes(ref, endpoint_url=endpoint)
         except FetchError:
             raise
         except Exception as e:  # noqa: BLE001 - any S3 failure is this input's fetch failure

@@ -85,7 +85,7 @@ def verify(dataset: str, *, endpoint_url: str | None = None) -> list[str]:
         if name.endswith(".tar") and name not in expected:
             problems.append(f"{name}: shard not in the manifest")
     for shard, keys in sorted(expected.items()):
-        url = storage.join(root, shard)
+        url = storage.join_within(root, shard, what=f"shard {shard!r} of the manifest")
         if not storage.exists(url, endpoint_url=endpoint_url):
             problems.append(f"{shard}: missing")
             continue

@@ -1,10 +1,11 @@
 """Read a shard as one stream: local path, ``file://`` or ``s3://`` with Range-resume.
 
-An S3 shard is one streaming GET. When the connection resets, times out, or the server
-answers 5xx / throttles, the reader waits (exponential backoff with jitter) and issues a
-new GET with ``Range: bytes=<offset>-`` at the byte it had reached, so the consumer (a
-tar reader) sees every byte exactly once. ``register_webdataset_opener()`` makes
-webdataset's ``url_opener`` use the same reader for ``s3://`` URLs.
+An S3 shard is one streaming GET through ``storage.S3Reader``, the reader every S3 read
+uses: when the connection resets, times out, or the server answers 5xx / throttles, it
+waits (``storage.RetryPolicy``: exponential backoff with jitter) and issues a new GET with
+``Range: bytes=<offset>-`` at the byte it had reached, so the consumer (a tar reader) sees
+every byte exactly once. ``register_webdataset_opener()`` makes webdataset's
+``url_opener`` use the same reader for ``s3://`` URLs.
 """
 
 from __future__ import annotations
@@ -12,114 +13,28 @@ from __future__ import annotations
 import io
 import logging
 import queue
-import random
 import threading
-import time
 from typing import IO
 
 from seerlike import storage
 
 log = logging.getLogger(__name__)
 
-_RETRY_CODES = {"500", "502", "503", "504", "SlowDown", "Throttling", "ThrottlingException",
-                "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"}
 
-
-class ShardReadError(IOError):
+class ShardReadError(storage.StorageError):
     """A shard could not be read even after the retries (names the shard and the cause)."""
 
 
-def _retryable(e: BaseException) -> bool:
-    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from urllib3.exceptions import HTTPError as Urllib3Error
-
-    if isinstance(e, ClientError):
-        err = e.response.get("Error", {})
-        status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        return err.get("Code", "") in _RETRY_CODES or status.startswith("5") or status == "429"
-    return isinstance(e, (BotoConnectionError, HTTPClientError, IncompleteReadError, Urllib3Error, ConnectionError,
-                          TimeoutError, OSError))
-
-
-class S3Stream(io.RawIOBase):
-    """A read-only, forward-only file object over one S3 object, resuming at the byte offset."""
+class S3Stream(storage.S3Reader):
+    """``storage.S3Reader`` with the shard options (data.s3_retries / s3_backoff_s), raising ShardReadError."""
 
     def __init__(self, url: str, *, endpoint_url: str | None = None, retries: int = 8,
                  backoff_s: float = 0.2, max_backoff_s: float = 10.0, start: int = 0):
-        self.url = url
-        self.bucket, self.key = storage.split_s3_url(url)
-        self.endpoint_url = endpoint_url
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.offset = start
-        self.size: int | None = None
-        self.resumes = 0
-        self._body = None
+        policy = storage.RetryPolicy(retries=retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s)
+        super().__init__(url, endpoint_url=endpoint_url, retry=policy, start=start)
 
-    def readable(self) -> bool:
-        return True
-
-    def _open(self) -> None:
-        client = storage.s3_client(self.endpoint_url)
-        kwargs = {"Bucket": self.bucket, "Key": self.key}
-        if self.offset:
-            kwargs["Range"] = f"bytes={self.offset}-"
-        resp = client.get_object(**kwargs)
-        if self.size is None:
-            if self.offset:
-                self.size = int(resp["ContentRange"].rsplit("/", 1)[1])
-            else:
-                self.size = int(resp["ContentLength"])
-        self._body = resp["Body"]
-
-    def _retry(self, attempt: int, e: BaseException) -> None:
-        if attempt >= self.retries or not _retryable(e):
-            raise ShardReadError(f"reading {self.url} failed at byte {self.offset} after {attempt} "
-                                 f"retries: {type(e).__name__}: {e}") from e
-        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
-        log.warning("reading %s: %s at byte %d; resuming with a Range request in %.2fs (retry %d/%d)",
-                    self.url, type(e).__name__, self.offset, delay, attempt + 1, self.retries)
-        self._close_body()
-        self.resumes += 1
-        time.sleep(delay)
-
-    def _close_body(self) -> None:
-        if self._body is not None:
-            try:
-                self._body.close()
-            except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
-                pass
-        self._body = None
-
-    def readinto(self, buf) -> int:
-        want = len(buf)
-        if want == 0 or (self.size is not None and self.offset >= self.size):
-            return 0
-        attempt = 0
-        while True:
-            try:
-                if self._body is None:
-                    self._open()
-                    if self.offset >= self.size:
-                        return 0
-                data = self._body.read(want)
-                if not data and self.offset < self.size:
-                    raise ConnectionError(f"body ended at byte {self.offset} of {self.size}")
-                n = len(data)
-                buf[:n] = data
-                self.offset += n
-                return n
-            except ShardReadError:
-                raise
-            except Exception as e:  # noqa: BLE001 - classified by _retryable
-                self._retry(attempt, e)
-                attempt += 1
-
-    def close(self) -> None:
-        self._close_body()
-        super().close()
+    def _error(self, message: str, cause: BaseException) -> Exception:
+        return ShardReadError(str(super()._error(message, cause)))
 
 
 class ReadAhead(io.RawIOBase):

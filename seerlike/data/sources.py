@@ -165,7 +165,8 @@ def manifest_counts(dataset: str, endpoint_url: str | None = None) -> dict[str, 
     if not counts:
         raise ConfigError(f"data source {dataset!r}: the manifest lists no written samples")
     root = dataset_root(dataset)
-    return {storage.join(root, s): counts[s] for s in sorted(counts)}
+    return {storage.join_within(root, s, what=f"shard {s!r} of the manifest of {dataset}"): counts[s]
+            for s in sorted(counts)}
 
 
 def is_dataset(source: str) -> bool:
@@ -185,6 +186,8 @@ def manifest_labels(dataset: str, endpoint_url: str | None = None) -> tuple[dict
         for batch in iter_manifest(dataset, ["key", "label", "status"], endpoint_url=endpoint_url):
             d = batch.to_pydict()
             names.update((k, l) for k, l, st in zip(d["key"], d["label"], d["status"]) if st == "written" and l)
+    except (storage.StorageError, FileNotFoundError):
+        raise  # a manifest that cannot be read (even after the retries) is not a manifest without labels
     except Exception as e:  # noqa: BLE001 - an older manifest without a label column: no labels
         log.info("no labels in the manifest of %s (%s)", dataset, e)
         return None

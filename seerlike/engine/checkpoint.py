@@ -270,18 +270,14 @@ def _check_same_run(train_config: Any, run_dir: Path, candidates: list[Path]) ->
 def _delete_checkpoints(ck: CheckpointConfig, run_dir: Path) -> None:
     """Every checkpoint of the root, invisible first (all COMPLETE markers), then gone; staging and cache too."""
     if ck.dir.startswith("s3://"):
-        from seerlike import storage
-
-        bucket, prefix = storage.split_s3_url(ck.dir)
-        client = storage.s3_client()
-        base = f"{prefix.rstrip('/')}/" if prefix else ""
-        keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
-                for obj in page.get("Contents", []) if _STEP_RE.match(obj["Key"][len(base):].split("/")[0])]
-        markers = [k for k in keys if k.endswith(f"/{COMPLETE}")]
-        for batch in (markers, [k for k in keys if k not in set(markers)]):
-            for i in range(0, len(batch), 1000):
-                client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch[i:i + 1000]]})
-        gone = sorted({k[len(base):].split("/")[0] for k in markers})
+        base = ck.dir.rstrip("/") + "/"
+        urls = [u for u, _ in storage.list_files(base) if _STEP_RE.match(u[len(base):].split("/")[0])]
+        markers = [u for u in urls if u.endswith(f"/{COMPLETE}")]
+        for url in markers:
+            storage.remove(url)
+        gone = sorted({u[len(base):].split("/")[0] for u in markers})
+        for name in sorted({u[len(base):].split("/")[0] for u in urls}):
+            storage.remove_tree(storage.join(ck.dir, name))
         where = ck.dir
     else:
         root = _local_root(ck, run_dir)
@@ -301,18 +297,13 @@ def _delete_checkpoints(ck: CheckpointConfig, run_dir: Path) -> None:
 
 def _remote_complete_urls(url: str) -> list[str]:
     """``s3://.../step_N`` of every complete checkpoint under an S3 root, oldest first."""
-    from seerlike import storage
-
-    bucket, prefix = storage.split_s3_url(url)
-    client = storage.s3_client()
-    base = f"{prefix.rstrip('/')}/" if prefix else ""
+    base = url.rstrip("/") + "/"
     names = set()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
-        for obj in page.get("Contents", []):
-            parts = obj["Key"][len(base):].split("/")
-            if len(parts) == 2 and parts[1] == COMPLETE and _STEP_RE.match(parts[0]):
-                names.add(parts[0])
-    return [f"s3://{bucket}/{base}{n}" for n in sorted(names)]
+    for found, _ in storage.list_files(base):
+        parts = found[len(base):].split("/")
+        if len(parts) == 2 and parts[1] == COMPLETE and _STEP_RE.match(parts[0]):
+            names.add(parts[0])
+    return [f"{base}{n}" for n in sorted(names)]
 
 
 # ---------------------------------------------------------------- saving / restoring
@@ -442,59 +433,61 @@ class Checkpointer:
     # ---------------------------------------------------------------- s3
 
     def _upload(self, step: int, path: Path) -> str:
-        from seerlike import storage
-
-        bucket, prefix = storage.split_s3_url(self.cfg.dir)
-        client = storage.s3_client()
-        key_dir = f"{prefix.rstrip('/')}/{path.name}" if prefix else path.name
+        remote_dir = storage.join(self.cfg.dir, path.name)
         mine = [f for f in path.iterdir() if f.is_file() and _owned_by(f.name, self.rank)]
-        for f in mine:
-            client.upload_file(str(f), bucket, f"{key_dir}/{f.name}")
+        for f in mine:  # each upload retried per storage.RetryPolicy (multipart: part by part)
+            storage.put_file(f, storage.join(remote_dir, f.name))
         self._barrier()
         if self.rank == 0:
-            client.put_object(Bucket=bucket, Key=f"{key_dir}/{COMPLETE}", Body=f"{step}\n".encode())
-            self._prune_remote(client, bucket, prefix)
+            storage.write_bytes(storage.join(remote_dir, COMPLETE), f"{step}\n".encode())
+            self._prune_remote()
             shutil.rmtree(path, ignore_errors=True)
-        return f"s3://{bucket}/{key_dir}"
+        return remote_dir
 
-    def _remote_complete(self, client, bucket: str, prefix: str) -> list[str]:
-        base = f"{prefix.rstrip('/')}/" if prefix else ""
-        names = set()
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(base):]
-                parts = rel.split("/")
-                if len(parts) == 2 and parts[1] == COMPLETE and _STEP_RE.match(parts[0]):
-                    names.add(parts[0])
-        return sorted(names)
+    def _remote_complete(self) -> list[str]:
+        return [url.rsplit("/", 1)[1] for url in _remote_complete_urls(self.cfg.dir)]
 
-    def _prune_remote(self, client, bucket: str, prefix: str) -> None:
-        done = self._remote_complete(client, bucket, prefix)
-        base = f"{prefix.rstrip('/')}/" if prefix else ""
+    def _prune_remote(self) -> None:
+        done = self._remote_complete()
         for name in done[: -self.cfg.keep_last] if self.cfg.keep_last else []:
-            client.delete_object(Bucket=bucket, Key=f"{base}{name}/{COMPLETE}")
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{base}{name}/"):
-                for obj in page.get("Contents", []):
-                    client.delete_object(Bucket=bucket, Key=obj["Key"])
+            remote_dir = storage.join(self.cfg.dir, name)
+            storage.remove(storage.join(remote_dir, COMPLETE))  # invisible first, then gone
+            storage.remove_tree(remote_dir)
 
     def _download_latest(self) -> Path | None:
-        from seerlike import storage
+        """Rank 0 downloads the newest complete remote checkpoint into RUN_DIR/checkpoints_cache.
 
-        bucket, prefix = storage.split_s3_url(self.cfg.dir)
-        client = storage.s3_client()
-        done = self._remote_complete(client, bucket, prefix)
+        Keys are untrusted: one that would land outside the cache (``..``, absolute) fails the
+        download before anything is written (storage.get_tree). The folder appears under its
+        final name only once every file is in, so an interrupted download is never taken for
+        a cached checkpoint. Every rank learns whether rank 0 succeeded, so none waits forever.
+        """
+        done = self._remote_complete()
         if not done:
             return None
         name = done[-1]
         local = self.run_dir / "checkpoints_cache" / name
+        failure: Exception | None = None
         if self.rank == 0 and not (local / COMPLETE).exists():
-            shutil.rmtree(local, ignore_errors=True)
-            local.mkdir(parents=True)
-            base = f"{prefix.rstrip('/')}/{name}/" if prefix else f"{name}/"
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
-                for obj in page.get("Contents", []):
-                    client.download_file(bucket, obj["Key"], str(local / obj["Key"][len(base):]))
-        self._barrier()  # the cache must be on a filesystem all ranks see
+            partial = local.with_name(f".{name}.partial")
+            try:
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.rmtree(local, ignore_errors=True)
+                storage.get_tree(storage.join(self.cfg.dir, name), partial)
+                if not (partial / COMPLETE).is_file():
+                    raise storage.StorageError(f"{storage.join(self.cfg.dir, name)} lost its {COMPLETE} marker "
+                                               "while being downloaded (pruned by another run?)")
+                partial.rename(local)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
+                failure = e
+        # the cache must be on a filesystem all ranks see; rank 0's outcome reaches every rank
+        outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        if self.group is not None:
+            dist.broadcast_object_list(outcome, src=0, group=self.group)
+        if failure is not None:
+            raise failure
+        if outcome[0] is not None:
+            raise storage.StorageError(f"rank 0 could not download checkpoint {name} of {self.cfg.dir}: {outcome[0]}")
         return local
 
     # ---------------------------------------------------------------- restore

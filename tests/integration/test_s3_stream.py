@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import io
-import socket
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -19,93 +15,11 @@ from seerlike.data import DataConfig, build_eval_data, build_train_data
 from seerlike.data.augment import AugmentConfig, ViewConfig
 from seerlike.data.s3stream import S3Stream, ShardReadError, open_shard
 from tests.data_fixtures import cifar_images, write_shards
+from tests.s3_faults import FaultProxy
 
 pytestmark = pytest.mark.integration
 
 SMALL = AugmentConfig(views=[ViewConfig(count=2, size=16, scale=(0.2, 1.0))])
-
-
-class FaultProxy:
-    """HTTP proxy on loopback in front of the S3 server.
-
-    GETs of ``.tar`` objects follow a fixed schedule: every ``every``-th answers 503
-    SlowDown, the one after it sends half its body and then resets the connection.
-    Keys listed in ``dead`` reset every GET before the first body byte.
-    """
-
-    def __init__(self, upstream: str, every: int = 3, dead: tuple[str, ...] = ()):
-        self.upstream = upstream.removeprefix("http://")
-        self.every, self.dead = every, dead
-        self.counts = Counter()
-        self._lock = threading.Lock()
-        self._n = 0
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fault = proxy._fault(self.command, self.path)
-                if fault == "503":
-                    msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    self.wfile.write(msg)
-                    return
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if fault in ("reset", "dead") and self.command == "GET" and len(data) > 1:
-                    self.wfile.write(data[: len(data) // 2] if fault == "reset" else b"")
-                    self.wfile.flush()
-                    # RST instead of FIN: the client sees a connection reset mid-body
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    self.connection.close()
-                    self.close_connection = True
-                    return
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def _fault(self, method: str, path: str) -> str | None:
-        if method != "GET" or ".tar" not in path:
-            return None
-        with self._lock:
-            if any(d in path for d in self.dead):
-                self.counts["dead"] += 1
-                return "dead"
-            self._n += 1
-            phase = self._n % self.every
-            fault = "503" if phase == 0 else "reset" if phase == 1 else None
-            self.counts[fault or "ok"] += 1
-            return fault
-
-    def __enter__(self) -> "FaultProxy":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
