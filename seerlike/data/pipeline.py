@@ -158,7 +158,7 @@ class SkipLog:
         self._pending, self._since = 0, now
 
 
-def _no_progress(cfg: DataConfig, source, who: str, skips: SkipLog, in_a_row: int, *, whole_pass: bool,
+def _no_progress(cfg: DataConfig, who: str, skips: SkipLog, in_a_row: int, *, whole_pass: bool,
                  failed_shards: set[str]) -> NoUsableData:
     if whole_pass:
         why = f"a whole pass over its {in_a_row} samples"
@@ -166,10 +166,12 @@ def _no_progress(cfg: DataConfig, source, who: str, skips: SkipLog, in_a_row: in
         why = f"data.max_consecutive_failures={cfg.max_consecutive_failures} undecodable or unreadable in a row"
     if failed_shards:
         why += f"; {len(failed_shards)} of its shards could not be read"
-    fix = ("restore the missing shards or ingest the data again" if isinstance(source, ShardSource)
-           else "remove or replace the bad files")
+    fix = ("restore the unreadable shards or ingest the data again" if failed_shards
+           else "remove or replace the undecodable images")
     if not whole_pass:
         fix += ", or raise data.max_consecutive_failures if such runs are expected"
+    if cfg.labels:
+        fix += f"; samples without a pseudo-label in data.labels ({cfg.labels}) are skipped too"
     return NoUsableData(f"data source {cfg.source!r}: none of the last {in_a_row} samples read by {who} could be "
                         f"used ({why}; {skips.total} skipped in all); first error: {skips.first}; {fix}")
 
@@ -280,7 +282,7 @@ class _TrainStream(IterableDataset):
                     elif not unlabelled:
                         bad_in_a_row += 1
                     if since_good >= pass_length or bad_in_a_row >= cfg.max_consecutive_failures:
-                        raise _no_progress(cfg, self.source, who, skips, since_good,
+                        raise _no_progress(cfg, who, skips, since_good,
                                            whole_pass=since_good >= pass_length, failed_shards=failed_shards)
                     continue
                 since_good, bad_in_a_row = 0, 0

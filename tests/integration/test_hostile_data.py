@@ -108,7 +108,7 @@ def test_an_ingested_dataset_whose_shards_are_gone_stops_the_run(tmp_path, inges
     run = _train(dataset, tmp_path / "run", f"data.num_workers={workers}")
     _assert_stopped(run, "NoUsableData", f"data source {str(dataset)!r}: none of the last 48 samples",
                     "3 of its shards could not be read; 48 skipped in all); first error:",
-                    "shard unreadable (ShardReadError: cannot open shard", "restore the missing shards")
+                    "shard unreadable (ShardReadError: cannot open shard", "restore the unreadable shards")
 
 
 def test_a_few_corrupt_images_are_skipped_and_counted_not_logged_one_by_one(tmp_path, cifar_dir, photos_dir):

@@ -72,7 +72,7 @@ def test_a_dataset_whose_shards_are_gone_stops_after_one_pass(tmp_path: Path, ci
     with pytest.raises(NoUsableData, match=r"none of the last 40 samples .* \(a whole pass over its 40 samples; "
                                            r"3 of its shards could not be read; 40 skipped in all\); first error: "
                                            r".*shard unreadable \(ShardReadError: cannot open shard .*; "
-                                           r"restore the missing shards"):
+                                           r"restore the unreadable shards"):
         next(iter(build_train_data(cfg, seed=0)))
 
 
