@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -198,14 +199,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected int, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected float, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        # no setting means NaN or infinity; either would only surface later as a NaN loss
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

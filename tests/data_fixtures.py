@@ -42,3 +42,19 @@ def write_shards(images: list[Path], out: Path, per_shard: int | list[int], *, b
 
 def cifar_images(cifar_dir: Path, n: int) -> list[Path]:
     return sorted((cifar_dir / "train").rglob("*.jpg"))[:n]
+
+
+def corrupt_jpegs(photos_dir: Path, out: Path, n: int) -> list[Path]:
+    """``n`` undecodable ``.jpg`` files made from the smallest real photos: in turn cut at 60 %,
+    header + garbage, garbage only, and empty."""
+    out.mkdir(parents=True, exist_ok=True)
+    photos = sorted(photos_dir.glob("*.jpg"), key=lambda p: p.stat().st_size)
+    garbage = bytes(range(256)) * 8
+    paths = []
+    for i in range(n):
+        data = photos[i % len(photos)].read_bytes()
+        bad = [data[: int(len(data) * 0.6)], data[:512] + garbage, garbage, b""][i % 4]
+        path = out / f"bad{i:04d}.jpg"
+        path.write_bytes(bad)
+        paths.append(path)
+    return paths

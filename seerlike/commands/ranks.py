@@ -24,7 +24,9 @@ def launch(argv: list[str], nproc: int) -> int:
     """Run ``argv`` as ``nproc`` ranks; if one fails, stop the others.
 
     SIGTERM/SIGUSR1 sent to the launcher are forwarded to every rank (they checkpoint and
-    exit with REQUEUE_EXIT_CODE). The launcher returns the first non-zero exit status.
+    exit with REQUEUE_EXIT_CODE). The launcher returns the first non-zero exit status. Once
+    every rank has exited 0 the run is finished: SIGTERM/SIGUSR1 are then only logged, for the
+    rest of this process, so that one arriving while it exits does not turn it into status 143.
     """
     base = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(_free_port()))
@@ -37,7 +39,12 @@ def launch(argv: list[str], nproc: int) -> int:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    def after_finish(signum, _frame):
+        log.warning("caught %s after every rank finished: nothing left to stop, exiting normally",
+                    signal.Signals(signum).name)
+
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    finished = False
     try:
         status = 0
         while True:
@@ -49,11 +56,12 @@ def launch(argv: list[str], nproc: int) -> int:
                     log.error("rank %d exited with status %d; stopping the other ranks", *failed[0])
                     _stop(procs)
             if all(c is not None for c in codes):
+                finished = status == 0
                 return status if status >= 0 else 128 - status
             time.sleep(0.2)
     finally:
         for s, h in old.items():
-            signal.signal(s, h)
+            signal.signal(s, after_finish if finished and s != signal.SIGINT else h)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -11,13 +11,21 @@ position of a rank is the number of records and batches each worker has delivere
 trainer. ``TrainData.state_dict()`` returns it (JSON); after ``load_state_dict`` the
 workers fast-forward (no decoding) and the rest of the epoch is bitwise the same as in an
 uninterrupted run, views included.
+
+Bad samples. A sample that cannot be used (undecodable, unreadable, in a shard that failed
+after its retries, without a pseudo-label) is skipped and counted; skips are logged as one
+count per ``SKIP_LOG_INTERVAL_S`` per worker, never a line each. A worker that cannot make
+progress stops the run with ``NoUsableData`` (it reaches the training process through the
+DataLoader): after ``max_consecutive_failures`` undecodable or unreadable samples in a row,
+or after a whole pass over its files / shards without one usable sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +41,9 @@ from seerlike.data.sources import FileSource, ShardSource, is_dataset, manifest_
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+SKIP_LOG_INTERVAL_S = 10.0
+"""Skipped samples are logged as one count per this many seconds per reader, not one line each."""
 
 
 @dataclass(kw_only=True)
@@ -57,6 +68,8 @@ class DataConfig:
     """Batches per rank per epoch; 0 means one full pass (exact mode); required with resampled."""
     on_shard_error: Literal["skip", "fatal"] = "skip"
     """A shard still failing after the retries is logged and skipped, or stops the job."""
+    max_consecutive_failures: int = 500
+    """Stop the run after this many undecodable / unreadable samples in a row (a whole pass with no usable sample always stops it)."""
     s3_endpoint_url: str | None = None
     """S3 endpoint (None: AWS_ENDPOINT_URL or AWS itself)."""
     s3_retries: int = 8
@@ -79,6 +92,8 @@ class DataConfig:
             raise ValueError(f"num_workers must be >= 0 and prefetch_factor >= 1, got {self.num_workers}, {self.prefetch_factor}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
+        if self.max_consecutive_failures < 1:
+            raise ValueError(f"max_consecutive_failures must be >= 1, got {self.max_consecutive_failures}")
         if self.epoch_steps < 0:
             raise ValueError(f"epoch_steps must be >= 0, got {self.epoch_steps}")
         if self.resampled and self.epoch_steps == 0:
@@ -99,6 +114,68 @@ class Batch:
     """Class indices (int64) when the source has labels for every sample, else None."""
 
 
+# ---------------------------------------------------------------- bad samples
+
+
+class NoUsableData(RuntimeError):
+    """A data worker cannot make progress: the samples it reads cannot be used."""
+
+
+class SkipLog:
+    """The skipped samples of one reader, logged as a count per interval instead of a line each.
+
+    The first skip is logged at once; later ones are counted and logged (count and last
+    error) at most once per ``interval_s``, and by ``flush``. A corpus of corrupt files
+    therefore costs a few lines of log, not one per sample.
+    """
+
+    def __init__(self, who: str, *, interval_s: float = SKIP_LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.who, self.interval_s, self.clock = who, interval_s, clock
+        self.total = 0
+        self.first: str | None = None
+        """``key: error`` of the first skip."""
+        self._pending, self._last, self._since = 0, "", 0.0
+
+    def add(self, key: str, error: str) -> None:
+        self.total += 1
+        note = f"{key}: {error}"
+        if self.first is None:
+            self.first, self._since = note, self.clock()
+            log.warning("%s: skipping sample %s (further skips are counted and logged every %.0f s)",
+                        self.who, note, self.interval_s)
+            return
+        self._pending, self._last = self._pending + 1, note
+        if self.clock() - self._since >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        now = self.clock()
+        log.warning("%s: skipped %d samples in the last %.0f s (%d in all); last error: %s",
+                    self.who, self._pending, now - self._since, self.total, self._last)
+        self._pending, self._since = 0, now
+
+
+def _no_progress(cfg: DataConfig, who: str, skips: SkipLog, in_a_row: int, *, whole_pass: bool,
+                 failed_shards: set[str]) -> NoUsableData:
+    if whole_pass:
+        why = f"a whole pass over its {in_a_row} samples"
+    else:
+        why = f"data.max_consecutive_failures={cfg.max_consecutive_failures} undecodable or unreadable in a row"
+    if failed_shards:
+        why += f"; {len(failed_shards)} of its shards could not be read"
+    fix = ("restore the unreadable shards or ingest the data again" if failed_shards
+           else "remove or replace the undecodable images")
+    if not whole_pass:
+        fix += ", or raise data.max_consecutive_failures if such runs are expected"
+    if cfg.labels:
+        fix += f"; samples without a pseudo-label in data.labels ({cfg.labels}) are skipped too"
+    return NoUsableData(f"data source {cfg.source!r}: none of the last {in_a_row} samples read by {who} could be "
+                        f"used ({why}; {skips.total} skipped in all); first error: {skips.first}; {fix}")
+
+
 # ---------------------------------------------------------------- worker side
 
 
@@ -107,15 +184,20 @@ def _reader_options(cfg: DataConfig) -> sh.ShardReaderOptions:
                                  backoff_s=cfg.s3_backoff_s, on_shard_error=cfg.on_shard_error)
 
 
+def _stream_length(source, plan: sh.WorkerPlan) -> int:
+    """Records in one pass over the worker's files / shards."""
+    if isinstance(source, FileSource):
+        return len(plan.files)
+    return sum(source.counts[s] for s in plan.shards)
+
+
 def _records_from(source, plan: sh.WorkerPlan, start: int, cfg: DataConfig, seed_parts: tuple) -> Iterator[sh.Record]:
     """The worker's stream from emitted record ``start``; wraps around (logged) when exhausted."""
+    length = _stream_length(source, plan)
     if isinstance(source, FileSource):
-        length = len(plan.files)
-
         def once(p):
             return sh.raw_file_stream(source, plan.files, p)
     else:
-        length = sum(source.counts[s] for s in plan.shards)
         block = cfg.shuffle_buffer
 
         def once(p):
@@ -127,8 +209,9 @@ def _records_from(source, plan: sh.WorkerPlan, start: int, cfg: DataConfig, seed
     while True:
         yield from once(offset)
         cycle, offset = cycle + 1, 0
-        log.warning("worker %s ran out of usable samples before its quota (corrupt samples or failed shards); "
-                    "re-reading its stream (pass %d)", seed_parts, cycle + 1)
+        if cycle & (cycle - 1) == 0:  # passes 2, 3, 5, 9, ...: a slow worker does not flood the log
+            log.warning("worker %s ran out of usable samples before its quota (corrupt samples or failed shards); "
+                        "re-reading its stream (pass %d)", seed_parts, cycle + 1)
 
 
 def _read_position(source, plan: sh.WorkerPlan, records: int, block: int) -> dict:
@@ -168,28 +251,47 @@ class _TrainStream(IterableDataset):
         stream = _records_from(self.source, plan, records, cfg, (self.seed, self.epoch, self.rank, worker))
         labelled = self.label_map is not None or (
             isinstance(self.source, FileSource) and all(l is not None for l in self.source.labels))
+        who = f"rank {self.rank} worker {worker}"
+        skips = SkipLog(who)
+        pass_length = _stream_length(self.source, plan)
+        # since_good: any unusable record (a whole pass of them stops the worker); bad_in_a_row:
+        # undecodable / unreadable samples only, as a failed shard or a sample without a
+        # pseudo-label says nothing about the samples after it
+        since_good, bad_in_a_row, failed_shards = 0, 0, set()
         while batches < plan.quota:
             keys, labels, crops, corrupt = [], [], [], []
             while len(keys) < B:
                 rec = next(stream)
                 records += 1
+                unlabelled = False
                 if rec.error is None and self.label_map is not None:
                     rec = rec._replace(label=self.label_map.get(rec.key))
                     if rec.label is None:
-                        rec = rec._replace(error="no pseudo-label for this key in data.labels")
+                        rec, unlabelled = rec._replace(error="no pseudo-label for this key in data.labels"), True
                 if rec.error is None:
                     try:
                         views = aug.crop_sample(rec.data, rec.key, cfg.augment, self.seed, self.epoch)
                     except aug.CorruptSample as e:
                         rec = rec._replace(error=str(e))
                 if rec.error is not None:
-                    log.warning("skipping sample %s: %s", rec.key, rec.error)
+                    skips.add(rec.key, rec.error)
                     corrupt.append(rec.key)
+                    since_good += 1
+                    if rec.failed_shard is not None:
+                        failed_shards.add(rec.failed_shard)
+                    elif not unlabelled:
+                        bad_in_a_row += 1
+                    if since_good >= pass_length or bad_in_a_row >= cfg.max_consecutive_failures:
+                        raise _no_progress(cfg, who, skips, since_good,
+                                           whole_pass=since_good >= pass_length, failed_shards=failed_shards)
                     continue
+                since_good, bad_in_a_row = 0, 0
                 keys.append(rec.key)
                 labels.append(rec.label)
                 crops.append(views)
             batches += 1
+            if batches == plan.quota:  # the worker's last batch of the epoch: report the skips not yet logged
+                skips.flush()
             views = aug.stack_views(crops)
             yield {
                 "views": views,
@@ -347,9 +449,11 @@ class _EvalStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         cfg = self.cfg
+        skips = SkipLog(f"evaluation worker {worker}")
         if isinstance(self.source, FileSource):
             for batch in self.items[worker]:
-                yield self._batch(sh.raw_file_stream(self.source, batch, 0))
+                yield self._batch(sh.raw_file_stream(self.source, batch, 0), skips)
+            skips.flush()
             return
         labels = self.labels or {}
         records = (r._replace(label=labels.get(r.key)) for s in self.items[worker]
@@ -357,10 +461,11 @@ class _EvalStream(IterableDataset):
         while True:
             chunk = [r for _, r in zip(range(cfg.batch_size), records)]
             if not chunk:
+                skips.flush()
                 return
-            yield self._batch(chunk)
+            yield self._batch(chunk, skips)
 
-    def _batch(self, records) -> dict:
+    def _batch(self, records, skips: SkipLog) -> dict:
         keys, labels, views, corrupt = [], [], [], []
         for rec in records:
             try:
@@ -368,7 +473,7 @@ class _EvalStream(IterableDataset):
                     raise aug.CorruptSample(rec.error)
                 views.append(aug.center_view(rec.data, self.cfg.eval_size, self.cfg.eval_resize))
             except aug.CorruptSample as e:
-                log.warning("skipping sample %s: %s", rec.key, e)
+                skips.add(rec.key, str(e))
                 corrupt.append(rec.key)
                 continue
             keys.append(rec.key)

@@ -11,8 +11,9 @@ position is one integer, the number of records emitted, and resuming at it reads
 the current block again: whole shards before it are skipped by their sample counts.
 
 A shard always yields exactly the number of records its count says: a shard that fails
-after the retries (``skip`` policy) or lacks members pads the rest with error records,
-which the worker skips and counts like corrupt images, so positions never drift.
+after the retries (``skip`` policy) or lacks members pads the rest with error records
+(``Record.failed_shard`` names the shard), which the worker skips and counts like corrupt
+images, so positions never drift.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Record(NamedTuple):
     data: bytes | None
     label: int | None
     error: str | None = None
+    failed_shard: str | None = None
+    """The shard's URL when the record stands in for a sample of a shard that could not be read."""
 
 
 @dataclass
@@ -199,16 +202,16 @@ def shard_records(url: str, count: int, skip: int, opts: ShardReaderOptions) -> 
                                  "(data.on_shard_error=skip would skip it and go on)") from e
         log.error("shard %s failed after %d of its %d samples (%s: %s); skipping the rest of it",
                   url, skip + emitted, count, type(e).__name__, e)
-        reason = f"shard {url} failed: {type(e).__name__}"
+        reason = f"shard unreadable ({type(e).__name__}: {e})"
     else:
-        reason = f"shard {url} ended early"
+        reason = f"shard ended after {skip + emitted} of its {count} samples"
         if skip + emitted < count:
             if opts.on_shard_error == "fatal":
                 raise ShardReadError(f"shard {url} holds {skip + emitted} samples, its count says {count} "
                                      "(data.on_shard_error=skip would skip the missing ones and go on)")
             log.warning("shard %s holds %d samples, its count says %d", url, skip + emitted, count)
     for j in range(skip + emitted, count):
-        yield Record(f"{url}#missing{j}", None, None, reason)
+        yield Record(f"{url}#missing{j}", None, None, reason, failed_shard=url)
 
 
 def raw_shard_stream(source: ShardSource, shards: list[int], start: int, opts: ShardReaderOptions) -> Iterator[Record]:

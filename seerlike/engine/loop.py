@@ -59,9 +59,19 @@ class StopRequest:
     def _handle(self, signum, _frame):
         self.signum = signum
 
-    def close(self) -> None:
+    def close(self, *, finished: bool = False) -> None:
+        """Put the previous handlers back; once the run has finished, make stop signals harmless instead.
+
+        A stop signal that arrives after the last checkpoint (a launcher forwarding SIGTERM while
+        the ranks exit) has nothing left to stop; the default action would kill the process and
+        turn a finished run into exit status 143. So the harmless handler stays for the rest of the process.
+        """
         for s, h in self._old.items():
-            signal.signal(s, h)
+            signal.signal(s, _after_finish if finished else h)
+
+
+def _after_finish(signum, _frame) -> None:
+    log.warning("caught %s after training finished: nothing left to stop, exiting normally", signal.Signals(signum).name)
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
@@ -148,6 +158,7 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     meter = Throughput()
     batches = _batches(data)
     skipped, saved_at, step = 0, start, start
+    finished = False
     try:
         while step < loop.max_steps:
             lr = schedule.apply(optimizer, step)
@@ -198,14 +209,18 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
                 ckpt.save(step, model, optimizer, method=method, scaler=scaler,
                           data_state=data.state_dict(), train_config=cfg)
                 saved_at = step
-            if result.stop:
+            if result.stop and step < loop.max_steps:
                 ckpt.wait()
                 log.warning("stop requested (signal): checkpoint at step %d written, exiting with %d",
                             saved_at, REQUEUE_EXIT_CODE)
                 return REQUEUE_EXIT_CODE
         ckpt.wait()
+        finished = True
+        if result.stop:
+            log.warning("stop requested during the last step: the run is finished (checkpoint at step %d), exiting 0",
+                        step)
     finally:
-        stop.close()
+        stop.close(finished=finished)
         metrics.close()
     log.info("done: %d steps, last checkpoint %s", step, ckpt.last_complete)
     return 0

@@ -158,3 +158,33 @@ def test_single_override_takes_objects_and_shares_the_checks():
         config.apply_override(Outer(), "inner.momentum", 0.9)
     with pytest.raises(ConfigError, match="steps must be positive"):
         config.apply_override(Outer(), "inner.steps", 0)
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999"])
+def test_non_finite_floats_are_rejected_in_overrides_and_files(text, tmp_path):
+    with pytest.raises(ConfigError, match=r"^inner\.lr: expected a finite float"):
+        config.apply_overrides(Outer(), [f"inner.lr={text}"])
+    with pytest.raises(ConfigError, match=r"^pair\[1\]: expected a finite float"):
+        config.apply_overrides(Outer(), [f"pair=0.1,{text}"])
+    with pytest.raises(ConfigError, match=r"^inner\.lr: expected a finite float"):
+        config.apply_override(Outer(), "inner.lr", float(text))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"inner:\n  lr: {text}\n")
+    with pytest.raises(ConfigError, match=r"^inner\.lr: expected a finite float"):
+        config.load(path, Outer)
+
+
+def test_non_finite_floats_are_rejected_in_training_configs(tmp_path):
+    from seerlike import recipes
+
+    cfg = recipes.get("tiny_swav")
+    with pytest.raises(ConfigError, match=r"^optim\.lr: expected a finite float, got 'nan'"):
+        config.apply_overrides(cfg, ["optim.lr=nan"])
+    with pytest.raises(ConfigError, match=r"^method\.swav\.temperature: expected a finite float, got 'inf'"):
+        config.apply_overrides(cfg, ["method.swav.temperature=inf"])
+    # YAML's own spellings of the non-finite floats, in a saved config
+    path = config.dump(cfg, tmp_path / "config.yaml")
+    path.write_text(path.read_text().replace("temperature: 0.1", "temperature: .inf", 1))
+    with pytest.raises(ConfigError, match=r"^method\.swav\.temperature: expected a finite float, got inf"):
+        config.load(path)
+    assert config.apply_overrides(cfg, ["optim.lr=1e-3"]).optim.lr == 1e-3
