@@ -31,7 +31,7 @@ from seerlike.methods.heads import mlp
 def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """InfoNCE of this rank's queries against the keys of all ranks, times ``2 x temperature``
     (the official scaling): (loss, top-1 accuracy). ``k`` is this rank's keys (no gradient)."""
-    world, rank = dist_info()
+    _, rank = dist_info()
     n = q.shape[0]
     with no_autocast(q):
         q = F.normalize(q.float(), dim=1)

@@ -32,7 +32,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]
     over all ranks): its positive and 2N - 2 negatives. The loss is the official one, the mean
     over the local anchors of view 1 plus that of view 2 (so it starts near 2 ln(2N - 1)).
     """
-    world, rank = dist_info()
+    _, rank = dist_info()
     n = z1.shape[0]
     with no_autocast(z1):
         h1, h2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
