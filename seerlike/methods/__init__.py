@@ -13,6 +13,9 @@ from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
 from seerlike.methods.distill import Distill
+from seerlike.methods.moco_v2 import MoCoV2
+from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.simclr import SimCLR
 from seerlike.methods.swav import SwAV
 
 METHODS: dict[str, type[Method]] = {
@@ -20,6 +23,9 @@ METHODS: dict[str, type[Method]] = {
     "byol": BYOL,
     "clusterfit": ClusterFit,
     "distill": Distill,
+    "simclr": SimCLR,
+    "moco_v2": MoCoV2,
+    "moco_v3": MoCoV3,
 }
 
 

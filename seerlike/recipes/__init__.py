@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import byol, clusterfit, distill, seer, swav, tiny
+from seerlike.recipes import byol, clusterfit, distill, moco_v2, moco_v3, seer, simclr, swav, tiny
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -14,6 +14,9 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **tiny.RECIPES,
     **clusterfit.RECIPES,
     **distill.RECIPES,
+    **simclr.RECIPES,
+    **moco_v2.RECIPES,
+    **moco_v3.RECIPES,
 }
 
 

@@ -33,11 +33,12 @@ def _subset_csv(cifar_dir: Path, out: Path, n: int = 96) -> Path:
     return out
 
 
-def _command(recipe: str, data: Path, run_dir: Path, strategy: str, workers: int) -> list[str]:
+def _command(recipe: str, data: Path, run_dir: Path, strategy: str, workers: int, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "seerlike", "train", "--recipe", recipe, "--data", str(data),
             "--run-dir", str(run_dir), "--nproc", "2", "--max-steps", str(STEPS),
             "checkpoint.every_steps=3", "checkpoint.keep_last=2", "loop.log_every=1", "loop.progress=false",
-            "loop.tensorboard=false", "data.batch_size=8", f"data.num_workers={workers}", "optim.warmup_steps=2", f"parallel.strategy={strategy}", VIEWS]
+            "loop.tensorboard=false", "data.batch_size=8", f"data.num_workers={workers}", "optim.warmup_steps=2", f"parallel.strategy={strategy}", VIEWS,
+            *extra]
 
 
 def _env() -> dict:
@@ -59,18 +60,20 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
             **{f"optim.{k}": v for k, v in checkpoint.load_tensors(final, "optim.").items()}}
 
 
-# the tiny recipes' own set-up (DDP, data read in the rank) for both methods, and FSDP2 (sharded
-# DCP state) with a DataLoader worker once
-@pytest.mark.parametrize("recipe,kill_after,strategy,workers", [
-    ("tiny_swav", 7, "ddp", 0), ("tiny_byol", 5, "ddp", 0), ("tiny_swav", 7, "fsdp", 1)])
-def test_sigkill_and_resume_is_bitwise_identical(tmp_path, cifar_dir, recipe, kill_after, strategy, workers):
+# the tiny recipes' own set-up (DDP, data read in the rank) for the methods, and FSDP2 (sharded
+# DCP state) with a DataLoader worker once; MoCo v2 with a queue of 64 keys (16 a step: it wraps
+# around, and the shuffled-BN permutations continue from the checkpointed key-batch counter)
+@pytest.mark.parametrize("recipe,kill_after,strategy,workers,extra", [
+    ("tiny_swav", 7, "ddp", 0, ()), ("tiny_byol", 5, "ddp", 0, ()), ("tiny_swav", 7, "fsdp", 1, ()),
+    ("tiny_moco_v2", 5, "ddp", 0, ("method.queue_length=64",))])
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path, cifar_dir, recipe, kill_after, strategy, workers, extra):
     data = _subset_csv(cifar_dir, tmp_path / "sub.csv")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
 
     # the uninterrupted reference runs beside the one that gets killed (start-up dominates on CPU)
-    ref = subprocess.Popen(_command(recipe, data, ref_dir, strategy, workers), env=_env(),
+    ref = subprocess.Popen(_command(recipe, data, ref_dir, strategy, workers, extra), env=_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(_command(recipe, data, run_dir, strategy, workers), env=_env(),
+    proc = subprocess.Popen(_command(recipe, data, run_dir, strategy, workers, extra), env=_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while _last_logged_step(run_dir) < kill_after:
@@ -83,7 +86,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, cifar_dir, recipe, ki
     resumed_from = checkpoint.step_of(checkpoint.latest(run_dir))
     assert 0 < resumed_from <= killed_at < STEPS
 
-    again = subprocess.run(_command(recipe, data, run_dir, strategy, workers), env=_env(), capture_output=True,
+    again = subprocess.run(_command(recipe, data, run_dir, strategy, workers, extra), env=_env(), capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     _, ref_err = ref.communicate(timeout=300)

@@ -10,7 +10,8 @@ from seerlike import cli, config, recipes
 from seerlike.commands.train import add_arguments, build_config
 from seerlike.engine.config import TrainConfig
 
-TRAIN_RECIPES = ["swav_resnet50", "byol_resnet50", "seer_regnet_y_256gf", "seer_regnet_y_10b", "tiny_swav", "tiny_byol"]
+TRAIN_RECIPES = ["swav_resnet50", "byol_resnet50", "seer_regnet_y_256gf", "seer_regnet_y_10b", "tiny_swav", "tiny_byol",
+                 "simclr_resnet50", "tiny_simclr", "moco_v2_resnet50", "tiny_moco_v2", "moco_v3_resnet50", "tiny_moco_v3"]
 
 
 def _args(*argv: str) -> argparse.Namespace:
