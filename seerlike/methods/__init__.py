@@ -12,6 +12,7 @@ from seerlike.config import ConfigError
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
+from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
 from seerlike.methods.swav import SwAV
 
@@ -20,6 +21,7 @@ METHODS: dict[str, type[Method]] = {
     "byol": BYOL,
     "clusterfit": ClusterFit,
     "distill": Distill,
+    "dino": DINO,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import byol, clusterfit, distill, seer, swav, tiny
+from seerlike.recipes import byol, clusterfit, dino, distill, seer, swav, tiny
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -14,6 +14,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **tiny.RECIPES,
     **clusterfit.RECIPES,
     **distill.RECIPES,
+    **dino.RECIPES,
 }
 
 

@@ -20,6 +20,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.dist]
 
 STEPS = 16
 VIEWS = "data.augment.views=[{count: 2, size: 16, scale: [0.14, 1.0], jitter: [0.4, 0.4, 0.4, 0.1], grayscale_p: 0.2}]"
+# per recipe, after VIEWS: DINO with a small head, 2 local crops, a temperature warm-up and a last
+# layer that unfreezes mid-run, so every piece of its state crosses the kill
+EXTRA = {"tiny_dino": [
+    "data.augment.views=[{count: 2, size: 16, scale: [0.14, 1.0], grayscale_p: 0.2}, {count: 2, size: 8, scale: [0.05, 0.3]}]",
+    "method.out_dim=256", "method.hidden_dim=128", "method.bottleneck_dim=32", "method.freeze_last_layer_steps=4",
+    "method.warmup_teacher_temp_steps=10", "method.teacher_temp=0.06"]}
 
 
 def _subset_csv(cifar_dir: Path, out: Path, n: int = 96) -> Path:
@@ -37,7 +43,7 @@ def _command(recipe: str, data: Path, run_dir: Path, strategy: str, workers: int
     return [sys.executable, "-m", "seerlike", "train", "--recipe", recipe, "--data", str(data),
             "--run-dir", str(run_dir), "--nproc", "2", "--max-steps", str(STEPS),
             "checkpoint.every_steps=3", "checkpoint.keep_last=2", "loop.log_every=1", "loop.progress=false",
-            "loop.tensorboard=false", "data.batch_size=8", f"data.num_workers={workers}", "optim.warmup_steps=2", f"parallel.strategy={strategy}", VIEWS]
+            "loop.tensorboard=false", "data.batch_size=8", f"data.num_workers={workers}", "optim.warmup_steps=2", f"parallel.strategy={strategy}", VIEWS, *EXTRA.get(recipe, [])]
 
 
 def _env() -> dict:
@@ -62,7 +68,8 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
 # the tiny recipes' own set-up (DDP, data read in the rank) for both methods, and FSDP2 (sharded
 # DCP state) with a DataLoader worker once
 @pytest.mark.parametrize("recipe,kill_after,strategy,workers", [
-    ("tiny_swav", 7, "ddp", 0), ("tiny_byol", 5, "ddp", 0), ("tiny_swav", 7, "fsdp", 1)])
+    ("tiny_swav", 7, "ddp", 0), ("tiny_byol", 5, "ddp", 0), ("tiny_swav", 7, "fsdp", 1),
+    ("tiny_dino", 6, "ddp", 0)])
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, cifar_dir, recipe, kill_after, strategy, workers):
     data = _subset_csv(cifar_dir, tmp_path / "sub.csv")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
