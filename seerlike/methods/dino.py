@@ -172,7 +172,7 @@ class DINO(MethodBase):
         warmup_teacher_temp: float = 0.04
         """Teacher temperature at step 0, raised linearly to teacher_temp over warmup_teacher_temp_steps."""
         warmup_teacher_temp_steps: int = 0
-        """Steps of the linear teacher-temperature warm-up (main_dino.py: 0 epochs by default, 30 in the paper's ViTs)."""
+        """Steps of the linear teacher-temperature warm-up (main_dino.py: 0 by default; the paper's ViTs: 30 epochs)."""
         center_momentum: float = 0.9
         """EMA rate of the centre subtracted from the teacher's scores."""
         freeze_last_layer_steps: int = 2502
