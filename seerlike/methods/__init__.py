@@ -12,6 +12,7 @@ from seerlike.config import ConfigError
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
+from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Method]] = {
     "simclr": SimCLR,
     "moco_v2": MoCoV2,
     "moco_v3": MoCoV3,
+    "dino": DINO,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import byol, clusterfit, distill, moco_v2, moco_v3, seer, simclr, swav, tiny
+from seerlike.recipes import byol, clusterfit, dino, distill, moco_v2, moco_v3, seer, simclr, swav, tiny
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -17,6 +17,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **simclr.RECIPES,
     **moco_v2.RECIPES,
     **moco_v3.RECIPES,
+    **dino.RECIPES,
 }
 
 

@@ -20,6 +20,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.dist]
 
 STEPS = 16
 VIEWS = "data.augment.views=[{count: 2, size: 16, scale: [0.14, 1.0], jitter: [0.4, 0.4, 0.4, 0.1], grayscale_p: 0.2}]"
+# per recipe, after VIEWS: DINO with a small head, 2 local crops, a temperature warm-up and a last
+# layer that unfreezes mid-run, so every piece of its state crosses the kill
+DINO_SMALL = [
+    "data.augment.views=[{count: 2, size: 16, scale: [0.14, 1.0], grayscale_p: 0.2}, {count: 2, size: 8, scale: [0.05, 0.3]}]",
+    "method.out_dim=256", "method.hidden_dim=128", "method.bottleneck_dim=32", "method.freeze_last_layer_steps=4",
+    "method.warmup_teacher_temp_steps=10", "method.teacher_temp=0.06"]
 
 
 def _subset_csv(cifar_dir: Path, out: Path, n: int = 96) -> Path:
@@ -62,10 +68,11 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 # the tiny recipes' own set-up (DDP, data read in the rank) for the methods, and FSDP2 (sharded
 # DCP state) with a DataLoader worker once; MoCo v2 with a queue of 64 keys (16 a step: it wraps
-# around, and the shuffled-BN permutations continue from the checkpointed key-batch counter)
+# around, and the shuffled-BN permutations continue from the checkpointed key-batch counter);
+# DINO with local crops, a temperature warm-up and a last layer that unfreezes mid-run
 @pytest.mark.parametrize("recipe,kill_after,strategy,workers,extra", [
     ("tiny_swav", 7, "ddp", 0, ()), ("tiny_byol", 5, "ddp", 0, ()), ("tiny_swav", 7, "fsdp", 1, ()),
-    ("tiny_moco_v2", 5, "ddp", 0, ("method.queue_length=64",))])
+    ("tiny_moco_v2", 5, "ddp", 0, ("method.queue_length=64",)), ("tiny_dino", 6, "ddp", 0, tuple(DINO_SMALL))])
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, cifar_dir, recipe, kill_after, strategy, workers, extra):
     data = _subset_csv(cifar_dir, tmp_path / "sub.csv")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
