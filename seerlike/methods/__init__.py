@@ -9,17 +9,21 @@ from __future__ import annotations
 from torch import nn
 
 from seerlike.config import ConfigError
+from seerlike.methods.barlow_twins import BarlowTwins
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
 from seerlike.methods.distill import Distill
+from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
+from seerlike.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
     "swav": SwAV,
     "byol": BYOL,
     "clusterfit": ClusterFit,
     "distill": Distill,
+    "simsiam": SimSiam, "barlow_twins": BarlowTwins, "vicreg": VICReg,
 }
 
 

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from seerlike.config import ConfigError
 from seerlike.recipes import byol, clusterfit, distill, seer, swav, tiny
+from seerlike.recipes import barlow_twins, simsiam, vicreg
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -14,6 +15,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **tiny.RECIPES,
     **clusterfit.RECIPES,
     **distill.RECIPES,
+    **simsiam.RECIPES, **barlow_twins.RECIPES, **vicreg.RECIPES,
 }
 
 
