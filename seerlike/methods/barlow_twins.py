@@ -55,6 +55,17 @@ class BarlowTwins(MethodBase):
 
     @dataclass(kw_only=True)
     class Config(MethodConfig):
+        """Defaults from facebookresearch/barlowtwins main.py (projector, lambda 0.0051, BN eps).
+
+        Its ``--scale-loss`` (default 1/32; 0.024 in the README's best command) was replaced in
+        commit 046eec3 by a separate LR for biases and norms (0.0048 = 0.2 x 0.024), which
+        seerlike's optimizer does not have. Under LARS a loss factor s leaves the adapted
+        weights' step sizes alone and scales the biases' and norms' steps by s (it also makes
+        the weight decay 1/s times as strong relative to the gradient). The default 1.0 is the
+        current code's (no factor); the recipe reproduces the README's 0.024 run with 0.024 / 16
+        (recipes/barlow_twins.py says why / 16).
+        """
+
         name: Literal["barlow_twins"] = "barlow_twins"
         """Barlow Twins (Zbontar et al. 2021); defaults from facebookresearch/barlowtwins main.py."""
         projector_dims: tuple[int, ...] = (8192, 8192, 8192)
@@ -62,7 +73,7 @@ class BarlowTwins(MethodBase):
         lambd: float = 0.0051
         """Weight of the off-diagonal (redundancy reduction) term against the diagonal (invariance) term."""
         scale_loss: float = 1.0
-        """Factor on the whole loss; the README's best run used 0.024 (on 16 GPUs whose gradients were 1/16 of this code's)."""
+        """Factor on the whole loss (official --scale-loss); 0.024 / 16 reproduces the README's best run."""
         bn_eps: float = 1e-5
         """Epsilon added to the variance when the embeddings are standardised (BatchNorm's default)."""
 

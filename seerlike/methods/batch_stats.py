@@ -12,7 +12,8 @@ the concatenated batch. A plain (non-autograd) all-reduce instead leaves each ra
 own samples' share, i.e. 1/world of that gradient.
 
 Without a process group (world size 1) every function is the single-process computation.
-The statistics need equal batch sizes on every rank only where they all-gather.
+The statistics need equal batch sizes on every rank only where they all-gather. With
+gradient accumulation they cover one micro-batch of every rank, not the whole step.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class SimSiam(MethodBase):
         projector_dims: tuple[int, ...] = (2048, 2048, 2048)
         """Projector widths after the trunk, each Linear followed by BatchNorm (the last one without affine)."""
         predictor_dims: tuple[int, ...] = (512, 2048)
-        """Predictor widths (bottleneck hidden..., out = projector's out); official runs keep its LR fixed: optim.fixed_lr=[predictor]."""
+        """Predictor widths (hidden..., out = projector's out); its LR stays fixed with optim.fixed_lr=[predictor]."""
 
         def __post_init__(self) -> None:
             if not self.projector_dims or not self.predictor_dims:

@@ -76,7 +76,8 @@ class VICReg(MethodBase):
                 raise ValueError("projector_dims must end with at least 2 features (the covariance term needs pairs)")
             weights = (self.invariance_weight, self.variance_weight, self.covariance_weight)
             if any(w < 0 for w in weights) or self.gamma <= 0 or self.eps <= 0:
-                raise ValueError(f"the loss weights must be >= 0, gamma and eps > 0; got {weights}, {self.gamma}, {self.eps}")
+                raise ValueError(f"the loss weights must be >= 0, gamma and eps > 0; "
+                                 f"got {weights}, {self.gamma}, {self.eps}")
 
     @classmethod
     def check_views(cls, cfg: Config, sizes: list[int]) -> None:
@@ -98,7 +99,8 @@ class VICReg(MethodBase):
         if len(views) != 2:
             raise ValueError(f"VICReg takes exactly 2 views, got {len(views)}; set the data views to 2")
         if views[0].shape[0] != views[1].shape[0]:
-            raise ValueError(f"VICReg needs the same batch size in both views, got {views[0].shape[0]} and {views[1].shape[0]}")
+            raise ValueError(f"VICReg needs the same batch size in both views, "
+                             f"got {views[0].shape[0]} and {views[1].shape[0]}")
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
         with torch.autocast(z1.device.type, enabled=False):
             # one all-gather for both views: (local batch, 2, D) -> (global batch, 2, D)

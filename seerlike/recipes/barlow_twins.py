@@ -6,15 +6,18 @@ Settings from facebookresearch/barlowtwins (main.py; the README's best command b
 decay 1e-6, biases and norms neither decayed nor adapted), LR 0.2 per 256, warmup 10 epochs,
 cosine to 1/1000 of the peak, SyncBatchNorm, fp16, BYOL's asymmetric views.
 
-The loss scale: that code summed the cross-correlation with a plain all_reduce, so each of
-its 16 ranks applied 1/16 of the global-batch gradient, which this implementation computes
-in full (seerlike.methods.barlow_twins); ``scale_loss = 0.024 / 16`` gives that run's
-updates exactly (LARS normalises the weights' step, so the factor moves the weight decay's
-relative strength and the LR of the non-adapted biases and norms: 0.2 x 0.024 = 0.0048 per
-256, the ``--learning-rate-biases`` that later replaced ``--scale-loss``).
+The loss scale: that code summed the cross-correlation with a plain all_reduce, so after
+DDP's gradient averaging its updates used 1/16 of the global-batch gradient (1 / its 16
+ranks; tests/dist/test_barlow_twins_dist.py shows the 1/world factor). This implementation
+uses the full gradient on any number of ranks, so ``scale_loss = 0.024 / 16`` gives that
+run's updates exactly. (Under LARS the factor sets the weight decay's strength relative to
+the gradient and the step of the non-adapted biases and norms: 0.2 x 0.024 = 0.0048 per 256
+is the ``--learning-rate-biases`` that later replaced ``--scale-loss``.)
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from seerlike.data.augment import byol_views
 from seerlike.data.pipeline import DataConfig
@@ -47,9 +50,22 @@ def barlow_twins_resnet50() -> TrainConfig:
 
 
 def tiny_barlow_twins() -> TrainConfig:
-    """Barlow Twins for short CPU budgets: projector 1024 x 3, lambda 0.0051, batch 32 per rank, SGD."""
-    method = BarlowTwins.Config(projector_dims=(1024, 1024, 1024), lambd=0.0051, scale_loss=0.024)
-    return _common(method, _two_views(0.2), lr_per_256=0.2, batch_size=32)
+    """Barlow Twins for short CPU budgets: projector 1024 x 3, lambda 0.0051, batch 32 per rank, fast LARS.
+
+    LARS with trust 0.02 (not 1e-3), LR 0.3 per 256 and scale_loss 0.1, as solo-learn's CIFAR-10
+    recipe (scripts/pretrain/cifar/barlow.yaml, whose LARS also clips; LARS makes the weights'
+    steps independent of the loss scale). In 40-step runs on cifar10-dev (1 rank) the loss
+    fell by 27% (the mean diagonal correlation rose from 0.19 to 0.40), while SGD at 0.2 per
+    256 with scale_loss 0.024 or 0.1 stayed flat. Loss trends only; no kNN was measured.
+    """
+    method = BarlowTwins.Config(projector_dims=(1024, 1024, 1024), lambd=0.0051, scale_loss=0.1)
+    return fast_lars(_common(method, _two_views(0.2), lr_per_256=0.3, batch_size=32))
+
+
+def fast_lars(cfg: TrainConfig) -> TrainConfig:
+    """A tiny recipe switched to LARS with trust coefficient 0.02 (biases and norms excluded), its LR kept."""
+    cfg.optim = dataclasses.replace(cfg.optim, name="lars", trust_coefficient=0.02)
+    return cfg
 
 
 RECIPES: dict = {"barlow_twins_resnet50": barlow_twins_resnet50, "tiny_barlow_twins": tiny_barlow_twins}

@@ -8,6 +8,8 @@ parameter, cosine decay to 0 without warmup, the predictor at the constant peak 
 
 from __future__ import annotations
 
+import dataclasses
+
 from seerlike.data.augment import AugmentConfig, ViewConfig
 from seerlike.data.pipeline import DataConfig
 from seerlike.engine.checkpoint import CheckpointConfig
@@ -43,10 +45,15 @@ def simsiam_resnet50() -> TrainConfig:
 
 
 def tiny_simsiam() -> TrainConfig:
-    """SimSiam for short CPU budgets: heads 512 -> 512 -> 512 and 128 -> 512, batch 32 per rank, predictor LR fixed."""
+    """SimSiam for short CPU budgets: heads 512 -> 512 -> 512 and 128 -> 512, batch 32 per rank, predictor LR fixed.
+
+    SGD at 0.4 per 256 (tiny_byol's): in 40-step runs on cifar10-dev (1 rank) the loss fell
+    to -0.13 against -0.03 at 0.1, with the outputs' z_std still about 1 (no collapse). Loss
+    trends only; no kNN was measured.
+    """
     cfg = _common(SimSiam.Config(projector_dims=(512, 512, 512), predictor_dims=(128, 512)), _two_views(0.2),
-                  lr_per_256=0.1, batch_size=32)
-    cfg.optim.fixed_lr = ("predictor",)
+                  lr_per_256=0.4, batch_size=32)
+    cfg.optim = dataclasses.replace(cfg.optim, fixed_lr=("predictor",))
     return cfg
 
 

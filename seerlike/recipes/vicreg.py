@@ -18,6 +18,7 @@ from seerlike.engine.optim import OptimConfig
 from seerlike.engine.parallelize import ParallelConfig
 from seerlike.engine.precision import PrecisionConfig
 from seerlike.methods.vicreg import VICReg
+from seerlike.recipes.barlow_twins import fast_lars
 from seerlike.recipes.tiny import _common, _two_views
 
 STEPS_PER_EPOCH = 626  # 1,281,167 images / 2048, the last partial batch kept (as the official loader)
@@ -40,10 +41,16 @@ def vicreg_resnet50() -> TrainConfig:
 
 
 def tiny_vicreg() -> TrainConfig:
-    """VICReg for short CPU budgets: expander 1024 x 3, weights 25 / 25 / 1, batch 32 per rank, SGD."""
+    """VICReg for short CPU budgets: expander 1024 x 3, weights 25 / 25 / 1, batch 32 per rank, fast LARS.
+
+    LARS with trust 0.02 and LR 0.3 per 256 (solo-learn's scripts/pretrain/cifar/vicreg.yaml), as tiny_barlow_twins:
+    in 40-step runs on cifar10-dev (1 rank) the invariance term fell from 0.18 to 0.094
+    (0.117 with SGD at 0.02 per 256) and the covariance term from 2.2 to 0.49. Loss trends
+    only; no kNN was measured.
+    """
     method = VICReg.Config(projector_dims=(1024, 1024, 1024), invariance_weight=25.0, variance_weight=25.0,
                            covariance_weight=1.0)
-    return _common(method, _two_views(0.2), lr_per_256=0.02, batch_size=32)
+    return fast_lars(_common(method, _two_views(0.2), lr_per_256=0.3, batch_size=32))
 
 
 RECIPES: dict = {"vicreg_resnet50": vicreg_resnet50, "tiny_vicreg": tiny_vicreg}

@@ -20,7 +20,7 @@ STRATEGIES = ("ddp", "fsdp")
 
 
 class Linear(nn.Module):
-    """A BN-free trunk: the projector's BatchNorms (SyncBN on ranks) are the only batch statistics besides the loss's."""
+    """A BN-free trunk: the projector's BatchNorms (SyncBN on ranks) are the only other batch statistics."""
 
     out_dim = 6
 

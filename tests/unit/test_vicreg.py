@@ -27,7 +27,7 @@ def _vicreg(seed: int = 0, **kw) -> VICReg:
     return VICReg(VICReg.Config(**{**base, **kw}), TinyNet())
 
 
-def _terms_by_hand(x: torch.Tensor, y: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> tuple[float, float, float]:
+def _terms_by_hand(x: torch.Tensor, y: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> tuple[float, ...]:
     a, b = x.tolist(), y.tolist()
     n, d = len(a), len(a[0])
     inv = sum((a[k][j] - b[k][j]) ** 2 for k in range(n) for j in range(d)) / (n * d)
