@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from seerlike.config import ConfigError
+from seerlike.methods.barlow_twins import BarlowTwins
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
@@ -17,7 +18,9 @@ from seerlike.methods.distill import Distill
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
 from seerlike.methods.simclr import SimCLR
+from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
+from seerlike.methods.vicreg import VICReg
 
 METHODS: dict[str, type[Method]] = {
     "swav": SwAV,
@@ -28,6 +31,7 @@ METHODS: dict[str, type[Method]] = {
     "moco_v2": MoCoV2,
     "moco_v3": MoCoV3,
     "dino": DINO,
+    "simsiam": SimSiam, "barlow_twins": BarlowTwins, "vicreg": VICReg,
 }
 
 

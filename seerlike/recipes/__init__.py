@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import byol, clusterfit, dino, distill, moco_v2, moco_v3, seer, simclr, swav, tiny
+from seerlike.recipes import (barlow_twins, byol, clusterfit, dino, distill, moco_v2, moco_v3, seer, simclr, simsiam,
+                              swav, tiny, vicreg)
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -18,6 +19,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **moco_v2.RECIPES,
     **moco_v3.RECIPES,
     **dino.RECIPES,
+    **simsiam.RECIPES, **barlow_twins.RECIPES, **vicreg.RECIPES,
 }
 
 
