@@ -31,7 +31,9 @@ METHODS: dict[str, type[Method]] = {
     "moco_v2": MoCoV2,
     "moco_v3": MoCoV3,
     "dino": DINO,
-    "simsiam": SimSiam, "barlow_twins": BarlowTwins, "vicreg": VICReg,
+    "simsiam": SimSiam,
+    "barlow_twins": BarlowTwins,
+    "vicreg": VICReg,
 }
 
 

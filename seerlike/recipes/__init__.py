@@ -19,7 +19,9 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **moco_v2.RECIPES,
     **moco_v3.RECIPES,
     **dino.RECIPES,
-    **simsiam.RECIPES, **barlow_twins.RECIPES, **vicreg.RECIPES,
+    **simsiam.RECIPES,
+    **barlow_twins.RECIPES,
+    **vicreg.RECIPES,
 }
 
 
