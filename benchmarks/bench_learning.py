@@ -233,7 +233,11 @@ def main() -> int:
         rows = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             for method in args.methods.split(","):
-                rows.append(run_pretrain_only(method.strip(), seed, args))
+                try:
+                    rows.append(run_pretrain_only(method.strip(), seed, args))
+                except SystemExit as e:  # one method failing does not cost the others' figures
+                    print(f"{method} seed {seed}: {e}", flush=True)
+                    continue
                 print(pretrain_table(rows[-1:]), flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
