@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from seerlike.sharded import local, squared_norms
 
 log = logging.getLogger(__name__)
 
@@ -75,45 +76,6 @@ class OptimConfig:
             raise ValueError(f"optim.lr_multipliers must be > 0, got {bad}")
 
 
-# ---------------------------------------------------------------- whole-tensor norms
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _shard_groups(t: Tensor) -> tuple[dist.ProcessGroup, ...]:
-    """Process groups over which ``t``'s local part is a shard (empty for plain or replicated tensors)."""
-    placements = getattr(t, "placements", None)
-    if placements is None:
-        return ()
-    mesh = t.device_mesh
-    return tuple(mesh.get_group(d) for d, p in enumerate(placements) if p.is_shard())
-
-
-def squared_norms(tensors: list[Tensor]) -> Tensor:
-    """Squared L2 norm of each whole (unsharded) tensor, in fp32.
-
-    DTensors sharded over a mesh (FSDP2) contribute their local squares, summed over the
-    shard groups with one all-reduce per group (not one per tensor; ``vector_norm`` on a
-    DTensor would give a Partial result needing a collective each).
-    """
-    if not tensors:
-        return torch.zeros(0)
-    sq = torch.stack([n.float() for n in torch._foreach_norm([_local(t) for t in tensors])]).square()
-    by_groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups = _shard_groups(t)
-        if groups:
-            by_groups[groups].append(i)
-    for groups, idx in by_groups.items():
-        part = sq[idx]
-        for g in groups:
-            dist.all_reduce(part, group=g)
-        sq[idx] = part
-    return sq
-
-
 # ---------------------------------------------------------------- LARC / LARS
 
 
@@ -157,8 +119,8 @@ class _AdaptiveSGD(torch.optim.SGD):
 class LARC(_AdaptiveSGD):
     """LARC (as in NVIDIA apex, used by SwAV and SEER) around SGD with momentum.
 
-    Per parameter: ``local = trust * |p| / (|g| + wd |p| + eps)``; scale mode multiplies the
-    decayed gradient by ``local``; clip mode by ``min(local / lr, 1)``. As in apex, a
+    Per parameter: ``ratio = trust * |p| / (|g| + wd |p| + eps)``; scale mode multiplies the
+    decayed gradient by ``ratio``; clip mode by ``min(ratio / lr, 1)``. As in apex, a
     parameter whose norm or gradient norm is zero is left unscaled and undecayed.
     """
 
@@ -173,18 +135,18 @@ class LARC(_AdaptiveSGD):
         wd = group["weight_decay"]
         if not group["adapt"]:
             if wd:
-                torch._foreach_add_([_local(g) for g in grads], [_local(p) for p in params], alpha=wd)
+                torch._foreach_add_([local(g) for g in grads], [local(p) for p in params], alpha=wd)
             return
         norms = squared_norms([*params, *grads]).sqrt()
         pn, gn = norms[: len(params)], norms[len(params):]
-        local = self.trust_coefficient * pn / (gn + pn * wd + self.eps)
+        ratio = self.trust_coefficient * pn / (gn + pn * wd + self.eps)
         if self.clip:
-            local = torch.clamp(local / group["lr"], max=1.0)
+            ratio = torch.clamp(ratio / group["lr"], max=1.0)
         live = (pn != 0) & (gn != 0)
-        scale = torch.where(live, local, torch.ones_like(local))
-        decay = torch.where(live, torch.full_like(local, wd), torch.zeros_like(local))
-        lg = [_local(g) for g in grads]
-        lp = [_local(p) for p in params]
+        scale = torch.where(live, ratio, torch.ones_like(ratio))
+        decay = torch.where(live, torch.full_like(ratio, wd), torch.zeros_like(ratio))
+        lg = [local(g) for g in grads]
+        lp = [local(p) for p in params]
         if wd:
             torch._foreach_add_(lg, torch._foreach_mul(lp, list(decay.unbind())))
         torch._foreach_mul_(lg, list(scale.unbind()))
@@ -195,8 +157,8 @@ class LARS(_AdaptiveSGD):
 
     def _rescale(self, group, params, grads):
         wd = group["weight_decay"]
-        lg = [_local(g) for g in grads]
-        lp = [_local(p) for p in params]
+        lg = [local(g) for g in grads]
+        lp = [local(p) for p in params]
         if wd:
             torch._foreach_add_(lg, lp, alpha=wd)
         if not group["adapt"]:

@@ -19,26 +19,9 @@ gradient accumulation they cover one micro-batch of every rank, not the whole st
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
-
-def world_size() -> int:
-    """Ranks in the default process group (1 without one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """The sum of ``t`` over all ranks, differentiable (its backward all-reduces the gradient)."""
-    return dist_fn.all_reduce(t) if world_size() > 1 else t
-
-
-def all_gather_cat(t: Tensor) -> Tensor:
-    """Every rank's ``t`` concatenated along dim 0 in rank order, differentiable; equal shapes on every rank."""
-    if world_size() == 1:
-        return t
-    return torch.cat(dist_fn.all_gather(t), dim=0)
+from seerlike.methods.common import all_reduce_with_grad
 
 
 def standardize(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -51,10 +34,10 @@ def standardize(z: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     the sums, so ranks may hold different batch sizes.
     """
     views, n, _ = z.shape
-    sums = all_reduce_sum(torch.cat([z.sum(1), z.new_full((views, 1), float(n))], dim=1))
+    sums = all_reduce_with_grad(torch.cat([z.sum(1), z.new_full((views, 1), float(n))], dim=1))
     count = sums[:, -1:].detach()
     centered = z - (sums[:, :-1] / count)[:, None]
-    var = all_reduce_sum(centered.square().sum(1)) / count
+    var = all_reduce_with_grad(centered.square().sum(1)) / count
     return centered * torch.rsqrt(var + eps)[:, None], count[0, 0]
 
 

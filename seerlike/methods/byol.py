@@ -9,7 +9,6 @@ online parameters are.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -20,32 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
+from seerlike.methods.common import MomentumEncoder, forward_views
 from seerlike.methods.heads import mlp
 
 log = logging.getLogger(__name__)
-
-
-class _Target(nn.Module):
-    """Trunk + projector of the target network (a module of its own so it can be sharded)."""
-
-    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.projector = projector
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.projector(self.backbone(x))
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _forward_views(net, views: list[Tensor]) -> Tensor:
-    """One forward for views of one size (fewer FSDP all-gathers), else one per view."""
-    if all(v.shape == views[0].shape for v in views):
-        return net(torch.cat(views))
-    return torch.cat([net(v) for v in views])
 
 
 def regression_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -92,17 +69,16 @@ class BYOL(MethodBase):
         self.backbone = backbone
         self.projector = mlp(backbone.out_dim, cfg.projector_dims)
         self.predictor = mlp(cfg.projector_dims[-1], cfg.predictor_dims)
-        self.target = _Target(copy.deepcopy(backbone), copy.deepcopy(self.projector))
-        self.target.requires_grad_(False)
+        self.target = MomentumEncoder(backbone=backbone, projector=self.projector)
 
     def forward(self, views: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         """Symmetric loss: view 1 predicts the target of view 2 and vice versa, SUMMED (range [0, 8])."""
         if len(views) != 2:
             raise ValueError(f"BYOL takes exactly 2 views, got {len(views)}; set the data views to 2")
         bs = views[0].shape[0]
-        pred = self.predictor(self.projector(_forward_views(self.backbone, views)))
+        pred = self.predictor(self.projector(forward_views(self.backbone, views)))
         with torch.no_grad():
-            tgt = _forward_views(self.target, views)
+            tgt = forward_views(self.target, views)
         p1, p2 = pred[:bs], pred[bs:]
         t1, t2 = tgt[:bs], tgt[bs:]
         loss = regression_loss(p1, t2) + regression_loss(p2, t1)
@@ -114,31 +90,12 @@ class BYOL(MethodBase):
             raise ValueError(f"max_steps must be > 0 for the BYOL EMA schedule, got {max_steps}")
         return 1 - (1 - self.cfg.tau_base) * (math.cos(math.pi * step / max_steps) + 1) / 2
 
-    def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        """(target, online) parameters in matching order, checked for shape and sharding."""
-        online = [*self.backbone.parameters(), *self.projector.parameters()]
-        target = list(self.target.parameters())
-        if len(online) != len(target):
-            raise RuntimeError(f"BYOL target has {len(target)} parameters but the online net {len(online)}")
-        for t, o in zip(target, online):
-            if t.shape != o.shape or getattr(t, "placements", None) != getattr(o, "placements", None):
-                raise RuntimeError(
-                    f"BYOL target/online parameter mismatch: {tuple(t.shape)} {getattr(t, 'placements', None)} vs "
-                    f"{tuple(o.shape)} {getattr(o, 'placements', None)}; shard the target exactly like the online net")
-        return target, online
-
     @torch.no_grad()
     def reset_state(self) -> None:
         """Target := online, parameters and buffers (for a model materialised from the meta device)."""
-        target, online = self.ema_pairs()
-        target += list(self.target.buffers())
-        online += [*self.backbone.buffers(), *self.projector.buffers()]
-        for t, o in zip(target, online):
-            _local(t).copy_(_local(o))
+        self.target.copy_from([self.backbone, self.projector])
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         """EMA of the target towards the online net: target = tau target + (1 - tau) online."""
-        tau = self.tau(step, max_steps)
-        target, online = self.ema_pairs()
-        torch._foreach_lerp_([_local(t) for t in target], [_local(o) for o in online], 1 - tau)
+        self.target.update([self.backbone, self.projector], self.tau(step, max_steps))

@@ -18,7 +18,6 @@ accumulation, once per micro-batch.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -28,19 +27,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seerlike.engine.optim import squared_norms
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim
+from seerlike.methods.common import MomentumEncoder, forward_views, world_and_rank
+from seerlike.sharded import local, squared_norms
 
 N_GLOBAL = 2
 """Views the teacher sees: the first two (DINO's global crops)."""
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class WeightNormLinear(nn.Module):
@@ -99,30 +91,6 @@ class DINOHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
-
-
-def multicrop_forward(backbone: nn.Module, head: nn.Module, views: list[Tensor]) -> Tensor:
-    """Head outputs of all views, view-major: one trunk forward per run of same-size views, one head forward."""
-    feats, start = [], 0
-    while start < len(views):
-        end = start
-        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-            end += 1
-        feats.append(backbone(torch.cat(views[start:end])))
-        start = end
-    return head(torch.cat(feats))
-
-
-class _Teacher(nn.Module):
-    """Trunk + head of the teacher (a module of its own so it can be sharded like the student)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, views: list[Tensor]) -> Tensor:
-        return multicrop_forward(self.backbone, self.head, views)
 
 
 def dino_loss(student: Tensor, teacher_probs: Tensor, n_views: int, student_temp: float) -> Tensor:
@@ -206,7 +174,7 @@ class DINO(MethodBase):
         self.head = DINOHead(backbone.out_dim, cfg.out_dim, hidden_dim=cfg.hidden_dim,
                              bottleneck_dim=cfg.bottleneck_dim, num_layers=cfg.num_layers,
                              use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer)
-        self.teacher = _Teacher(copy.deepcopy(backbone), copy.deepcopy(self.head))
+        self.teacher = MomentumEncoder(backbone=backbone, head=self.head)
         self.teacher.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         # the step the next forward belongs to (set by on_step_end): the teacher temperature's clock
@@ -241,20 +209,20 @@ class DINO(MethodBase):
             raise ValueError(f"all views need the same batch size, got {[v.shape[0] for v in views]}")
         cfg = self.cfg
         with torch.no_grad():
-            t_scores = self.teacher(views[:N_GLOBAL]).float()
+            t_scores = forward_views(self.teacher, views[:N_GLOBAL]).float()
             temp = self.teacher_temp(self.step)
             t_logp = F.log_softmax((t_scores - self.center) / temp, dim=-1)
             t_probs = t_logp.exp()
             entropy = -(t_probs * t_logp).sum(-1).mean()
             self._update_center(t_scores)
-        s_scores = multicrop_forward(self.backbone, self.head, views)
+        s_scores = self.head(forward_views(self.backbone, views))
         loss = dino_loss(s_scores, t_probs, len(views), cfg.student_temp)
         return loss, {"teacher_temp": temp.detach(), "teacher_entropy": entropy}
 
     @torch.no_grad()
     def _update_center(self, t_scores: Tensor) -> None:
         """center = m center + (1 - m) mean of the teacher's scores over the global batch (all ranks)."""
-        world = _world()
+        world, _ = world_and_rank()
         batch_sum = t_scores.sum(0, keepdim=True)
         if world > 1:
             dist.all_reduce(batch_sum)
@@ -263,29 +231,12 @@ class DINO(MethodBase):
 
     # ------------------------------------------------------------------ teacher
 
-    def ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        """(teacher, student) parameters in matching order, checked for shape and sharding."""
-        student = [*self.backbone.parameters(), *self.head.parameters()]
-        teacher = list(self.teacher.parameters())
-        if len(student) != len(teacher):
-            raise RuntimeError(f"DINO teacher has {len(teacher)} parameters but the student {len(student)}")
-        for t, s in zip(teacher, student):
-            if t.shape != s.shape or getattr(t, "placements", None) != getattr(s, "placements", None):
-                raise RuntimeError(
-                    f"DINO teacher/student parameter mismatch: {tuple(t.shape)} {getattr(t, 'placements', None)} vs "
-                    f"{tuple(s.shape)} {getattr(s, 'placements', None)}; shard the teacher exactly like the student")
-        return teacher, student
-
     # ------------------------------------------------------------------ hooks
 
     @torch.no_grad()
     def reset_state(self) -> None:
         """Teacher := student (parameters and buffers), zero centre, step 0."""
-        teacher, student = self.ema_pairs()
-        teacher += list(self.teacher.buffers())
-        student += [*self.backbone.buffers(), *self.head.buffers()]
-        for t, s in zip(teacher, student):
-            _local(t).copy_(_local(s))
+        self.teacher.copy_from([self.backbone, self.head])
         self.center.zero_()
         self.step.zero_()
 
@@ -297,7 +248,7 @@ class DINO(MethodBase):
             if params:
                 norms = squared_norms([p.grad for p in params]).sqrt()
                 coefs = (self.cfg.clip_grad / (norms + 1e-6)).clamp(max=1.0)  # x1 leaves a gradient bit for bit
-                torch._foreach_mul_([_local(p.grad) for p in params], list(coefs.unbind()))
+                torch._foreach_mul_([local(p.grad) for p in params], list(coefs.unbind()))
         if step < self.cfg.freeze_last_layer_steps:
             for p in self.head.last_layer.parameters():
                 p.grad = None
@@ -305,7 +256,5 @@ class DINO(MethodBase):
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: int) -> None:
         """EMA of the teacher towards the student, then advance the temperature's step counter."""
-        m = self.momentum(step, max_steps)
-        teacher, student = self.ema_pairs()
-        torch._foreach_lerp_([_local(t) for t in teacher], [_local(s) for s in student], 1 - m)
+        self.teacher.update([self.backbone, self.head], self.momentum(step, max_steps))
         self.step.fill_(step + 1)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
-from seerlike.methods.contrastive import MomentumEncoder, dist_info, gather, no_autocast
+from seerlike.methods.common import MomentumEncoder, world_and_rank, gather, no_autocast
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class MoCoV2(MethodBase):
         self.cfg = cfg
         self.backbone = backbone
         self.head = relu_mlp(width, cfg.head_dims)
-        self.key_encoder = MomentumEncoder(backbone, self.head)
+        self.key_encoder = MomentumEncoder(backbone=backbone, head=self.head)
         self.register_buffer("queue", torch.zeros(cfg.queue_length, cfg.head_dims[-1]))
         # where the next key goes (the queue is a ring: the oldest keys are overwritten)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -155,7 +155,7 @@ class MoCoV2(MethodBase):
         bs = views[0].shape[0]
         if views[1].shape[0] != bs:
             raise ValueError(f"both views need the same batch size, got {bs} and {views[1].shape[0]}")
-        world, _ = dist_info()
+        world, _ = world_and_rank()
         new_keys = bs * world * (2 if cfg.symmetric else 1)
         if new_keys > cfg.queue_length:
             raise ValueError(f"MoCo v2 makes {new_keys} keys per step but method.queue_length={cfg.queue_length}; "
@@ -174,7 +174,7 @@ class MoCoV2(MethodBase):
     @torch.no_grad()
     def _keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Unit keys of ``x``: (this rank's, all ranks' in rank order), BN shuffled across ranks."""
-        world, rank = dist_info()
+        world, rank = world_and_rank()
         shuffle = self.cfg.shuffle_bn and world > 1
         seed = int(self.key_batches) if shuffle else 0  # reading a buffer syncs the device: only when needed
         self.key_batches.add_(1)

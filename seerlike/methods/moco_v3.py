@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
-from seerlike.methods.contrastive import MomentumEncoder, dist_info, gather, no_autocast
+from seerlike.methods.common import MomentumEncoder, world_and_rank, gather, no_autocast
 from seerlike.methods.heads import mlp
 
 
 def contrastive_loss(q: Tensor, k: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """InfoNCE of this rank's queries against the keys of all ranks, times ``2 x temperature``
     (the official scaling): (loss, top-1 accuracy). ``k`` is this rank's keys (no gradient)."""
-    _, rank = dist_info()
+    _, rank = world_and_rank()
     n = q.shape[0]
     with no_autocast(q):
         q = F.normalize(q.float(), dim=1)
@@ -89,7 +89,7 @@ class MoCoV3(MethodBase):
         self.predictor = mlp(cfg.projector_dims[-1], cfg.predictor_dims)
         last = self.predictor[-1]
         self.predictor[-1] = nn.Linear(last.in_features, last.out_features, bias=False)  # official: no bias
-        self.momentum_encoder = MomentumEncoder(backbone, self.projector)
+        self.momentum_encoder = MomentumEncoder(backbone=backbone, head=self.projector)
 
     def forward(self, views: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``ctr(q1, k2) + ctr(q2, k1)``; each term is ``2T`` times a cross-entropy."""

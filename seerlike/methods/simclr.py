@@ -1,7 +1,7 @@
 """SimCLR (Chen et al. 2020): NT-Xent between two views, negatives from the whole global batch.
 
 Each rank computes the loss of its own samples against the embeddings of ALL ranks, gathered
-with gradient (:func:`seerlike.methods.contrastive.gather_with_grad`), as the official code's
+with gradient (:func:`seerlike.methods.common.gather_with_grad`), as the official code's
 cross-replica concatenation does; N ranks then train exactly like one process on the global
 batch (tests/dist/test_simclr_dist.py).
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
-from seerlike.methods.contrastive import dist_info, forward_views, gather_with_grad, no_autocast
+from seerlike.methods.common import world_and_rank, forward_views, gather_with_grad, no_autocast
 from seerlike.methods.heads import mlp
 
 
@@ -32,7 +32,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]
     over all ranks): its positive and 2N - 2 negatives. The loss is the official one, the mean
     over the local anchors of view 1 plus that of view 2 (so it starts near 2 ln(2N - 1)).
     """
-    _, rank = dist_info()
+    _, rank = world_and_rank()
     n = z1.shape[0]
     with no_autocast(z1):
         h1, h2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim
+from seerlike.methods.common import forward_views
 from seerlike.methods.heads import mlp
 
 log = logging.getLogger(__name__)
@@ -154,14 +155,7 @@ class SwAV(MethodBase):
 
         Consecutive views of one resolution go through the trunk together (one forward per size).
         """
-        feats, start = [], 0
-        while start < len(views):
-            end = start
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            feats.append(self.backbone(torch.cat(views[start:end])))
-            start = end
-        z = self.projection(torch.cat(feats))
+        z = self.projection(forward_views(self.backbone, views))
         if self.cfg.normalize:
             z = F.normalize(z, dim=1)
         return z, self.prototypes(z)

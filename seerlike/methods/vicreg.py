@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from seerlike.methods import batch_stats
 from seerlike.methods.barlow_twins import expander
+from seerlike.methods.common import gather_with_grad
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
 
 
@@ -104,7 +105,7 @@ class VICReg(MethodBase):
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
         with torch.autocast(z1.device.type, enabled=False):
             # one all-gather for both views: (local batch, 2, D) -> (global batch, 2, D)
-            both = batch_stats.all_gather_cat(torch.stack([z1.float(), z2.float()], dim=1))
+            both = gather_with_grad(torch.stack([z1.float(), z2.float()], dim=1))
             inv, var, cov = vicreg_terms(both[:, 0], both[:, 1], cfg.gamma, cfg.eps)
             loss = cfg.invariance_weight * inv + cfg.variance_weight * var + cfg.covariance_weight * cov
         return loss, {"invariance": inv.detach(), "variance": var.detach(), "covariance": cov.detach()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seerlike.methods import batch_stats
+from seerlike.methods.common import gather_with_grad
 from seerlike.methods.vicreg import VICReg, vicreg_terms
 from seerlike.testing import run_on_ranks
 from tests.dist import _global_batch as gb
@@ -23,7 +23,7 @@ def _embeddings() -> tuple[torch.Tensor, torch.Tensor]:
 def _terms_and_grads(x: torch.Tensor, y: torch.Tensor) -> dict:
     """The terms over the gathered rows and the gradient of 2 inv + 3 var + 0.5 cov with respect to this rank's rows."""
     x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
-    both = batch_stats.all_gather_cat(torch.stack([x, y], dim=1))
+    both = gather_with_grad(torch.stack([x, y], dim=1))
     inv, var, cov = vicreg_terms(both[:, 0], both[:, 1])
     (2 * inv + 3 * var + 0.5 * cov).backward()
     return {"terms": torch.stack([inv, var, cov]).detach(), "gx": x.grad, "gy": y.grad}

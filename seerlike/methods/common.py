@@ -1,5 +1,6 @@
-"""Pieces the contrastive methods (SimCLR, MoCo v2, MoCo v3) share: gathers across ranks and
-a momentum encoder.
+"""Pieces several methods share: collectives across ranks, the trunk over a batch's views,
+fp32 regions, and momentum (EMA) copies of networks (BYOL's target, MoCo's key encoder, DINO's
+teacher).
 
 Two kinds of gather. :func:`gather_with_grad` keeps the autograd graph (SimCLR's negatives are
 trained through): its backward sums every rank's gradient for a slice into the rank that owns
@@ -19,8 +20,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
+from seerlike.sharded import local
 
-def dist_info() -> tuple[int, int]:
+
+def world_and_rank() -> tuple[int, int]:
     """(world size, rank); (1, 0) without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1, 0
@@ -29,7 +32,7 @@ def dist_info() -> tuple[int, int]:
 
 def gather_with_grad(x: Tensor) -> Tensor:
     """All ranks' ``x`` concatenated along dim 0, differentiable (see the module docstring)."""
-    world, _ = dist_info()
+    world, _ = world_and_rank()
     if world == 1:
         return x
     with warnings.catch_warnings():
@@ -41,7 +44,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
 @torch.no_grad()
 def gather(x: Tensor) -> Tensor:
     """All ranks' ``x`` concatenated along dim 0, without gradient."""
-    world, _ = dist_info()
+    world, _ = world_and_rank()
     if world == 1:
         return x
     x = x.contiguous()
@@ -50,11 +53,22 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def all_reduce_with_grad(t: Tensor) -> Tensor:
+    """The sum of ``t`` over all ranks, differentiable (its backward all-reduces the gradient)."""
+    return dist_nn.all_reduce(t) if world_and_rank()[0] > 1 else t
+
+
 def forward_views(net: nn.Module, views: list[Tensor]) -> Tensor:
-    """``net`` on the views concatenated along the batch: one forward when they share a shape, else one each."""
-    if all(v.shape == views[0].shape for v in views):
-        return net(torch.cat(views))
-    return torch.cat([net(v) for v in views])
+    """``net`` on all views, view-major: one forward per run of consecutive views of one size
+    (fewer FSDP all-gathers and larger batches than one forward per view)."""
+    out, start = [], 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        out.append(net(torch.cat(views[start:end]) if end - start > 1 else views[start]))
+        start = end
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def no_autocast(t: Tensor):
@@ -63,27 +77,27 @@ def no_autocast(t: Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class MomentumEncoder(nn.Module):
-    """Frozen copies of a trunk and its head that follow the online ones by an exponential moving average.
+    """Frozen copies of online modules (a trunk and its heads, applied in the order given) that
+    follow them by an exponential moving average.
 
-    A module of its own (``backbone`` + ``head``) so FSDP2 shards it exactly like the online
-    trunk (its ``backbone`` has the same blocks) and checkpoints carry it. The average runs on
-    the local tensors, so it works on FSDP2 shards (DTensors with the online placements) and
-    stays identical across ranks as long as the online parameters are.
+    A module of its own, its children named as given (``backbone=..., projector=...``: the
+    checkpoint keys), so FSDP2 shards it exactly like the online trunk (its ``backbone`` has
+    the same blocks) and checkpoints carry it. The average runs on the local tensors, so it
+    works on FSDP2 shards (DTensors with the online placements) and stays identical across
+    ranks as long as the online parameters are.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, **modules: nn.Module) -> None:
         super().__init__()
-        self.backbone = copy.deepcopy(backbone)
-        self.head = copy.deepcopy(head)
+        for name, module in modules.items():
+            self.add_module(name, copy.deepcopy(module))
         self.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x))
+        for module in self.children():
+            x = module(x)
+        return x
 
     def pairs(self, online: list[nn.Module]) -> tuple[list[Tensor], list[Tensor]]:
         """(momentum, online) parameters in matching order, checked for shape and sharding."""
@@ -105,10 +119,10 @@ class MomentumEncoder(nn.Module):
         dst += list(self.buffers())
         src += [b for m in online for b in m.buffers()]
         for t, o in zip(dst, src):
-            _local(t).copy_(_local(o))
+            local(t).copy_(local(o))
 
     @torch.no_grad()
     def update(self, online: list[nn.Module], m: float) -> None:
         """Parameters := m x momentum + (1 - m) x online (buffers keep their own running statistics)."""
         dst, src = self.pairs(online)
-        torch._foreach_lerp_([_local(t) for t in dst], [_local(o) for o in src], 1.0 - m)
+        torch._foreach_lerp_([local(t) for t in dst], [local(o) for o in src], 1.0 - m)
