@@ -132,7 +132,8 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     run_dir = Path(args.run_root) / f"{method}_seed{seed}_{args.minutes:g}min_pretrain"
     train_argv = ["train", "--recipe", f"tiny_{method}", "--data", args.images or str(CIFAR / "train"),
                   "--run-dir", str(run_dir / "pretrain"), "--nproc", "2", "--max-steps", str(MAX_STEPS),
-                  f"loop.time_budget_s={args.minutes * 60:.0f}", "optim.warmup_steps=50", f"loop.seed={seed}",
+                  f"loop.time_budget_s={args.minutes * 60:.0f}", f"loop.budget_clock={args.clock}",
+                  "optim.warmup_steps=50", f"loop.seed={seed}",
                   "checkpoint.every_steps=250", "checkpoint.keep_last=1", "loop.tensorboard=false",
                   "loop.progress=false", "loop.log_every=20"]
     t0 = time.monotonic()
@@ -225,6 +226,8 @@ def main() -> int:
     p.add_argument("--eval-val", help="kNN queries (default: cifar10-dev val.csv)")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="also score every model on N archive images outside cifar10-dev train and val (0: off)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                   help="--pretrain-only: what --minutes counts (cpu: each rank's CPU time, independent of machine load)")
     p.add_argument("--pretrain-only", action="store_true",
                    help="pretraining and kNN only (no ClusterFit / distillation): the per-method table")
     args = p.parse_args()

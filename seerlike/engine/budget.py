@@ -25,19 +25,29 @@ WARMUP_STEPS_EXCLUDED = 2
 """First steps of a process left out of the timing (allocator, thread pools, first-batch decode)."""
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``loop.budget_clock``: wall seconds, or this rank's CPU seconds (all its threads), which a
+busy machine does not stretch: a budget of S CPU-seconds per rank buys the same steps on an
+idle or a loaded machine (docs/benchmarks.md, "Every method, 15 CPU-minutes")."""
+
+
 class StepBudget:
     """Times the first steps of a run and answers the ``max_steps`` that fits the budget."""
 
-    def __init__(self, budget_s: float, calibrate_steps: int, upper_bound: int, min_steps: int) -> None:
+    def __init__(self, budget_s: float, calibrate_steps: int, upper_bound: int, min_steps: int,
+                 clock: str = "wall") -> None:
         self.budget_s, self.calibrate_steps = budget_s, calibrate_steps
         self.upper_bound, self.min_steps = upper_bound, min_steps
-        self.t0 = time.perf_counter()
+        self.clock = CLOCKS[clock]
+        self.t0 = self.last = self.clock()
         self.times: list[float] = []
         self.seen = 0
         self.step_s: float | None = None
 
-    def observe(self, step: int, step_s: float) -> bool:
-        """Record one step's wall time; True when calibration just finished (call :meth:`plan`)."""
+    def observe(self, step: int) -> bool:
+        """Record the time since the previous call (one step); True when calibration just finished (call :meth:`plan`)."""
+        now = self.clock()
+        step_s, self.last = now - self.last, now
         self.seen += 1
         if self.seen > WARMUP_STEPS_EXCLUDED:
             self.times.append(step_s)
@@ -50,7 +60,7 @@ class StepBudget:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
         self.step_s = float(per_step)
-        elapsed = torch.tensor([time.perf_counter() - self.t0], dtype=torch.float64, device=device)
+        elapsed = torch.tensor([self.clock() - self.t0], dtype=torch.float64, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         left = max(0.0, self.budget_s - float(elapsed))

@@ -8,6 +8,7 @@ is the chosen method's own config (``method.name`` picks it; seerlike.methods.ba
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from seerlike.data.pipeline import DataConfig
 from seerlike.engine.checkpoint import CheckpointConfig
@@ -56,6 +57,8 @@ class LoopConfig:
     """Wall seconds for the training steps; > 0: max_steps (then an upper bound) is set from timed first steps."""
     calibrate_steps: int = 12
     """With time_budget_s: steps timed (the first 2 left out) before max_steps is set and saved."""
+    budget_clock: Literal["wall", "cpu"] = "wall"
+    """What time_budget_s counts: wall seconds, or each rank's CPU seconds (steps independent of machine load)."""
 
     def __post_init__(self):
         if self.max_steps < 1 or self.grad_accum < 1 or self.log_every < 1:

@@ -137,7 +137,7 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     if loop.time_budget_s > 0:
         if start < loop.calibrate_steps:
             budget = StepBudget(loop.time_budget_s, loop.calibrate_steps, loop.max_steps,
-                                min_steps=max(cfg.optim.warmup_steps, loop.calibrate_steps + 1))
+                                min_steps=max(cfg.optim.warmup_steps, loop.calibrate_steps + 1), clock=loop.budget_clock)
         else:  # calibrated before the restart: continue with the saved max_steps
             cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, max_steps=_saved_max_steps(restored.path)))
             loop = cfg.loop
@@ -187,7 +187,7 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
             step += 1
             meter.add(result.images, time.perf_counter() - t_start - wait[0], wait[0])
             metrics.advance()
-            if budget is not None and budget.observe(step, time.perf_counter() - t_start):
+            if budget is not None and budget.observe(step):
                 cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, max_steps=budget.plan(step, device)))
                 loop = cfg.loop
                 schedule = LRSchedule(cfg.optim, global_batch, loop.max_steps)

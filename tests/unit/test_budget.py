@@ -16,27 +16,42 @@ from seerlike.engine.budget import StepBudget
 from seerlike.engine.loop import train
 
 
+def _clock(monkeypatch, ticks):
+    """A fake wall clock returning ``ticks`` one by one."""
+    it = iter(ticks)
+    monkeypatch.setitem(budget_mod.CLOCKS, "wall", lambda: next(it))
+
+
 def test_plan_uses_the_median_step_after_the_warmup_steps(monkeypatch):
-    clock = iter([100.0, 130.0])  # start, then "now": 30 s used
-    monkeypatch.setattr(budget_mod.time, "perf_counter", lambda: next(clock))
+    # start at 100; steps of 9, 7, 2, 1, 3 s -> 122; plan reads 130 (8 s of logging since)
+    _clock(monkeypatch, [100.0, 109.0, 116.0, 118.0, 119.0, 122.0, 130.0])
     b = StepBudget(budget_s=90.0, calibrate_steps=5, upper_bound=1000, min_steps=3)
-    done = [b.observe(s, t) for s, t in enumerate([9.0, 7.0, 2.0, 1.0, 3.0], start=1)]
+    done = [b.observe(s) for s in range(1, 6)]
     assert done == [False, False, False, False, True]
-    # median of the last three (2, 1, 3) = 2 s; 60 s left -> 30 more steps after step 5
+    # median of the last three (2, 1, 3) = 2 s; 90 - 30 = 60 s left -> 30 more steps after step 5
     assert b.plan(5, torch.device("cpu")) == 35 and b.step_s == 2.0
 
 
 def test_plan_never_exceeds_the_configured_max_steps_nor_goes_below_the_warmup(monkeypatch):
-    clock = iter([0.0, 1.0, 0.0, 500.0])
-    monkeypatch.setattr(budget_mod.time, "perf_counter", lambda: next(clock))
+    _clock(monkeypatch, [0.0, 0.01, 0.02, 0.03, 1.0])
     fast = StepBudget(budget_s=1000.0, calibrate_steps=3, upper_bound=50, min_steps=4)
     for s in (1, 2, 3):
-        fast.observe(s, 0.01)
+        fast.observe(s)
     assert fast.plan(3, torch.device("cpu")) == 50
+    _clock(monkeypatch, [0.0, 1.0, 2.0, 3.0, 500.0])
     late = StepBudget(budget_s=100.0, calibrate_steps=3, upper_bound=50, min_steps=20)
     for s in (1, 2, 3):
-        late.observe(s, 1.0)
+        late.observe(s)
     assert late.plan(3, torch.device("cpu")) == 20  # the budget is spent: the warmup still completes
+
+
+def test_the_cpu_clock_counts_this_process_cpu_time_not_waiting():
+    import time
+
+    b = StepBudget(budget_s=10.0, calibrate_steps=3, upper_bound=10_000, min_steps=1, clock="cpu")
+    for s in (1, 2, 3):
+        time.sleep(0.05)  # waiting (another process on the core) costs no CPU time
+    assert b.clock() - b.t0 < 0.05
 
 
 class _Data:
@@ -58,7 +73,7 @@ class _Data:
 
 def test_a_budgeted_run_saves_its_calibrated_length_and_a_restart_keeps_it(tmp_path, one_thread):
     cfg = config.apply_overrides(recipes.get("tiny_swav"), [
-        "loop.max_steps=400", "loop.time_budget_s=3", "loop.calibrate_steps=4", "checkpoint.every_steps=3",
+        "loop.max_steps=400", "loop.time_budget_s=3", "loop.budget_clock=cpu", "loop.calibrate_steps=4", "checkpoint.every_steps=3",
         "loop.progress=false", "loop.tensorboard=false", "optim.warmup_steps=2", "precision.dtype=fp32",
         "parallel.strategy=none"])
     assert train(cfg, tmp_path, data=_Data()) == 0
