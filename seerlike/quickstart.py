@@ -287,24 +287,13 @@ def collect_results(run_dir: str | Path, method: str) -> dict:
 
 def write_plots(run_dir: Path, results: dict) -> list[Path]:
     """Loss curves of the three training runs, the confusion matrices and the cluster contact sheets."""
-    from seerlike.plots import _plt, read_metrics
+    from seerlike.plots import loss_curves
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    made = []
-    plt = _plt()
-    runs = [("pretrain", f"{results['method']} pretraining"), ("clusterfit", "ClusterFit"), ("distill", "distillation")]
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.4))
-    for ax, (stage, title) in zip(axes, runs):
-        rows = [r for r in read_metrics(run_dir / stage) if "loss" in r]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-        ax.set_title(f"{title} loss")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(plots / "loss_curves.png", dpi=90)
-    plt.close(fig)
-    made.append(plots / "loss_curves.png")
+    runs = [(f"{results['method']} pretraining", run_dir / "pretrain"), ("ClusterFit", run_dir / "clusterfit"),
+            ("distillation", run_dir / "distill")]
+    made = [loss_curves(runs, plots / "loss_curves.png")]
     for name, row in results["models"].items():
         if row.get("confusion_png") and Path(row["confusion_png"]).is_file():
             dst = plots / f"confusion_{name}.png"

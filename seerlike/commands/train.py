@@ -39,6 +39,34 @@ def resolve(recipe: str | None, run_dir: str | os.PathLike, overrides: list[str]
     return configlib.apply_overrides(cfg, list(overrides))
 
 
+#: Config keys that name local inputs: stored absolute, so the run continues from any directory.
+PATH_KEYS = ("data.source", "data.labels", "method.teacher")
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the relative local paths among PATH_KEYS made absolute (URLs and ``random:`` kept)."""
+    from seerlike import storage
+
+    changes = []
+    for key in PATH_KEYS:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name, None)
+        if isinstance(value, str) and value and not value.startswith("random:") and storage.absolute(value) != value:
+            changes.append(f"{key}={storage.absolute(value)}")
+    return configlib.apply_overrides(cfg, changes) if changes else cfg
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The run's inputs exist: the images, ClusterFit's pseudo-labels, a distillation teacher."""
+    from seerlike.commands.inputs import check_data, check_model, check_path
+
+    check_data(cfg.data.source, "--data (data.source)", cfg.data.s3_endpoint_url)
+    check_path(cfg.data.labels, "data.labels", "a `seerlike cluster` output dir or a labels parquet")
+    teacher = getattr(cfg.method, "teacher", "")
+    if teacher:
+        check_model(teacher, "--teacher (method.teacher)")
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     """--data and --max-steps as overrides, before the user's own (which win)."""
     extra = list(args.overrides)
@@ -52,6 +80,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Recipe (or the run's saved config) + --data + --max-steps + overrides, validated."""
     return resolve(args.recipe, args.run_dir, _overrides(args))
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """The configuration and the inputs, checked before a job is queued (`seerlike submit train`)."""
+    check_inputs(with_absolute_paths(build_config(args)))
 
 
 def child_argv(recipe: str | None, run_dir: str | os.PathLike, overrides: list[str]) -> list[str]:
