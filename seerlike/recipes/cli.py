@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe name (see --list)")
     p.add_argument("--list", action="store_true", help="list the recipes")
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
-    p.add_argument("--reference", action="store_true", help="print every key of the recipe with its type, default and doc")
+    p.add_argument("--reference", action="store_true", help="print every key of the recipe with its type, value and doc")
     p.add_argument("--reference-md", metavar="PATH", help="write the full configuration reference (Markdown) to PATH")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
 
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
             print(name)
         return 0
     cfg = config.apply_overrides(recipes.get(args.recipe), args.overrides)
-    if args.reference:
-        for key, tp, default, doc in config.reference(type(cfg)):
-            print(f"{key:45s} {tp:28s} {default:20s} {doc}")
+    if args.reference:  # the recipe's own values (with the overrides), not the class defaults
+        for key, tp, value, doc in config.reference(cfg):
+            print(f"{key:45s} {tp:28s} {value:20s} {doc}")
         return 0
     print(config.dumps(cfg, args.format), end="")
     return 0

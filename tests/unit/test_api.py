@@ -123,3 +123,10 @@ def test_extract_evaluate_export_chain_on_a_checkpoint(tmp_path, cifar_dir, tiny
     lin = seerlike.evaluate("linear", exp.out, train=train, val=val, image_size=32, epochs=2, progress=False)
     card = (exp.out / "MODEL_CARD.md").read_text()
     assert f"top1 {knn.metrics['top1']:.2f}" in card and f"top1 {lin.metrics['top1']:.2f}" in card
+
+
+def test_version_is_the_package_version(capsys):
+    from seerlike.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"seerlike {seerlike.__version__}\n"
