@@ -218,7 +218,9 @@ def run_pipeline(p: Pipeline, base: SubmitConfig | None = None, *, wait: bool = 
         if resolve_cluster(cfg) == "local":
             final = jobslib.wait_state(job, poll_s=0.5)
             if final != "COMPLETED":
-                raise RuntimeError(f"pipeline {p.name}: stage {stage.name} (job {job.job_id}) ended {final}; "
+                cause = jobslib.failure_cause(job)
+                raise RuntimeError(f"pipeline {p.name}: stage {stage.name} (job {job.job_id}) ended {final}"
+                                   f"{f': {cause}' if cause else ''}; "
                                    f"see `seerlike jobs tail {job.job_id} --log-dir {cfg.log_dir}`")
             rows.append({"stage": stage.name, "job_id": job.job_id, "state": final, "out": out})
         else:

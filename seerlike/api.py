@@ -155,7 +155,7 @@ def pretrain(data: PathLike | None = None, out: PathLike = "runs/pretrain", *,
     if nproc < 1:
         raise ConfigError(f"nproc must be >= 1, got {nproc}")
     extra = ([f"data.source={storage.absolute(data)}"] if data is not None else []) + _overrides(overrides)
-    out = Path(out).absolute()
+    out = Path(os.path.abspath(out))
     cfg = with_absolute_paths(resolve(recipe, out, extra))  # fails on bad input before anything starts
     if int(os.environ.get("RANK", "0")) == 0:
         check_inputs(cfg)
@@ -225,7 +225,7 @@ def extract(model: PathLike, data: PathLike, out: PathLike, *, progress: bool = 
             teardown()
     if meta is None:
         return None
-    return ExtractResult(out=Path(out).absolute(), layer=meta["layer"], dim=meta["dim"],
+    return ExtractResult(out=Path(os.path.abspath(out)), layer=meta["layer"], dim=meta["dim"],
                          num_samples=meta["num_samples"], meta=meta)
 
 
@@ -283,7 +283,7 @@ def evaluate(kind: str, model: PathLike | None = None, *, train: PathLike, val: 
         if model is None or str(model).startswith("random:"):
             raise ConfigError("give --out (there is no model directory to write the results into)")
         out = Path(model) / "eval"
-    out = Path(out).absolute()
+    out = Path(os.path.abspath(out))
     result = run_eval(kind, model, train, val, extract_cfg=extract_cfg, knn=knn, linear=linear, lowshot=lowshot,
                       progress=progress)
     with storage.reporting_disk_full(out):
@@ -322,7 +322,8 @@ class ExportResult:
 
 
 def export(model: PathLike, out: PathLike, *, formats: str | Sequence[str] = ("torchvision",),
-           with_head: bool = False, image_size: int | None = None, evals: Sequence[PathLike] = ()) -> ExportResult:
+           with_head: bool = False, image_size: int | None = None, evals: Sequence[PathLike] = (),
+           progress: bool = True) -> ExportResult:
     """Write ``model`` (checkpoint, run dir or ``random:ARCH``) in ``formats`` into ``out``.
 
     ``formats``: any of torchvision, safetensors, torchscript, onnx (a list, a comma-separated
@@ -337,7 +338,7 @@ def export(model: PathLike, out: PathLike, *, formats: str | Sequence[str] = ("t
     if isinstance(formats, str):
         formats = list(FORMATS) if formats == "all" else [f.strip() for f in formats.split(",") if f.strip()]
     meta = run_export(str(model), out, list(formats), with_head=with_head, image_size=image_size,
-                      eval_files=[str(e) for e in evals])
-    out = Path(out).absolute()
+                      eval_files=[str(e) for e in evals], progress=progress)
+    out = Path(os.path.abspath(out))
     return ExportResult(out=out, files={fmt: out / name for fmt, name in meta["files"].items()}, arch=meta["arch"],
                         checks=dict(meta["checks"]), meta=meta)

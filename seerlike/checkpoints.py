@@ -72,7 +72,7 @@ def arch_of_config(cfg: dict) -> str:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A complete checkpoint dir from a checkpoint dir or a run dir (its newest complete one)."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if is_checkpoint(path):
         return path
     if path.is_dir() and (path / "checkpoints").is_dir():
@@ -144,7 +144,7 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
 
 
 def load_export(path: str | os.PathLike) -> Loaded:
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     meta = json.loads((path / EXPORT_META).read_text())
     arch = meta["arch"]
     if (path / EXPORT_FILES["safetensors"]).exists():
@@ -179,7 +179,7 @@ def load_backbone(spec: str | os.PathLike) -> Loaded:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # "random" is the same random init every time, so baselines reproduce
             return Loaded(_build(arch).eval(), arch, spec)
-    path = Path(spec).absolute()
+    path = Path(os.path.abspath(spec))
     if not path.exists():
         raise ConfigError(f"model {spec!r} not found; give a checkpoint dir, a run dir, an export dir or random:ARCH")
     if is_export(path):

@@ -47,6 +47,7 @@ from seerlike.checkpoints import EXPORT_META as META
 from seerlike.checkpoints import Loaded, is_checkpoint, load_backbone, torchvision_name
 from seerlike.config import ConfigError
 from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from seerlike.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,8 @@ def _found_evals(loaded: Loaded) -> dict[str, dict]:
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str], *, with_head: bool = False,
-           image_size: int | None = None, eval_files: list[str] | None = None, tolerance: float = 1e-4) -> dict:
+           image_size: int | None = None, eval_files: list[str] | None = None, tolerance: float = 1e-4,
+           progress: bool = True) -> dict:
     """Write ``formats`` of ``source`` into ``out``; returns the export.json content.
 
     ``image_size`` (the example input of the graph formats and the card's input size) defaults
@@ -268,7 +270,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
     if str(source).startswith("random:"):
         log.warning("exporting a randomly initialised %s", loaded.arch)
     state = export_state(loaded, with_head)
-    out = Path(out).absolute()
+    out = Path(os.path.abspath(out))
     if (out / META).exists():
         old = json.loads((out / META).read_text())
         if old.get("arch") != loaded.arch:
@@ -306,6 +308,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
     }
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     graph = _graph_module(loaded, with_head)
+    bar = Progress(len(formats), f"export {loaded.arch}", unit="file", enabled=progress)
     for fmt in formats:
         path = out / FILES[fmt]
         # every file is written beside its destination and renamed when complete (and, for the
@@ -328,6 +331,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
                 raise RuntimeError(f"{fmt} export differs from eager by {meta['checks'][fmt]:.3g} (> {tolerance}); not trusted")
         meta["files"][fmt] = FILES[fmt]
         log.info("wrote %s", path)
+        bar.update()
+    bar.close()
     if loaded.train_config:
         import yaml
 

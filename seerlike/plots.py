@@ -123,7 +123,7 @@ def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], out_png: str | os.Pa
 
 def contact_sheets(groups: dict[str, list[tuple[str, list[np.ndarray]]]], out_dir: str | os.PathLike,
                    thumb: int = 64) -> list[Path]:
-    """One ``NAME.png`` per group of titled image rows (seerlike.eval.cluster.cluster_members gives them)."""
+    """One ``NAME.png`` per group of titled image rows (seerlike.eval.members.cluster_members gives them)."""
     return [contact_sheet(rows, Path(out_dir) / f"{name}.png", thumb) for name, rows in groups.items() if rows]
 
 

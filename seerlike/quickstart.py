@@ -37,9 +37,12 @@ log = logging.getLogger(__name__)
 
 #: ../shared/data beside the repository root (where the real CIFAR-dev images live).
 SHARED_DATA = Path(seerlike.__file__).resolve().parents[1].parent / "shared" / "data"
+#: Run from a source checkout (pyproject.toml beside the package), not from an installed wheel:
+#: only a checkout has the shared/ folder beside it.
+SOURCE_CHECKOUT = (Path(seerlike.__file__).resolve().parents[1] / "pyproject.toml").is_file()
 
 ARCH = "resnet10_cifar"
-"""Backbone pretrained and retrained (FACTS.md: what learns in 15 CPU-minutes)."""
+"""Backbone pretrained and retrained (docs/benchmarks.md, "Learning quality": what learns in 15 CPU-minutes)."""
 STUDENT = "resnet10_cifar_w16"
 """Distillation student: the same net at half width (a quarter of the parameters)."""
 IMAGE_SIZE = 32
@@ -126,6 +129,10 @@ def default_images() -> Path:
 
 def _need(path: Path, what: str, flag: str) -> str:
     if not path.exists():
+        if str(path).startswith(str(SHARED_DATA)) and not SOURCE_CHECKOUT:
+            raise ConfigError(f"seerlike runs from an installed package, and the quickstart's default images "
+                              f"(shared/data/cifar10-dev beside a source checkout) are not here; pass {flag} "
+                              "(--images, --eval-train and --eval-val: a folder or a path,label CSV each)")
         hint = (f"the real images are expected in {SHARED_DATA} (the shared/ folder beside the repository); "
                 if str(path).startswith(str(SHARED_DATA)) else "")
         raise ConfigError(f"{what} {path} does not exist; {hint}pass {flag} to use other images")

@@ -53,7 +53,8 @@ def preflight(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seerlike.engine.dist import init_distributed, teardown
-    from seerlike.eval.cluster import cluster_members, run_kmeans
+    from seerlike.eval.cluster import run_kmeans
+    from seerlike.eval.members import cluster_members
 
     cfg = build_config(args)
     preflight(args)

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="input side of the card and of the graph checks (default: the training view size, else 224)")
     p.add_argument("--eval", action="append", default=[], metavar="JSON", help="eval result JSON to put in the model card")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
 
 
 def preflight(args: argparse.Namespace) -> None:
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from seerlike.api import export
 
     res = export(args.checkpoint, args.out, formats=args.format, with_head=args.with_head, image_size=args.image_size,
-                 evals=args.eval)
+                 evals=args.eval, progress=not args.no_progress)
     print(json.dumps({"out": str(res.out), "arch": res.arch, "files": {k: v.name for k, v in res.files.items()},
                       "checks": res.checks}, indent=2))
     return 0

@@ -174,7 +174,7 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
     ``barrier`` is called between the phases when several ranks share the work.
     """
     store = FeatureStore(features)
-    out = Path(out).absolute()
+    out = Path(os.path.abspath(out))
     (out / "labels").mkdir(parents=True, exist_ok=True)
     barrier = barrier or (lambda: None)
     cent_path = out / "centroids.npy"
@@ -214,7 +214,7 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
     sizes = np.bincount(labels["cluster"].to_numpy(), minlength=cfg.k)
     train_info = json.loads((out / ".train.json").read_text())
     stats = {
-        "features": str(store.path.absolute()), "layer": store.meta.get("layer"), "config": config.to_dict(cfg),
+        "features": os.path.abspath(store.path), "layer": store.meta.get("layer"), "config": config.to_dict(cfg),
         "num_features": len(store), "dim": store.dim, **train_info,
         "mean_distance": float(labels["distance"].to_numpy().mean()) if labels.num_rows else 0.0,
         **cluster_stats(sizes), "sizes": sizes.tolist(),
@@ -223,57 +223,3 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
     with atomic_write(out / "cluster_stats.json") as tmp:
         tmp.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
-
-
-# ---------------------------------------------------------------- contact sheets
-
-
-def pick_clusters(sizes: np.ndarray, n: int, seed: int = 0) -> dict[str, list[int]]:
-    """About n/3 largest, n/3 smallest non-empty and n/3 random other non-empty clusters."""
-    nonempty = np.flatnonzero(sizes > 0)
-    order = nonempty[np.argsort(-sizes[nonempty], kind="stable")]
-    third = max(n // 3, 1)
-    largest = order[:third].tolist()
-    smallest = [c for c in order[::-1][:third].tolist() if c not in largest]
-    rest = [c for c in order.tolist() if c not in largest and c not in smallest]
-    rng = np.random.default_rng(seed)
-    rand = rng.choice(rest, size=min(max(n - len(largest) - len(smallest), 0), len(rest)), replace=False).tolist() if rest else []
-    return {"largest": largest, "smallest": smallest, "random": sorted(rand)}
-
-
-def cluster_members(cluster_dir: str | os.PathLike, data: str, *, clusters: int = 12, per_cluster: int = 12,
-                    seed: int = 0, thumb: int = 64) -> dict[str, list[tuple[str, list[np.ndarray]]]]:
-    """Random member images of the largest, smallest and random clusters (what a contact sheet shows).
-
-    ``{"largest"|"smallest"|"random": [(title, [uint8 HxWx3 thumbnails])]}``. The images are
-    found by key in one pass over ``data`` (the source the features were extracted from),
-    stopping as soon as every wanted key was seen.
-    """
-    from seerlike.eval.extract import decode_view, list_units
-
-    labels = read_labels(cluster_dir)
-    cl = labels["cluster"].to_numpy()
-    keys = labels["key"].to_pylist()
-    sizes = np.bincount(cl)
-    picked = pick_clusters(sizes, clusters, seed)
-    rng = np.random.default_rng(seed)
-    wanted: dict[str, int] = {}
-    members: dict[int, list[str]] = {}
-    for c in {c for cs in picked.values() for c in cs}:
-        idx = np.flatnonzero(cl == c)
-        chosen = [keys[i] for i in rng.choice(idx, size=min(per_cluster, idx.size), replace=False)]
-        members[c] = chosen
-        wanted.update({k: c for k in chosen})
-    images: dict[str, np.ndarray] = {}
-    for unit in list_units(data):
-        for s in unit.read():
-            if s.key in wanted and s.key not in images:
-                view = decode_view(s, thumb, thumb)
-                if view is not None:
-                    images[s.key] = view
-        if len(images) == len(wanted):
-            break
-    if len(images) < len(wanted):
-        log.warning("%d of %d cluster members not found in %s", len(wanted) - len(images), len(wanted), data)
-    return {kind: [(f"cluster {c} (n={sizes[c]})", [images[k] for k in members[c] if k in images]) for c in cs]
-            for kind, cs in picked.items() if cs}

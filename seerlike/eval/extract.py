@@ -239,7 +239,7 @@ def extract(model: str, data: str, out: str | os.PathLike, cfg: ExtractConfig, *
     """Extract this rank's units into ``out``; rank 0 finalises after ``barrier``. Returns meta on rank 0."""
     from seerlike.checkpoints import load_backbone
 
-    out = Path(out).absolute()
+    out = Path(os.path.abspath(out))
     data = storage.absolute(data)
     loaded = loaded or load_backbone(model)
     loaded.model.to(device)

@@ -103,13 +103,18 @@ def test_ingest_fails_like_the_cli_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "ds").exists()
 
 
-def test_extract_evaluate_export_chain_on_a_checkpoint(tmp_path, cifar_dir, tiny_run, one_thread):
+def test_extract_evaluate_export_chain_on_a_checkpoint(tmp_path, cifar_dir, tiny_run, one_thread, monkeypatch):
+    import json
+    import os
+
     train = _labelled(tmp_path / "train", cifar_dir, n=6)
     val = _labelled(tmp_path / "val", cifar_dir, n=3, offset=6)
-    feats = seerlike.extract(tiny_run.checkpoint, data=train, out=tmp_path / "feats", layer="pool", image_size=32,
-                             progress=False)
+    monkeypatch.chdir(tmp_path)  # relative paths in; meta.json and export.json record absolute ones
+    ckpt = os.path.relpath(tiny_run.checkpoint, tmp_path)
+    feats = seerlike.extract(ckpt, data="train", out="feats", layer="pool", image_size=32, progress=False)
     assert feats.out == tmp_path / "feats" and feats.num_samples == 12 and feats.dim == 256
-    assert feats.meta["data"] == str(train) and feats.meta["model"] == str(tiny_run.checkpoint)
+    meta = json.loads((tmp_path / "feats" / "meta.json").read_text())
+    assert meta["data"] == str(train) and meta["model"] == str(tiny_run.checkpoint)
     with pytest.raises(ConfigError, match="extract: unknown setting 'layers'"):
         seerlike.extract(tiny_run.checkpoint, data=train, out=tmp_path / "f2", layers="pool")
     # default out: beside the model; the features dir stands in for the training images
@@ -117,8 +122,9 @@ def test_extract_evaluate_export_chain_on_a_checkpoint(tmp_path, cifar_dir, tiny
     assert knn.out == tiny_run.checkpoint / "eval" and [f.name for f in knn.files] == ["eval_knn.json", "confusion_knn.png"]
     assert 0 <= knn.metrics["top1"] <= 100 and knn.result["num_train"] == 12 and knn.result["num_val"] == 6
     # the export finds that evaluation, and an evaluation of the export lands in its card too
-    exp = seerlike.export(tiny_run.checkpoint, out=tmp_path / "exp", formats="torchvision,safetensors")
+    exp = seerlike.export(ckpt, out="exp", formats="torchvision,safetensors", progress=False)
     assert set(exp.files) == {"torchvision", "safetensors"} and all(p.is_file() for p in exp.files.values())
+    assert json.loads((tmp_path / "exp" / "export.json").read_text())["source"] == str(tiny_run.checkpoint)
     assert exp.meta["input"]["size"] == 24 and exp.meta["evals"]["eval_knn"]["metrics"] == knn.metrics
     lin = seerlike.evaluate("linear", exp.out, train=train, val=val, image_size=32, epochs=2, progress=False)
     card = (exp.out / "MODEL_CARD.md").read_text()
@@ -130,3 +136,19 @@ def test_version_is_the_package_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"seerlike {seerlike.__version__}\n"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["extract", "--checkpoint", "random:resnet10_cifar", "--data", "{tmp}/nowhere", "--out", "{tmp}/out"],
+     "data source '{tmp}/nowhere' does not exist"),
+    (["eval", "knn", "--model", "{tmp}/no-model", "--train", "{tmp}", "--val", "{tmp}", "--out", "{tmp}/out"],
+     "model '{tmp}/no-model' not found"),
+    (["export", "--checkpoint", "{tmp}/no-model", "--out", "{tmp}/out"], "model '{tmp}/no-model' not found"),
+])
+def test_follow_up_commands_fail_in_one_line_before_writing(tmp_path, capsys, argv, says):
+    from seerlike.cli import main
+
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert says.format(tmp=tmp_path) in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -107,12 +107,13 @@ def test_contact_sheet_members_come_from_the_data_by_key(tmp_path, cifar_dir):
     import pyarrow.parquet as pq
 
     from seerlike.eval.extract import list_units
+    from seerlike.eval.members import cluster_members
 
     keys = [s.key for u in list_units(str(cifar_dir / "val"), 4096) for s in u.read()][:40]
     (tmp_path / "labels").mkdir()
     pq.write_table(pa.table({"key": keys, "cluster": pa.array([i % 4 for i in range(40)], pa.int32()),
                              "distance": pa.array([0.0] * 40, pa.float32())}), tmp_path / "labels" / "a.parquet")
-    groups = cluster.cluster_members(tmp_path, str(cifar_dir / "val"), clusters=3, per_cluster=5, thumb=16)
+    groups = cluster_members(tmp_path, str(cifar_dir / "val"), clusters=3, per_cluster=5, thumb=16)
     rows = [row for rs in groups.values() for row in rs]
     assert len(rows) == 3 and all(len(images) == 5 and images[0].shape == (16, 16, 3) for _, images in rows)
     assert all(title.endswith("(n=10)") for title, _ in rows)

@@ -133,3 +133,32 @@ def test_a_stage_is_done_only_with_a_marker_of_the_same_command(tmp_path):
     assert pl.is_done(p, stage, argv)
     assert not pl.is_done(p, stage, argv + ["optim.lr=0.2"])
     assert [r["state"] for r in pl.status(p)] == ["DONE", "NOT SUBMITTED"]
+
+
+def test_submit_checks_the_stage_inputs_before_queueing(tmp_path):
+    from launchers.submit import validate_stage
+
+    argv = ["--recipe", "tiny_swav", "--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "run")]
+    validate_stage("train", argv)  # a pipeline stage: its data may come from an earlier stage
+    with pytest.raises(ConfigError, match=r"data source '.*missing' does not exist"):
+        validate_stage("train", argv, check_inputs=True)
+    with pytest.raises(ConfigError, match="--checkpoint .*nope does not exist"):
+        validate_stage("extract", ["--checkpoint", str(tmp_path / "nope"), "--data", str(tmp_path),
+                                   "--out", str(tmp_path / "f")], check_inputs=True)
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet_nope'"):
+        validate_stage("export", ["--checkpoint", "random:resnet_nope", "--out", str(tmp_path / "e")],
+                       check_inputs=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stderr, says", [
+    ("sbatch: error: Invalid generic resource (gres) specification", "lower or drop --gpus-per-node"),
+    ("sbatch: error: Batch job submission failed: Requested node configuration is not available",
+     "no node offers --nodes 2, --tasks-per-node 8 x --cpus-per-task 1, --gpus-per-node 8"),
+    ("sbatch: error: invalid partition specified: gpu", "check --partition"),
+])
+def test_an_sbatch_refusal_is_explained_in_one_line(stderr, says):
+    from launchers.submit import explain_refusal
+
+    text = explain_refusal(stderr + "\n", SubmitConfig(cluster="slurm", nodes=2, tasks_per_node=8, gpus_per_node=8))
+    assert text.startswith("sbatch refused the job: sbatch: error:") and says in text and "\n" not in text
