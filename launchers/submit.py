@@ -156,11 +156,6 @@ def make_executor(cfg: SubmitConfig, name: str = "seerlike", dependency: str = "
 # ---------------------------------------------------------------- job records
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half)."""
-    write_bytes(path, text.encode())
-
-
 def run_dir_of(argv: list[str]) -> str:
     """The output folder named by a stage's arguments (``--run-dir X`` / ``--out=X`` ...), or ''."""
     for opt in RUN_DIR_OPTIONS:
@@ -184,7 +179,7 @@ def record_job(job: submitit.Job, cfg: SubmitConfig, *, stage: str, argv: list[s
         "log_dir": str(Path(cfg.log_dir).absolute()), "tasks": job.num_tasks, "submitted_at": time.time(),
         **(extra or {}),
     }
-    atomic_write_text(Path(cfg.log_dir) / "index" / f"{job.job_id}.json", json.dumps(rec, indent=1) + "\n")
+    write_bytes(Path(cfg.log_dir) / "index" / f"{job.job_id}.json", (json.dumps(rec, indent=1) + "\n").encode())
     return rec
 
 

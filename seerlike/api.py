@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 from seerlike import storage
 from seerlike.config import ConfigError
+from seerlike.preflight import check_train_inputs, with_absolute_paths
 
 __all__ = ["ingest", "pretrain", "extract", "evaluate", "export",
            "IngestResult", "PretrainResult", "ExtractResult", "EvalResult", "ExportResult"]
@@ -120,6 +122,32 @@ def ingest(sources: PathLike | Sequence[PathLike], out: PathLike, *, workers: in
 # ---------------------------------------------------------------- pretrain
 
 
+def train_config(recipe: str | None, run_dir: PathLike, overrides: Sequence[str] = ()):
+    """The validated TrainConfig of a run: a recipe (or RUN_DIR/config.yaml without one) + ``key=value`` overrides."""
+    from seerlike import config as configlib
+    from seerlike import recipes
+    from seerlike.engine.config import TrainConfig
+
+    saved = os.path.join(run_dir, "config.yaml")
+    if recipe:
+        cfg = recipes.get(recipe)
+        if not isinstance(cfg, TrainConfig):
+            raise configlib.ConfigError(f"recipe {recipe!r} is not a training recipe ({type(cfg).__name__})")
+    elif os.path.exists(saved):
+        cfg = configlib.load(saved, TrainConfig)
+    else:
+        raise configlib.ConfigError(f"give --recipe NAME (no {saved} to continue from)")
+    return configlib.apply_overrides(cfg, list(overrides))
+
+
+def _child_argv(recipe: str | None, run_dir: PathLike, overrides: list[str]) -> list[str]:
+    """The command each local rank runs (the launcher sets RANK and friends)."""
+    argv = [sys.executable, "-m", "seerlike", "train", "--run-dir", str(run_dir)]
+    if recipe:
+        argv += ["--recipe", recipe]
+    return argv + list(overrides)
+
+
 @dataclass
 class PretrainResult:
     """What a training run left behind."""
@@ -148,7 +176,6 @@ def pretrain(data: PathLike | None = None, out: PathLike = "runs/pretrain", *,
     The configuration and the inputs (data, pseudo-labels, a distillation teacher) are checked
     before the run folder is created.
     """
-    from seerlike.commands.train import check_inputs, child_argv, resolve, with_absolute_paths
     from seerlike.engine import checkpoint
     from seerlike.engine.loop import REQUEUE_EXIT_CODE
 
@@ -156,13 +183,13 @@ def pretrain(data: PathLike | None = None, out: PathLike = "runs/pretrain", *,
         raise ConfigError(f"nproc must be >= 1, got {nproc}")
     extra = ([f"data.source={storage.absolute(data)}"] if data is not None else []) + _overrides(overrides)
     out = Path(os.path.abspath(out))
-    cfg = with_absolute_paths(resolve(recipe, out, extra))  # fails on bad input before anything starts
+    cfg = with_absolute_paths(train_config(recipe, out, extra))  # fails on bad input before anything starts
     if int(os.environ.get("RANK", "0")) == 0:
-        check_inputs(cfg)
+        check_train_inputs(cfg)
     if nproc > 1 and "RANK" not in os.environ:
         from seerlike.commands.ranks import launch
 
-        rc = launch(child_argv(recipe, out, extra), nproc)
+        rc = launch(_child_argv(recipe, out, extra), nproc)
     else:
         from seerlike.engine.loop import train
 

@@ -36,7 +36,6 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -37,7 +37,7 @@ def build_config(args: argparse.Namespace) -> KMeansConfig:
 
 def preflight(args: argparse.Namespace) -> None:
     """The settings and the inputs, checked before anything is written or a job is queued."""
-    from seerlike.commands.inputs import check_data
+    from seerlike.preflight import check_data
     from seerlike.eval.features import FeatureStore
 
     build_config(args)

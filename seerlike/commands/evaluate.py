@@ -46,7 +46,7 @@ def _shots(text: str) -> tuple[int, ...]:
 
 def preflight(args: argparse.Namespace) -> None:
     """The inputs, checked before a job is queued (`seerlike submit eval`)."""
-    from seerlike.commands.inputs import check_model, check_path
+    from seerlike.preflight import check_model, check_path
 
     if args.model:
         check_model(args.model, "--model")

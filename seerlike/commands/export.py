@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def preflight(args: argparse.Namespace) -> None:
     """The inputs, checked before a job is queued (`seerlike submit export`)."""
-    from seerlike.commands.inputs import check_model, check_path
+    from seerlike.preflight import check_model, check_path
     from seerlike.config import ConfigError
 
     check_model(args.checkpoint, "--checkpoint")

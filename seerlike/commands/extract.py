@@ -36,7 +36,7 @@ def build_config(args: argparse.Namespace) -> ExtractConfig:
 
 def preflight(args: argparse.Namespace) -> None:
     """The settings and the inputs, checked before a job is queued (`seerlike submit extract`)."""
-    from seerlike.commands.inputs import check_data, check_model
+    from seerlike.preflight import check_data, check_model
 
     build_config(args)
     check_model(args.checkpoint, "--checkpoint")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 
-from seerlike import config, recipes
+from seerlike import config, recipes, storage
 
 # The top-level configs a user sets with key=value, each with the command that takes it.
 TOP_LEVEL: dict[str, tuple[str, str]] = {
@@ -51,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.reference_md:
-        Path(args.reference_md).write_text(markdown_reference())
+        storage.write_bytes(args.reference_md, markdown_reference().encode())
         print(f"wrote {args.reference_md}")
         return 0
     if args.list or not args.recipe:

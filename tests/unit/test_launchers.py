@@ -10,9 +10,10 @@ import signal
 import pytest
 
 from launchers import pipeline as pl
-from launchers.checkpointable import REQUEUE_EXIT_CODE, StageJob
+from launchers.checkpointable import StageJob
 from launchers.submit import SubmitConfig, add_arguments, config_from_args, parse_time, run_dir_of
 from seerlike.config import ConfigError
+from seerlike.engine.loop import REQUEUE_EXIT_CODE
 
 
 def _stopped_by_sigterm(argv: list[str]) -> int:
@@ -45,10 +46,24 @@ def test_a_usr2_after_the_stage_stopped_does_not_requeue_the_job_again(monkeypat
     assert "caught SIGUSR2 after the stage had checkpointed and stopped" in caplog.text
 
 
-def test_requeue_exit_code_matches_the_trainer():
-    from seerlike.engine.loop import REQUEUE_EXIT_CODE as TRAINER_CODE
+def test_requeue_exit_code_is_defined_once():
+    import re
+    from pathlib import Path
 
-    assert REQUEUE_EXIT_CODE == TRAINER_CODE
+    root = Path(__file__).resolve().parents[2]
+    defs = [p for pkg in ("seerlike", "sharding", "launchers") for p in (root / pkg).rglob("*.py")
+            if re.search(r"^REQUEUE_EXIT_CODE\s*=", p.read_text(), re.M)]
+    assert defs == [root / "seerlike" / "engine" / "loop.py"]
+
+
+def test_imagenet_mean_is_defined_once():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    defs = [p for pkg in ("seerlike", "sharding", "launchers") for p in (root / pkg).rglob("*.py")
+            if re.search(r"^IMAGENET_MEAN\s*=", p.read_text(), re.M)]
+    assert defs == [root / "seerlike" / "data" / "augment.py"]
 
 
 @pytest.mark.parametrize("text,minutes", [("90", 90), ("01:30:00", 90), ("2-00:00:00", 2880), ("10:30", 11),

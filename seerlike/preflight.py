@@ -2,15 +2,21 @@
 
 They are cheap (a stat, a folder listing, one S3 listing request) and say which input is
 missing and what was expected, so a stage fails in the terminal that started it rather than
-in the queue.
+in the queue. The API calls them before it creates an output folder; `seerlike submit` calls
+the commands' ``preflight(args)``, built on them, before it queues a job.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
+from seerlike import config as configlib
 from seerlike import storage
 from seerlike.config import ConfigError
+
+if TYPE_CHECKING:
+    from seerlike.engine.config import TrainConfig
 
 
 def check_model(spec: str | os.PathLike, flag: str) -> None:
@@ -57,3 +63,27 @@ def check_path(path: str | os.PathLike, flag: str, what: str) -> None:
     path = str(path)
     if path and "://" not in path and not os.path.exists(path):
         raise ConfigError(f"{flag} {path} does not exist; expected {what}")
+
+
+#: Config keys that name local inputs: stored absolute, so the run continues from any directory.
+PATH_KEYS = ("data.source", "data.labels", "method.teacher")
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the relative local paths among PATH_KEYS made absolute (URLs and ``random:`` kept)."""
+    changes = []
+    for key in PATH_KEYS:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name, None)
+        if isinstance(value, str) and value and not value.startswith("random:") and storage.absolute(value) != value:
+            changes.append(f"{key}={storage.absolute(value)}")
+    return configlib.apply_overrides(cfg, changes) if changes else cfg
+
+
+def check_train_inputs(cfg: TrainConfig) -> None:
+    """A training run's inputs exist: the images, ClusterFit's pseudo-labels, a distillation teacher."""
+    check_data(cfg.data.source, "--data (data.source)", cfg.data.s3_endpoint_url)
+    check_path(cfg.data.labels, "data.labels", "a `seerlike cluster` output dir or a labels parquet")
+    teacher = getattr(cfg.method, "teacher", "")
+    if teacher:
+        check_model(teacher, "--teacher (method.teacher)")
