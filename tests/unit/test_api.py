@@ -152,3 +152,15 @@ def test_follow_up_commands_fail_in_one_line_before_writing(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert says.format(tmp=tmp_path) in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_five_names_stay_functions_after_every_module_is_imported():
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.walk_packages(seerlike.__path__, "seerlike."):
+        if not mod.name.endswith("__main__"):
+            importlib.import_module(mod.name)  # a submodule named like a function would replace it
+    for name in ("ingest", "pretrain", "extract", "evaluate", "export"):
+        assert callable(getattr(seerlike, name)) and getattr(seerlike, name).__module__ == "seerlike.api", name
+    assert set(dir(seerlike)) >= {"ingest", "pretrain", "extract", "evaluate", "export", "PretrainResult"}
