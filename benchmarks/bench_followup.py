@@ -86,7 +86,7 @@ def bench_extract(repeats: int) -> None:
         n = len(samples)
         res = {}
         from seerlike.eval.extract import feature_fn, to_batch
-        from seerlike.export import load_backbone
+        from seerlike.checkpoints import load_backbone
 
         loaded = load_backbone("random:resnet10_cifar")
         for rep in range(repeats):

@@ -19,7 +19,7 @@ from seerlike.models import complexity, spec
 GB = 1024**3
 ACT_FACTOR = 3  # tensors kept for backward per conv output: conv out, BN out, activation out
 SEER_RUNS = {
-    # recipe: (GPUs, images per GPU, crops as (count, size), GPU memory GB) as published (FACTS.md)
+    # recipe: (GPUs, images per GPU, crops as (count, size), GPU memory GB) as published in the SEER papers (Goyal et al. 2021, 2022; docs/scale.md)
     "seer_regnet_y_256gf": (512, 16, [(2, 224), (4, 96)], 32),
     "seer_regnet_y_10b": (496, 16, [(2, 160), (4, 96)], 40),
 }

@@ -10,9 +10,10 @@ submitit's own handler would call ``checkpoint()`` from inside the signal handle
 the middle of a training step, so this wrapper replaces it while the stage runs:
 
 1. on ``USR2`` it calls the stage's ``SIGUSR1`` handler: the trainer then saves a checkpoint
-   at the next step boundary and returns ``REQUEUE_EXIT_CODE`` (``SIGTERM``, sent first on
-   preemption, does the same by itself). A stage with no Python ``SIGUSR1`` handler (still
-   starting, or not a trainer) is requeued at once, without a checkpoint, as submitit would;
+   at the next step boundary and returns ``REQUEUE_EXIT_CODE`` (seerlike.engine.loop; ``SIGTERM``,
+   sent first on preemption, does the same by itself). A stage with no Python ``SIGUSR1``
+   handler (still starting, or not a trainer) is requeued at once, without a checkpoint, as
+   submitit would;
 2. when the stage returns ``REQUEUE_EXIT_CODE``, rank 0 writes the next submission
    (``checkpoint()``: the same stage with the requeue counter + 1) over the job's pickle and
    asks Slurm to requeue the job; the other ranks wait to be killed by the requeue;
@@ -43,9 +44,6 @@ log = logging.getLogger(__name__)
 
 #: Exit status of a local-executor task that asks to be restarted (submitit's convention).
 LOCAL_REQUEUE_RETURN_CODE = 144
-#: Exit status of a stage that saved a checkpoint on SIGUSR1/SIGTERM and stopped early
-#: (EX_TEMPFAIL); the same number as ``seerlike.engine.loop.REQUEUE_EXIT_CODE``.
-REQUEUE_EXIT_CODE = 75
 #: How long a non-zero rank waits for the requeue to kill it before giving up.
 REQUEUE_WAIT_S = 300.0
 
@@ -100,6 +98,13 @@ def _limit_threads(env: submitit.JobEnvironment) -> None:
         sys.modules["torch"].set_num_threads(n)
 
 
+def _requeue_exit_code() -> int:
+    """The trainer's checkpoint-and-stop exit status (imported when a stage runs: it pulls in torch)."""
+    from seerlike.engine.loop import REQUEUE_EXIT_CODE
+
+    return REQUEUE_EXIT_CODE
+
+
 def run_target(target: str, argv: list[str]) -> Any:
     """Run a ``seerlike`` subcommand or a ``module:function`` in this process."""
     if ":" in target:
@@ -111,7 +116,7 @@ def run_target(target: str, argv: list[str]) -> Any:
         raise ValueError(f"unknown stage {target!r}; choose a seerlike command ({', '.join(cli.COMMANDS)}) "
                          "or 'package.module:function'")
     code = cli.main([target, *argv])
-    if code not in (0, REQUEUE_EXIT_CODE):
+    if code not in (0, _requeue_exit_code()):
         raise StageFailed(f"seerlike {target} exited with status {code}")
     return code
 
@@ -163,7 +168,7 @@ class StageJob(submitit.helpers.Checkpointable):
         except BaseException:
             signal.signal(usr_sig, previous)
             raise
-        if result == REQUEUE_EXIT_CODE:
+        if result == _requeue_exit_code():
             # Slurm's SIGTERM can stop the stage before submitit's USR2 arrives; that USR2 must
             # not reach submitit's own handler, which would requeue the job a second time
             signal.signal(usr_sig, self._on_late_signal)
@@ -224,6 +229,6 @@ class StageJob(submitit.helpers.Checkpointable):
 
 def _write_marker(path: str, payload: dict) -> None:
     """The stage's completion marker, written atomically (a pipeline skips stages that have one)."""
-    from launchers.submit import atomic_write_text
+    from seerlike.storage import write_bytes
 
-    atomic_write_text(path, json.dumps({**payload, "finished_at": time.time()}, sort_keys=True) + "\n")
+    write_bytes(path, (json.dumps({**payload, "finished_at": time.time()}, sort_keys=True) + "\n").encode())

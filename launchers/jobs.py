@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,39 @@ def state(job: submitit.Job) -> str:
     return _slurm_state(job.job_id)
 
 
+#: A line that says why a stage failed: the CLI's one-line errors, logged errors, an exception's last line.
+_CAUSE_LINE = re.compile(r"^seerlike [\w-]+: |\bERROR\b|^(?:[\w.]+\.)?\w*(?:Error|Exception|Failed|Reached|Interrupt)\b")
+
+
+def _last_match(text: str) -> str:
+    for line in reversed(text.splitlines()):
+        if line.strip() and _CAUSE_LINE.search(line.strip()):
+            return line.strip()
+    return ""
+
+
+def failure_cause(job: submitit.Job) -> str:
+    """The line that says why ``job`` failed, from its tasks' stderr or the error submitit recorded.
+
+    The stage's own error line (`seerlike train: config error: ...`, a logged ERROR) is preferred
+    over the exception the job wrapper raised after it; '' when nothing says.
+    """
+    from_log, from_result = "", ""
+    for task in range(job.num_tasks):
+        paths = utils.JobPaths(job.paths.folder.parent / "%j", job.job_id, task)
+        if not from_log and paths.stderr.exists():
+            lines = paths.stderr.read_text(errors="replace").splitlines()[-400:]
+            stage_lines = [ln for ln in lines if not re.search(r"submitit|launchers\.checkpointable", ln)]
+            from_log = _last_match("\n".join(stage_lines))
+        if not from_result and paths.result_pickle.exists():
+            outcome, payload = utils.pickle_load(paths.result_pickle)[:2]
+            if outcome == "error":
+                text = str(payload).strip()
+                from_result = _last_match(text) or (text.splitlines()[-1] if text else "")
+    cause = from_log or from_result
+    return cause[:500]
+
+
 def wait_state(job: submitit.Job, timeout_s: float = 7 * 24 * 3600, poll_s: float = 1.0) -> str:
     """Block until ``job`` reaches a final state; return it."""
     end = time.monotonic() + timeout_s
@@ -157,15 +191,24 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print(f"{'JOB':>14}  {'CLUSTER':7}  {'STAGE':14}  {'STATE':10}  RUN FOLDER")
         for rec in recs:
-            print(f"{rec['job_id']:>14}  {rec['cluster']:7}  {rec['stage']:14}  {state(job_of(rec)):10}  "
+            job = job_of(rec)
+            st = state(job)
+            print(f"{rec['job_id']:>14}  {rec['cluster']:7}  {rec['stage']:14}  {st:10}  "
                   f"{rec.get('run_dir') or '-'}")
+            cause = failure_cause(job) if st not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETED") else ""
+            if cause:
+                print(f"{'':>14}  cause: {cause[:160]}")
         return 0
     if not args.job:
         raise ConfigError(f"seerlike jobs {args.action}: give a JOB id")
     rec = load_record(args.job, args.log_dir)
     job = job_of(rec)
     if args.action == "status":
-        print(f"job {rec['job_id']} ({rec['cluster']}, {rec['stage']}): {state(job)}")
+        st = state(job)
+        print(f"job {rec['job_id']} ({rec['cluster']}, {rec['stage']}): {st}")
+        cause = failure_cause(job) if st not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETED") else ""
+        if cause:
+            print(f"cause: {cause}")
         print(f"log folder: {rec['log_folder']}")
         print(f"run folder: {rec.get('run_dir') or '-'}")
         return 0

@@ -42,10 +42,10 @@ import yaml
 
 from seerlike import config as configlib
 from seerlike.config import ConfigError
+from seerlike.storage import write_bytes
 
 from launchers import jobs as jobslib
-from launchers.submit import SubmitConfig, add_resource_arguments, atomic_write_text, config_from_args, \
-    resolve_cluster, submit_stage
+from launchers.submit import SubmitConfig, add_resource_arguments, config_from_args, resolve_cluster, submit_stage
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def run_pipeline(p: Pipeline, base: SubmitConfig | None = None, *, wait: bool = 
     stages = resolve(p)
     meta = _meta(p)
     meta.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta / "pipeline.yaml", yaml.safe_dump(configlib.to_dict(p), sort_keys=False))
+    write_bytes(meta / "pipeline.yaml", yaml.safe_dump(configlib.to_dict(p), sort_keys=False).encode())
     record = _read_jobs(p)
     previous: str = ""  # job id the next stage must wait for
     rerun = False
@@ -218,7 +218,9 @@ def run_pipeline(p: Pipeline, base: SubmitConfig | None = None, *, wait: bool = 
         if resolve_cluster(cfg) == "local":
             final = jobslib.wait_state(job, poll_s=0.5)
             if final != "COMPLETED":
-                raise RuntimeError(f"pipeline {p.name}: stage {stage.name} (job {job.job_id}) ended {final}; "
+                cause = jobslib.failure_cause(job)
+                raise RuntimeError(f"pipeline {p.name}: stage {stage.name} (job {job.job_id}) ended {final}"
+                                   f"{f': {cause}' if cause else ''}; "
                                    f"see `seerlike jobs tail {job.job_id} --log-dir {cfg.log_dir}`")
             rows.append({"stage": stage.name, "job_id": job.job_id, "state": final, "out": out})
         else:
@@ -237,7 +239,7 @@ def _read_jobs(p: Pipeline) -> dict:
 
 
 def _write_jobs(p: Pipeline, record: dict) -> None:
-    atomic_write_text(_meta(p) / "jobs.json", json.dumps(record, indent=1) + "\n")
+    write_bytes(_meta(p) / "jobs.json", (json.dumps(record, indent=1) + "\n").encode())
 
 
 def status(p: Pipeline) -> list[dict]:

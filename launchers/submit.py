@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import submitit
+from submitit.core import utils as submitit_utils
 
 from seerlike import config as configlib
 from seerlike.config import ConfigError
@@ -155,11 +156,6 @@ def make_executor(cfg: SubmitConfig, name: str = "seerlike", dependency: str = "
 # ---------------------------------------------------------------- job records
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half)."""
-    write_bytes(path, text.encode())
-
-
 def run_dir_of(argv: list[str]) -> str:
     """The output folder named by a stage's arguments (``--run-dir X`` / ``--out=X`` ...), or ''."""
     for opt in RUN_DIR_OPTIONS:
@@ -183,19 +179,21 @@ def record_job(job: submitit.Job, cfg: SubmitConfig, *, stage: str, argv: list[s
         "log_dir": str(Path(cfg.log_dir).absolute()), "tasks": job.num_tasks, "submitted_at": time.time(),
         **(extra or {}),
     }
-    atomic_write_text(Path(cfg.log_dir) / "index" / f"{job.job_id}.json", json.dumps(rec, indent=1) + "\n")
+    write_bytes(Path(cfg.log_dir) / "index" / f"{job.job_id}.json", (json.dumps(rec, indent=1) + "\n").encode())
     return rec
 
 
 # ---------------------------------------------------------------- submitting
 
 
-def validate_stage(target: str, argv: list[str]) -> None:
+def validate_stage(target: str, argv: list[str], *, check_inputs: bool = False) -> None:
     """Fail here, not in the queue: parse a seerlike stage's arguments (and build its config).
 
-    Stages whose module has ``build_config(args)`` (train, distill) get their whole config
-    validated; others get their command line checked. ``module:function`` targets are only
-    checked to be importable.
+    Stages whose module has ``build_config(args)`` get their whole config validated; others get
+    their command line checked. With ``check_inputs`` (a single `seerlike submit`, whose inputs
+    must exist already; a pipeline's later stages read what earlier ones write) the module's
+    ``preflight(args)`` also checks that the data, models and files it names exist.
+    ``module:function`` targets are only checked to be importable.
     """
     import importlib
 
@@ -218,24 +216,63 @@ def validate_stage(target: str, argv: list[str]) -> None:
     except SystemExit:  # argparse already printed the usage and the reason
         shown = strip_credentials(" ".join(argv))
         raise ConfigError(f"invalid arguments for seerlike {target} (after --): {shown}") from None
-    if hasattr(mod, "build_config"):
+    check = mod.preflight if check_inputs and hasattr(mod, "preflight") else getattr(mod, "build_config", None)
+    if check is not None:
         try:
-            mod.build_config(ns)
+            check(ns)
+        except ConfigError:
+            raise
         except ValueError as e:
             raise ConfigError(f"seerlike {target}: {e}") from e
 
 
+def explain_refusal(stderr: str, cfg: SubmitConfig) -> str:
+    """sbatch's refusal of a job in one line, with what to change (the usual causes on a real cluster)."""
+    text = " ".join(line.strip() for line in stderr.strip().splitlines() if line.strip()) or "(no message)"
+    low = text.lower()
+    if "invalid partition" in low:
+        hint = "check --partition against `sinfo -s`"
+    elif cfg.gpus_per_node and ("gres" in low or "gpu" in low):
+        hint = (f"the partition has no nodes with {cfg.gpus_per_node} GPUs (or no GPUs): lower or drop "
+                "--gpus-per-node, or pick a GPU partition with --partition")
+    elif "node configuration is not available" in low or "more processors than permitted" in low:
+        asked = [f"--nodes {cfg.nodes}", f"--tasks-per-node {cfg.tasks_per_node} x --cpus-per-task {cfg.cpus_per_task}"]
+        asked += [f"--gpus-per-node {cfg.gpus_per_node}"] * bool(cfg.gpus_per_node) + [f"--mem {cfg.mem}"] * bool(cfg.mem)
+        hint = (f"no node offers {', '.join(asked)}: ask for less (a cluster without GPUs takes no "
+                "--gpus-per-node), or pick another --partition (`sinfo -o '%P %D %c %m %G'` lists them)")
+    elif "partition" in low:
+        hint = "check --partition against `sinfo -s`"
+    elif "time limit" in low:
+        hint = "lower --time to the partition's limit (`sinfo -o '%P %l'`)"
+    elif "account" in low or "qos" in low:
+        hint = "check --account / --qos (`sacctmgr show assoc user=$USER`)"
+    else:
+        hint = "see `man sbatch` for the option it names"
+    return f"sbatch refused the job: {text}; {hint}"
+
+
+def _submit(ex: submitit.Executor, cfg: SubmitConfig, fn, *args):
+    """``ex.submit`` with sbatch's refusal as a ConfigError (one line, exit 2), not submitit's traceback."""
+    try:
+        return ex.submit(fn, *args)
+    except (submitit_utils.FailedJobError, submitit_utils.FailedSubmissionError) as e:
+        raise ConfigError(explain_refusal(str(e), cfg)) from None
+
+
 def submit_stage(cfg: SubmitConfig, target: str, argv: list[str] | tuple[str, ...] = (), *, dependency: str = "",
                  done_marker: str | None = None, marker_payload: dict | None = None,
-                 name: str | None = None) -> submitit.Job:
-    """Submit ``seerlike TARGET ARGV`` (or ``module:function(argv)``) as one job and record it."""
+                 name: str | None = None, check_inputs: bool = False) -> submitit.Job:
+    """Submit ``seerlike TARGET ARGV`` (or ``module:function(argv)``) as one job and record it.
+
+    ``check_inputs``: also check that the stage's inputs exist before queueing (validate_stage).
+    """
     argv = list(argv)
     stage_name = name or target.rsplit(":", 1)[-1]
-    validate_stage(target, argv)
+    validate_stage(target, argv, check_inputs=check_inputs)
     ex = make_executor(cfg, name=f"seerlike-{stage_name}", dependency=dependency)
     job_fn = StageJob(target, argv, max_requeues=cfg.max_requeues, env=cfg.env, done_marker=done_marker,
                       marker_payload=marker_payload)
-    job = ex.submit(job_fn)
+    job = _submit(ex, cfg, job_fn)
     record_job(job, cfg, stage=stage_name, argv=argv, run_dir=run_dir_of(argv), extra={"target": target})
     log.info("submitted %s as job %s (%d tasks, logs %s)", stage_name, job.job_id, job.num_tasks, job.paths.folder)
     return job
@@ -247,8 +284,11 @@ def submit_array(cfg: SubmitConfig, fn: Callable[..., Any], args_list: list[tupl
     if not args_list:
         raise ConfigError(f"{name}: nothing to submit (empty argument list)")
     ex = make_executor(cfg, name=f"seerlike-{name}", dependency=dependency)
-    with ex.batch():
-        jobs = [ex.submit(fn, *args) for args in args_list]
+    try:
+        with ex.batch():
+            jobs = [ex.submit(fn, *args) for args in args_list]
+    except (submitit_utils.FailedJobError, submitit_utils.FailedSubmissionError) as e:
+        raise ConfigError(explain_refusal(str(e), cfg)) from None
     for job, args in zip(jobs, args_list):
         record_job(job, cfg, stage=name, argv=[repr(a) for a in args])
     log.info("submitted %s as %d array tasks (%s)", name, len(jobs), jobs[0].job_id.split("_")[0])
@@ -289,12 +329,12 @@ def submit_ingest(cfg: SubmitConfig, argv: list[str]) -> tuple[list[submitit.Job
             job = submit_array(cfg, ingest.ingest_chunk, [(icfg, k)], name="ingest")[0]
             job.result()
             jobs.append(job)
-        merge = make_executor(cfg, name="seerlike-ingest-merge").submit(ingest.merge, icfg)
+        merge = _submit(make_executor(cfg, name="seerlike-ingest-merge"), cfg, ingest.merge, icfg)
     else:
         if todo:
             jobs = submit_array(cfg, ingest.ingest_chunk, [(icfg, k) for k in todo], name="ingest")
-        merge = make_executor(cfg, name="seerlike-ingest-merge",
-                              dependency=afterok(jobs) if jobs else "").submit(ingest.merge, icfg)
+        merge = _submit(make_executor(cfg, name="seerlike-ingest-merge", dependency=afterok(jobs) if jobs else ""),
+                        cfg, ingest.merge, icfg)
     record_job(merge, cfg, stage="ingest-merge", argv=argv, run_dir=icfg.out)
     return jobs, merge
 
@@ -410,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"run folder: {run_dir_of(argv) or '-'}")
         final = [merge]
     else:
-        job = submit_stage(cfg, args.stage, argv)
+        job = submit_stage(cfg, args.stage, argv, check_inputs=True)
         print(f"job id: {job.job_id}")
         print(f"log folder: {job.paths.folder}")
         print(f"run folder: {run_dir_of(argv) or '-'}")
@@ -421,4 +461,10 @@ def run(args: argparse.Namespace) -> int:
 
     state = wait_state(final[0])
     print(f"state: {state}")
+    if state != "COMPLETED":
+        from launchers.jobs import failure_cause
+
+        cause = failure_cause(final[0])
+        if cause:
+            print(f"cause: {cause}")
     return 0 if state == "COMPLETED" else 1

@@ -1,15 +1,30 @@
 """seerlike: self-supervised pretraining of vision backbones on uncurated image corpora.
 
-The Python API (seerlike.api) is importable from here: ``seerlike.pretrain(...)``.
+The Python API (seerlike.api, docs/api.md)::
+
+    seerlike.ingest(sources, out=...)            -> IngestResult  (dataset, manifest, summary)
+    seerlike.pretrain(data=..., out=..., recipe=..., overrides={...})
+                                                 -> PretrainResult (run_dir, checkpoint, metrics)
+    seerlike.extract(model, data, out, ...)      -> ExtractResult  (features dir, dim, samples)
+    seerlike.evaluate(kind, model, train=..., val=...)
+                                                 -> EvalResult     (metrics, files)
+    seerlike.export(model, out, formats=[...])   -> ExportResult   (files, export.json)
 """
 
 __version__ = "0.1.0"
 
+_API = ("ingest", "pretrain", "extract", "evaluate", "export",
+        "IngestResult", "PretrainResult", "ExtractResult", "EvalResult", "ExportResult")
+
 
 def __getattr__(name: str):
     # the API imports torch: load it on first use so `seerlike --help` and the config tools stay fast
-    if name in ("pretrain", "PretrainResult"):
+    if name in _API:
         from seerlike import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'seerlike' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

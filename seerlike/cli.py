@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from seerlike import __version__
 from seerlike.config import ConfigError
 from seerlike.storage import DiskFullError
 
@@ -22,11 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("sharding.cli", "ingest images into WebDataset shards + a parquet manifest"),
     "ingest-stats": ("sharding.stats", "inspect an ingested dataset (manifest, summary, shards)"),
     "train": ("seerlike.commands.train", "pretrain with any method (SwAV, BYOL, ...), retrain (ClusterFit)"),
-    "extract": ("seerlike.eval.extract", "extract features over shards"),
-    "cluster": ("seerlike.eval.cluster", "faiss k-means on features -> pseudo-labels"),
+    "extract": ("seerlike.commands.extract", "extract features over shards"),
+    "cluster": ("seerlike.commands.cluster", "faiss k-means on features -> pseudo-labels"),
     "distill": ("seerlike.commands.distill", "distill a teacher into a student backbone"),
-    "eval": ("seerlike.eval.cli", "kNN / linear / low-shot evaluation"),
-    "export": ("seerlike.export", "export a backbone (torchvision, safetensors, torchscript, onnx)"),
+    "eval": ("seerlike.commands.evaluate", "kNN / linear / low-shot evaluation"),
+    "export": ("seerlike.commands.export", "export a backbone (torchvision, safetensors, torchscript, onnx)"),
     "submit": ("launchers.submit", "submit a stage to Slurm or the local executor"),
     "jobs": ("launchers.jobs", "status / cancel / tail of submitted jobs"),
     "pipeline": ("launchers.pipeline", "run a multi-stage pipeline as dependent jobs"),
@@ -39,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
+    parser.add_argument("--version", action="version", version=f"seerlike {__version__}")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        print(f"seerlike {__version__}")
         return 0
     name = argv[0]
     if name not in COMMANDS:

@@ -417,6 +417,9 @@ def reference(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
                 rows.extend(reference(value, prefix=f"{key}."))
             elif _is_choice(tp):
                 rows.extend(_choice_reference(tp, f"{key}."))
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                # a default_factory may set the section's values (LowShotConfig.probe): those apply
+                rows.extend(reference(value, prefix=f"{key}."))
             else:
                 rows.extend(reference(tp, prefix=f"{key}."))
             continue

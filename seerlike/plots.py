@@ -1,19 +1,18 @@
 """Pictures a person looks at: cluster contact sheets, training curves, confusion matrices.
 
-matplotlib with the Agg backend (no display needed); every function writes one PNG.
+Drawing only: every function is given what to draw (numbers, images, a run's metrics file)
+and writes PNGs with matplotlib's Agg backend (no display needed) or Pillow. Finding the
+images or computing the numbers is done by the callers' modules.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 
 def _plt():
@@ -71,12 +70,6 @@ def training_curves(metrics: str | os.PathLike, out_png: str | os.PathLike,
 # ---------------------------------------------------------------- confusion matrix
 
 
-def confusion_matrix(true: Sequence[int], pred: Sequence[int], num_classes: int) -> np.ndarray:
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(true), np.asarray(pred)), 1)
-    return cm
-
-
 def confusion_png(cm: np.ndarray, class_names: Sequence[str], out_png: str | os.PathLike, title: str = "") -> Path:
     """Row-normalised confusion matrix (rows: true class), counts written in small classes sets."""
     plt = _plt()
@@ -100,7 +93,7 @@ def confusion_png(cm: np.ndarray, class_names: Sequence[str], out_png: str | os.
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=100, format="png")  # not from the name: callers may pass a temp file
     plt.close(fig)
     return out_png
 
@@ -124,61 +117,29 @@ def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], out_png: str | os.Pa
             sheet.paste(im, (label_w + c * (thumb + 2), y))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_png)
+    sheet.save(out_png, format="PNG")
     return out_png
 
 
-def pick_clusters(sizes: np.ndarray, n: int, seed: int = 0) -> dict[str, list[int]]:
-    """About n/3 largest, n/3 smallest non-empty and n/3 random other non-empty clusters."""
-    nonempty = np.flatnonzero(sizes > 0)
-    order = nonempty[np.argsort(-sizes[nonempty], kind="stable")]
-    third = max(n // 3, 1)
-    largest = order[:third].tolist()
-    smallest = [c for c in order[::-1][:third].tolist() if c not in largest]
-    rest = [c for c in order.tolist() if c not in largest and c not in smallest]
-    rng = np.random.default_rng(seed)
-    rand = rng.choice(rest, size=min(max(n - len(largest) - len(smallest), 0), len(rest)), replace=False).tolist() if rest else []
-    return {"largest": largest, "smallest": smallest, "random": sorted(rand)}
+def contact_sheets(groups: dict[str, list[tuple[str, list[np.ndarray]]]], out_dir: str | os.PathLike,
+                   thumb: int = 64) -> list[Path]:
+    """One ``NAME.png`` per group of titled image rows (seerlike.eval.members.cluster_members gives them)."""
+    return [contact_sheet(rows, Path(out_dir) / f"{name}.png", thumb) for name, rows in groups.items() if rows]
 
 
-def cluster_contact_sheets(cluster_dir: str | os.PathLike, data: str, out_dir: str | os.PathLike, *,
-                           clusters: int = 12, per_cluster: int = 12, seed: int = 0, thumb: int = 64) -> list[Path]:
-    """``largest.png``, ``smallest.png``, ``random.png``: random members of the picked clusters.
-
-    The images are found by key in one pass over ``data`` (the source the features were
-    extracted from), stopping as soon as every wanted key was seen.
-    """
-    from seerlike.eval.cluster import read_labels
-    from seerlike.eval.extract import decode_view, list_units
-
-    labels = read_labels(cluster_dir)
-    cl = labels["cluster"].to_numpy()
-    keys = labels["key"].to_pylist()
-    sizes = np.bincount(cl)
-    picked = pick_clusters(sizes, clusters, seed)
-    rng = np.random.default_rng(seed)
-    wanted: dict[str, int] = {}
-    members: dict[int, list[str]] = {}
-    for c in {c for cs in picked.values() for c in cs}:
-        idx = np.flatnonzero(cl == c)
-        chosen = [keys[i] for i in rng.choice(idx, size=min(per_cluster, idx.size), replace=False)]
-        members[c] = chosen
-        wanted.update({k: c for k in chosen})
-    images: dict[str, np.ndarray] = {}
-    for unit in list_units(data):
-        for s in unit.read():
-            if s.key in wanted and s.key not in images:
-                view = decode_view(s, thumb, thumb)
-                if view is not None:
-                    images[s.key] = view
-        if len(images) == len(wanted):
-            break
-    if len(images) < len(wanted):
-        log.warning("%d of %d cluster members not found in %s", len(wanted) - len(images), len(wanted), data)
-    out = []
-    for kind, cs in picked.items():
-        if not cs:
-            continue
-        rows = [(f"cluster {c} (n={sizes[c]})", [images[k] for k in members[c] if k in images]) for c in cs]
-        out.append(contact_sheet(rows, Path(out_dir) / f"{kind}.png", thumb))
-    return out
+def loss_curves(runs: list[tuple[str, str | os.PathLike]], out_png: str | os.PathLike) -> Path:
+    """One panel per training run (title, run dir): its loss against the step."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.4), squeeze=False)
+    for ax, (title, run) in zip(axes[0], runs):
+        rows = [r for r in read_metrics(run) if "loss" in r]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+        ax.set_title(f"{title} loss")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90, format="png")
+    plt.close(fig)
+    return out_png

@@ -23,23 +23,24 @@ import json
 import logging
 import shutil
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import yaml
-
 import seerlike
+from seerlike import storage
 from seerlike.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 #: ../shared/data beside the repository root (where the real CIFAR-dev images live).
 SHARED_DATA = Path(seerlike.__file__).resolve().parents[1].parent / "shared" / "data"
+#: Run from a source checkout (pyproject.toml beside the package), not from an installed wheel:
+#: only a checkout has the shared/ folder beside it.
+SOURCE_CHECKOUT = (Path(seerlike.__file__).resolve().parents[1] / "pyproject.toml").is_file()
 
 ARCH = "resnet10_cifar"
-"""Backbone pretrained and retrained (FACTS.md: what learns in 15 CPU-minutes)."""
+"""Backbone pretrained and retrained (docs/benchmarks.md, "Learning quality": what learns in 15 CPU-minutes)."""
 STUDENT = "resnet10_cifar_w16"
 """Distillation student: the same net at half width (a quarter of the parameters)."""
 IMAGE_SIZE = 32
@@ -126,6 +127,10 @@ def default_images() -> Path:
 
 def _need(path: Path, what: str, flag: str) -> str:
     if not path.exists():
+        if str(path).startswith(str(SHARED_DATA)) and not SOURCE_CHECKOUT:
+            raise ConfigError(f"seerlike runs from an installed package, and the quickstart's default images "
+                              f"(shared/data/cifar10-dev beside a source checkout) are not here; pass {flag} "
+                              "(--images, --eval-train and --eval-val: a folder or a path,label CSV each)")
         hint = (f"the real images are expected in {SHARED_DATA} (the shared/ folder beside the repository); "
                 if str(path).startswith(str(SHARED_DATA)) else "")
         raise ConfigError(f"{what} {path} does not exist; {hint}pass {flag} to use other images")
@@ -218,32 +223,6 @@ MODELS = {
 # ---------------------------------------------------------------- report (the last stage)
 
 
-def stage_seconds(run_dir: Path) -> dict[str, float]:
-    """Wall seconds of every finished stage: its marker's time minus its start.
-
-    A stage starts when its job was submitted or when the stage before it finished, whichever
-    is later (on Slurm all jobs are submitted at once and wait for their predecessor).
-    """
-    meta = run_dir / ".pipeline"
-    jobs = json.loads((meta / "jobs.json").read_text()) if (meta / "jobs.json").is_file() else {}
-    spec = yaml.safe_load((meta / "pipeline.yaml").read_text()) if (meta / "pipeline.yaml").is_file() else {}
-    stages = [s["name"] for s in spec.get("stages", [])]
-    out: dict[str, float] = {}
-    prev_end = 0.0
-    for name in stages:
-        marker = meta / f"{name}.done"
-        rec = jobs.get(name)
-        if not marker.is_file() or rec is None:
-            prev_end = 0.0
-            continue
-        end = json.loads(marker.read_text())["finished_at"]
-        index = Path(rec["log_dir"]) / "index" / f"{rec['job_id']}.json"
-        submitted = json.loads(index.read_text())["submitted_at"] if index.is_file() else end
-        out[name] = round(end - max(submitted, prev_end), 1)
-        prev_end = end
-    return out
-
-
 def _train_stats(run: Path) -> dict:
     from seerlike.plots import read_metrics
 
@@ -257,6 +236,8 @@ def _train_stats(run: Path) -> dict:
 
 def collect_results(run_dir: str | Path, method: str) -> dict:
     """results.json's content from the stage outputs."""
+    from launchers.progress import stage_seconds
+
     run_dir = Path(run_dir)
     seconds = stage_seconds(run_dir)
     models: dict[str, dict] = {}
@@ -287,24 +268,13 @@ def collect_results(run_dir: str | Path, method: str) -> dict:
 
 def write_plots(run_dir: Path, results: dict) -> list[Path]:
     """Loss curves of the three training runs, the confusion matrices and the cluster contact sheets."""
-    from seerlike.plots import _plt, read_metrics
+    from seerlike.plots import loss_curves
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    made = []
-    plt = _plt()
-    runs = [("pretrain", f"{results['method']} pretraining"), ("clusterfit", "ClusterFit"), ("distill", "distillation")]
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.4))
-    for ax, (stage, title) in zip(axes, runs):
-        rows = [r for r in read_metrics(run_dir / stage) if "loss" in r]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
-        ax.set_title(f"{title} loss")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(plots / "loss_curves.png", dpi=90)
-    plt.close(fig)
-    made.append(plots / "loss_curves.png")
+    runs = [(f"{results['method']} pretraining", run_dir / "pretrain"), ("ClusterFit", run_dir / "clusterfit"),
+            ("distillation", run_dir / "distill")]
+    made = [loss_curves(runs, plots / "loss_curves.png")]
     for name, row in results["models"].items():
         if row.get("confusion_png") and Path(row["confusion_png"]).is_file():
             dst = plots / f"confusion_{name}.png"
@@ -370,7 +340,7 @@ Clusters (random members of the largest, smallest and random clusters):
 Total: {results['total_seconds']:.0f} s. Exported student: `export/` (torchvision and safetensors).
 """
     path = run_dir / "report.md"
-    path.write_text(text)
+    storage.write_bytes(path, text.encode())
     return path
 
 
@@ -379,7 +349,7 @@ def report_stage(argv: list[str]) -> int:
     run_dir, method = Path(argv[0]), argv[1]
     results = collect_results(run_dir, method)
     write_plots(run_dir, results)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    storage.write_bytes(run_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     write_report(run_dir, results)
     log.info("wrote %s, %s and %s", run_dir / "results.json", run_dir / "report.md", run_dir / "plots")
     return 0
@@ -388,112 +358,20 @@ def report_stage(argv: list[str]) -> int:
 # ---------------------------------------------------------------- progress
 
 
-class Progress(threading.Thread):
-    """Prints the running stage, the elapsed time and the stage's new log lines, until stopped.
-
-    Reads what any executor leaves on disk (``.pipeline/jobs.json``, the markers, submitit's
-    per-task log files), so it works the same for local and Slurm jobs. Progress bars
-    (carriage-return updates) are shown at most every ``bar_every_s`` seconds.
-    """
-
-    def __init__(self, run_dir: Path, stages: list[str], out=None, poll_s: float = 1.0,
-                 bar_every_s: float = 15.0):
-        super().__init__(daemon=True)
-        self.meta = run_dir / ".pipeline"
-        self.stages, self.out, self.poll_s, self.bar_every_s = stages, out or sys.stdout, poll_s, bar_every_s
-        self.t0 = time.monotonic()
-        self._stop_event = threading.Event()
-        self._offsets: dict[Path, int] = {}
-        self._current: str | None = None
-        path = self.meta / "jobs.json"  # jobs of an earlier run (stages skipped now) are not shown
-        self._old = {k: v["job_id"] for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
-        self._announced: set[tuple[str, str]] = set()
-        self._finished: set[tuple[str, str]] = set()
-        self._last_bar = 0.0
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-        self._poll()  # the last lines of the last stage
-
-    def _say(self, text: str) -> None:
-        el = int(time.monotonic() - self.t0)
-        print(f"[{el // 60:02d}:{el % 60:02d}] {text}", file=self.out, flush=True)
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.poll_s):
-            try:
-                self._poll()
-            except (OSError, ValueError, KeyError):  # files being written right now: next poll
-                pass
-            except Exception:  # progress output must never stop the pipeline
-                log.exception("progress display failed; the pipeline goes on without it")
-                return
-
-    def _poll(self) -> None:
-        path = self.meta / "jobs.json"
-        jobs = json.loads(path.read_text()) if path.is_file() else {}
-        for i, name in enumerate(self.stages):
-            rec = jobs.get(name)
-            if rec is None or self._old.get(name) == rec["job_id"] or (name, rec["job_id"]) in self._finished:
-                continue
-            key = (name, rec["job_id"])
-            self._current = name
-            if key not in self._announced:
-                self._announced.add(key)
-                self._say(f"stage {i + 1}/{len(self.stages)} {name}: running (job {rec['job_id']})")
-            marker = self.meta / f"{name}.done"
-            done = marker.is_file()  # before the tail: the marker is written after the last log line
-            self._tail_job(rec)
-            if not done:
-                return  # later stages have not started
-            self._finished.add(key)
-            index = Path(rec["log_dir"]) / "index" / f"{rec['job_id']}.json"
-            took = json.loads(marker.read_text())["finished_at"] - json.loads(index.read_text())["submitted_at"]
-            self._say(f"stage {name}: done in {took:.0f} s")
-
-    def _tail_job(self, rec: dict) -> None:
-        folder = Path(rec["log_dir"]) / rec["job_id"]
-        for path in (folder / f"{rec['job_id']}_0_log.err", folder / f"{rec['job_id']}_0_log.out"):
-            self._tail(path)
-
-    def _tail(self, path: Path) -> None:
-        if not path.is_file():
-            return
-        seen = self._offsets.get(path, 0)
-        with open(path, "rb") as f:
-            f.seek(seen)
-            data = f.read()
-        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
-        if cut < 0:
-            return
-        self._offsets[path] = seen + cut + 1
-        bar = ""
-        for line in data[:cut + 1].decode(errors="replace").split("\n"):
-            if "\r" in line:  # a progress bar redrawn in place: keep only its newest state
-                bar = next((p.strip() for p in reversed(line.split("\r")) if p.strip()), bar)
-            elif line.strip() and not ("INFO" in line and ("submitit" in line or "launchers." in line)):
-                self._say(f"  {self._current} | {line.rstrip()}")
-        now = time.monotonic()
-        metrics = self.meta.parent / (self._current or "") / "metrics.jsonl"
-        if now - self._last_bar >= self.bar_every_s and (bar or metrics.is_file()):
-            self._last_bar = now
-            self._say(f"  {self._current} | {self._metrics_line(metrics) or bar}")
-
-    @staticmethod
-    def _metrics_line(path: Path) -> str:
-        """The newest training metrics row, shortened (training stages write one every few steps)."""
-        if not path.is_file():
-            return ""
-        lines = path.read_text().strip().splitlines()
-        try:
-            row = json.loads(lines[-1]) if lines else None
-        except ValueError:
-            return ""
-        if not row:
-            return ""
-        return (f"step {row['step']}: loss {row.get('loss', float('nan')):.4f}, lr {row.get('lr', 0):.4f}, "
-                f"{row.get('images_per_s', 0):.0f} img/s")
+def metrics_line(stage_dir: Path) -> str:
+    """The newest training metrics row of a stage, shortened (training stages write one every few steps)."""
+    path = stage_dir / "metrics.jsonl"
+    if not path.is_file():
+        return ""
+    lines = path.read_text().strip().splitlines()
+    try:
+        row = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return ""
+    if not row or "step" not in row:
+        return ""
+    return (f"step {row['step']}: loss {row.get('loss', float('nan')):.4f}, lr {row.get('lr', 0):.4f}, "
+            f"{row.get('images_per_s', 0):.0f} img/s")
 
 
 # ---------------------------------------------------------------- command line
@@ -526,6 +404,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from launchers.pipeline import is_done, resolve, run_pipeline
+    from launchers.progress import PipelineProgress
     from launchers.submit import SubmitConfig
 
     if args.store and not args.store.startswith("s3://"):
@@ -550,9 +429,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"seerlike quickstart: {args.method} on {images} -> {run_dir}", flush=True)
     print(f"budget: {json.dumps(asdict(budget))} ({args.minutes:g} min on 2 cores); stages: {' -> '.join(names)}",
           flush=True)
-    progress = Progress(run_dir, names, poll_s=1.0, bar_every_s=15.0)
-    if args.quiet:
-        progress._tail = lambda path: None  # type: ignore[method-assign]
+    progress = PipelineProgress(run_dir, names, poll_s=1.0, bar_every_s=15.0, show_logs=not args.quiet,
+                                status_line=metrics_line)
     skipped = []
     for stage, argv, _ in resolve(p):  # as run_pipeline decides: done stages up to the first one to run
         if not is_done(p, stage, argv):

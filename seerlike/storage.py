@@ -88,6 +88,14 @@ def is_http_url(url: str | os.PathLike) -> bool:
     return isinstance(url, str) and url.startswith(("http://", "https://"))
 
 
+def absolute(ref: str | os.PathLike) -> str:
+    """A local path made absolute (so a record of it holds from any directory); URLs (``scheme://``) unchanged."""
+    ref = os.fspath(ref)
+    if "://" in ref or not ref:
+        return ref
+    return os.path.abspath(os.path.expanduser(ref))
+
+
 def split_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; the key may be empty (bucket root)."""
     if not is_s3_url(url):

@@ -7,7 +7,6 @@ import json
 import os
 import re
 
-from seerlike.config import ConfigError, apply_overrides
 from sharding.config import IngestConfig
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
@@ -42,16 +41,12 @@ def split_items(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def build_config(args: argparse.Namespace) -> IngestConfig:
+    """The validated IngestConfig of the command line (inputs must exist; URLs are checked when read)."""
+    from seerlike.api import ingest_config
+
     inputs, overrides = split_items(args.items)
-    cfg = IngestConfig(inputs=tuple(inputs), out=args.out)
-    cfg = apply_overrides(cfg, overrides)
-    if args.workers is not None:
-        cfg = apply_overrides(cfg, [f"workers={args.workers}"])
-    if args.endpoint_url:
-        cfg = cfg.replace(endpoint_url=args.endpoint_url)
-    if args.no_progress:
-        cfg = cfg.replace(progress=False)
-    return cfg
+    return ingest_config(inputs, args.out, workers=args.workers, endpoint_url=args.endpoint_url,
+                         progress=not args.no_progress, overrides=overrides)
 
 
 def format_summary(s: dict) -> str:
@@ -78,11 +73,10 @@ def format_summary(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sharding.ingest import ingest
+    from seerlike.api import ingest
 
-    cfg = build_config(args)
-    if not cfg.inputs:
-        raise ConfigError("no inputs given: pass folders, list files, s3://bucket/prefix or URLs before the overrides")
-    summary = ingest(cfg)
-    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    inputs, overrides = split_items(args.items)
+    result = ingest(inputs, args.out, workers=args.workers, endpoint_url=args.endpoint_url,
+                    progress=not args.no_progress, overrides=overrides)
+    print(json.dumps(result.summary, indent=1) if args.json else format_summary(result.summary))
     return 0

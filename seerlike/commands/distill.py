@@ -47,8 +47,19 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     return argv + list(args.overrides)
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """The configuration and the inputs, checked before a job is queued (`seerlike submit distill`)."""
+    from seerlike.preflight import check_train_inputs, with_absolute_paths
+
+    check_train_inputs(with_absolute_paths(build_config(args)))
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = build_config(args)  # fail on bad input before starting any process
+    from seerlike.preflight import check_train_inputs, with_absolute_paths
+
+    cfg = with_absolute_paths(build_config(args))  # fail on bad input before starting any process
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_train_inputs(cfg)
     if args.nproc > 1 and "RANK" not in os.environ:
         from seerlike.commands.ranks import launch
 

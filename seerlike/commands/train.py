@@ -7,10 +7,7 @@ With ``--nproc N`` it starts N local ranks (seerlike.commands.ranks); each rank 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-from seerlike import config as configlib
 from seerlike.engine.config import TrainConfig
 
 
@@ -21,22 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1, help="start this many local ranks (like torchrun --nproc-per-node)")
     p.add_argument("--max-steps", type=int, help="shorthand for loop.max_steps=N")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1 data.batch_size=64")
-
-
-def resolve(recipe: str | None, run_dir: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
-    """Recipe (or RUN_DIR/config.yaml when no recipe is given) + ``key=value`` overrides, validated."""
-    from seerlike import recipes
-
-    saved = os.path.join(run_dir, "config.yaml")
-    if recipe:
-        cfg = recipes.get(recipe)
-        if not isinstance(cfg, TrainConfig):
-            raise configlib.ConfigError(f"recipe {recipe!r} is not a training recipe ({type(cfg).__name__})")
-    elif os.path.exists(saved):
-        cfg = configlib.load(saved, TrainConfig)
-    else:
-        raise configlib.ConfigError(f"give --recipe NAME (no {saved} to continue from)")
-    return configlib.apply_overrides(cfg, list(overrides))
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -51,15 +32,16 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Recipe (or the run's saved config) + --data + --max-steps + overrides, validated."""
-    return resolve(args.recipe, args.run_dir, _overrides(args))
+    from seerlike.api import train_config
+
+    return train_config(args.recipe, args.run_dir, _overrides(args))
 
 
-def child_argv(recipe: str | None, run_dir: str | os.PathLike, overrides: list[str]) -> list[str]:
-    """The command each local rank runs (the launcher sets RANK and friends)."""
-    argv = [sys.executable, "-m", "seerlike", "train", "--run-dir", str(run_dir)]
-    if recipe:
-        argv += ["--recipe", recipe]
-    return argv + list(overrides)
+def preflight(args: argparse.Namespace) -> None:
+    """The configuration and the inputs, checked before a job is queued (`seerlike submit train`)."""
+    from seerlike.preflight import check_train_inputs, with_absolute_paths
+
+    check_train_inputs(with_absolute_paths(build_config(args)))
 
 
 def run(args: argparse.Namespace) -> int:

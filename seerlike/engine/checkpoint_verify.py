@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from seerlike.config import ConfigError
+from seerlike.storage import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,8 @@ def hash_files(ckpt_dir: Path, names: Iterable[str]) -> dict[str, dict]:
 
 def write_checksums(ckpt_dir: Path, entries: dict[str, dict]) -> None:
     """``checksums.json``, written atomically (the COMPLETE marker follows it)."""
-    tmp = ckpt_dir / f"{CHECKSUMS}.tmp"
-    tmp.write_text(json.dumps({"algorithm": "sha256", "files": dict(sorted(entries.items()))}, indent=1) + "\n")
-    tmp.replace(ckpt_dir / CHECKSUMS)
+    text = json.dumps({"algorithm": "sha256", "files": dict(sorted(entries.items()))}, indent=1) + "\n"
+    write_bytes(ckpt_dir / CHECKSUMS, text.encode())
 
 
 def read_json(ckpt_dir: Path, name: str) -> dict:

@@ -14,7 +14,6 @@ buffers unchanged.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -172,11 +171,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, *, compute_dtype: torch.d
             return model
         # per-rank buffers (unsynchronised BN stats) must not be overwritten by rank 0's on every
         # forward; syncing them once at init is harmless (every rank built the same model)
-        ddp = nn.parallel.DistributedDataParallel
-        # torch < 2.13 spells it broadcast_buffers (2.13 deprecates that name)
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
-            else "broadcast_buffers"
-        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
+        # (forward_sync_buffers is torch 2.13's name; the pin is ==2.13.0, and it deprecates broadcast_buffers)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   forward_sync_buffers=False)
     if world > 1:
         raise ValueError(f"parallel.strategy=none cannot train on {world} ranks; use fsdp or ddp")
     return model

@@ -1,4 +1,4 @@
-"""`seerlike cluster FEATURES --k K --out DIR`: faiss k-means -> pseudo-labels.
+"""faiss k-means on extracted features -> pseudo-labels (`seerlike cluster FEATURES --k K --out DIR`).
 
 ClusterFit as reproduced in VISSL: L2-normalised res5 features, 16,000 clusters,
 50 iterations. Centroids are trained on a random sample of the features (by default
@@ -9,18 +9,18 @@ Output directory:
 - ``centroids.npy`` float32 ``(k, dim)``;
 - ``labels/features-{unit}.parquet``, one part per feature chunk, columns ``key`` (str),
   ``cluster`` (int32), ``distance`` (float32, squared L2 to the centroid, on normalised
-  features when ``normalize``); read them all with :func:`read_labels`;
+  features when ``normalize``); read them all with :func:`seerlike.pseudo_labels.read_labels`;
 - ``cluster_stats.json``: sizes (min/median/max, empty clusters, largest and smallest),
   the k-means objective and timings, and the full size list.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 from seerlike import config
 from seerlike.config import ConfigError
 from seerlike.eval.features import FeatureStore
-from seerlike.storage import atomic_write
+from seerlike.progress import Progress
+from seerlike.pseudo_labels import label_map, read_labels  # noqa: F401 - label_map: ClusterFit's data reads it here
+from seerlike.storage import atomic_write, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +96,41 @@ def draw_sample(store: FeatureStore, n: int, seed: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def train_centroids(x: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, float]:
-    """faiss k-means on the rows of ``x``; returns ``(centroids, final objective)``."""
+def train_centroids(x: np.ndarray, cfg: KMeansConfig,
+                    on_iteration: Callable[[int], None] | None = None) -> tuple[np.ndarray, float]:
+    """faiss k-means on the rows of ``x``; returns ``(centroids, final objective)``.
+
+    With one restart the iterations run one faiss call each, every call starting from the
+    last one's centroids, so ``on_iteration(1)`` can report progress; faiss draws the same
+    training sample and splits empty clusters the same way in every call, so the centroids
+    are exactly those of one call with all the iterations (a unit test checks this).
+    """
     faiss = _faiss()
     if x.shape[0] < cfg.k:
         raise ConfigError(f"cannot make {cfg.k} clusters from {x.shape[0]} features; lower --k")
     if cfg.threads:
         faiss.omp_set_num_threads(cfg.threads)
     gpu = cfg.gpu if cfg.gpu is not None else faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(x.shape[1], cfg.k, niter=cfg.niter, nredo=cfg.nredo, seed=cfg.seed, gpu=gpu,
-                      max_points_per_centroid=cfg.max_points_per_centroid, verbose=False)
-    km.train(x)
-    objective = float(km.obj[-1]) if len(km.obj) else float("nan")
-    return np.ascontiguousarray(km.centroids, dtype=np.float32), objective
+
+    def kmeans(niter: int):
+        return faiss.Kmeans(x.shape[1], cfg.k, niter=niter, nredo=cfg.nredo, seed=cfg.seed, gpu=gpu,
+                            max_points_per_centroid=cfg.max_points_per_centroid, verbose=False)
+
+    if on_iteration is None or cfg.nredo > 1:
+        km = kmeans(cfg.niter)
+        km.train(x)
+        if on_iteration is not None:
+            on_iteration(cfg.niter)
+        objective = float(km.obj[-1]) if len(km.obj) else float("nan")
+        return np.ascontiguousarray(km.centroids, dtype=np.float32), objective
+    centroids, objective = None, float("nan")
+    for _ in range(cfg.niter):
+        km = kmeans(1)
+        km.train(x, init_centroids=centroids)
+        centroids = km.centroids.copy()
+        objective = float(km.obj[-1]) if len(km.obj) else objective
+        on_iteration(1)
+    return np.ascontiguousarray(centroids, dtype=np.float32), objective
 
 
 def assignment_index(centroids: np.ndarray, gpu: bool | None = None):
@@ -143,35 +167,14 @@ def cluster_stats(sizes: np.ndarray, top: int = 10) -> dict:
     }
 
 
-def read_labels(path: str | os.PathLike) -> pa.Table:
-    """The pseudo-labels (``key, cluster, distance``) of a cluster output dir, labels dir or parquet file."""
-    path = Path(path)
-    if (path / "labels").is_dir():
-        path = path / "labels"
-    if not path.exists():
-        raise FileNotFoundError(f"no pseudo-labels at {path}; produce them with `seerlike cluster`")
-    if path.is_dir():
-        parts = sorted(path.glob("*.parquet"))
-        if not parts:
-            raise FileNotFoundError(f"no parquet parts in {path}")
-        return pa.concat_tables([pq.read_table(p) for p in parts])
-    return pq.read_table(path)
-
-
-def label_map(path: str | os.PathLike) -> dict[str, int]:
-    """``{key: cluster}`` of the pseudo-labels at ``path`` (what ClusterFit training joins on)."""
-    t = read_labels(path)
-    return dict(zip(t["key"].to_pylist(), t["cluster"].to_pylist()))
-
-
 def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansConfig,
-               rank: int = 0, world_size: int = 1, barrier=None) -> dict:
+               rank: int = 0, world_size: int = 1, barrier=None, progress: bool = True) -> dict:
     """Train centroids (rank 0), assign every chunk (ranks split them), write stats (rank 0).
 
     ``barrier`` is called between the phases when several ranks share the work.
     """
     store = FeatureStore(features)
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     (out / "labels").mkdir(parents=True, exist_ok=True)
     barrier = barrier or (lambda: None)
     cent_path = out / "centroids.npy"
@@ -182,22 +185,27 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
         sample = _prep(draw_sample(store, n, cfg.seed), cfg.normalize)
         log.info("k-means: %d clusters, %d iterations on %d of %d features (dim %d)",
                  cfg.k, cfg.niter, sample.shape[0], len(store), store.dim)
-        centroids, objective = train_centroids(sample, cfg)
+        with Progress(cfg.niter, f"k-means {cfg.k} clusters", unit="iter", enabled=progress) as bar:
+            centroids, objective = train_centroids(sample, cfg, on_iteration=bar.update)
         timings["train_s"] = time.perf_counter() - t0
         with atomic_write(cent_path) as tmp, open(tmp, "wb") as f:
             np.save(f, centroids)
-        (out / ".train.json").write_text(json.dumps({"objective": objective, "sample": int(sample.shape[0]), **timings}))
+        write_bytes(out / ".train.json", json.dumps({"objective": objective, "sample": int(sample.shape[0]),
+                                                     **timings}).encode())
     barrier()
     index = assignment_index(np.load(cent_path), cfg.gpu)
     t0 = time.perf_counter()
-    for i, chunk in enumerate(store.units):
-        if i % world_size != rank:
-            continue
-        idx_table = pq.read_table(store.path / f"features-{chunk}.parquet", columns=["key"])
-        cluster, distance = assign(index, _prep(store.features(chunk, mmap=False), cfg.normalize))
-        table = pa.table({"key": idx_table["key"], "cluster": pa.array(cluster), "distance": pa.array(distance)})
-        with atomic_write(out / "labels" / f"features-{chunk}.parquet") as tmp:
-            pq.write_table(table, tmp)
+    mine = [(i, chunk) for i, chunk in enumerate(store.units) if i % world_size == rank]
+    sizes_of = store.chunk_sizes()
+    with Progress(sum(sizes_of[i] for i, _ in mine), "k-means assignment", unit="feat",
+                  enabled=progress and rank == 0) as bar:
+        for i, chunk in mine:
+            idx_table = pq.read_table(store.path / f"features-{chunk}.parquet", columns=["key"])
+            cluster, distance = assign(index, _prep(store.features(chunk, mmap=False), cfg.normalize))
+            table = pa.table({"key": idx_table["key"], "cluster": pa.array(cluster), "distance": pa.array(distance)})
+            with atomic_write(out / "labels" / f"features-{chunk}.parquet") as tmp:
+                pq.write_table(table, tmp)
+            bar.update(len(cluster))
     log.info("rank %d assigned its chunks in %.1fs", rank, time.perf_counter() - t0)
     barrier()
     if rank != 0:
@@ -206,7 +214,7 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
     sizes = np.bincount(labels["cluster"].to_numpy(), minlength=cfg.k)
     train_info = json.loads((out / ".train.json").read_text())
     stats = {
-        "features": str(store.path), "layer": store.meta.get("layer"), "config": config.to_dict(cfg),
+        "features": os.path.abspath(store.path), "layer": store.meta.get("layer"), "config": config.to_dict(cfg),
         "num_features": len(store), "dim": store.dim, **train_info,
         "mean_distance": float(labels["distance"].to_numpy().mean()) if labels.num_rows else 0.0,
         **cluster_stats(sizes), "sizes": sizes.tolist(),
@@ -215,55 +223,3 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
     with atomic_write(out / "cluster_stats.json") as tmp:
         tmp.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("features", help="features directory written by `seerlike extract`")
-    p.add_argument("--k", type=int, default=KMeansConfig.k, help="number of clusters (ClusterFit: 16000)")
-    p.add_argument("--out", required=True, help="output directory (centroids, labels/, cluster_stats.json)")
-    p.add_argument("--niter", type=int, default=KMeansConfig.niter, help="k-means iterations")
-    p.add_argument("--sample", type=int, default=None, help="rows to train the centroids on (default k x 256)")
-    p.add_argument("--no-normalize", action="store_true", help="cluster raw features instead of L2-normalised ones")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="faiss CPU threads")
-    p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss GPU indexes")
-    p.add_argument("--contact-sheets", type=int, default=0, metavar="N",
-                   help="also draw contact sheets of N clusters (largest, smallest, random) from --images")
-    p.add_argument("--images", default=None, help="the data the features came from (for contact sheets)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from seerlike.engine.dist import init_distributed, teardown
-
-    try:
-        cfg = KMeansConfig(k=args.k, niter=args.niter, sample=args.sample, normalize=not args.no_normalize,
-                           seed=args.seed, threads=args.threads, gpu={"auto": None, "yes": True, "no": False}[args.gpu])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        FeatureStore(args.features)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        import torch.distributed as dist
-
-        info = init_distributed()
-        stats = run_kmeans(args.features, args.out, cfg, info.rank, info.world_size, barrier=dist.barrier)
-        teardown()
-        if info.rank != 0:
-            return 0
-    else:
-        stats = run_kmeans(args.features, args.out, cfg)
-    if args.contact_sheets:
-        if not args.images:
-            raise ConfigError("--contact-sheets needs --images (the data the features were extracted from)")
-        from seerlike.plots import cluster_contact_sheets
-
-        cluster_contact_sheets(args.out, args.images, Path(args.out) / "contact_sheets", clusters=args.contact_sheets)
-    print(json.dumps({k: stats[k] for k in ("num_features", "num_clusters", "empty_clusters", "size_min",
-                                             "size_median", "size_max", "effective_clusters", "objective")}, indent=2))
-    return 0

@@ -12,7 +12,6 @@ The file format is described in :mod:`seerlike.eval.features`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,8 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from seerlike import storage
 from seerlike.config import ConfigError
 from seerlike.eval import features as fstore
+from seerlike.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def unit_features(fn, unit: Unit, *, size: int, resize: int, batch_size: int, de
     return keys, labels, (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32))
 
 
-# ---------------------------------------------------------------- the command
+# ---------------------------------------------------------------- extraction
 
 
 @dataclass(kw_only=True)
@@ -236,9 +237,10 @@ def extract(model: str, data: str, out: str | os.PathLike, cfg: ExtractConfig, *
             device: torch.device = torch.device("cpu"), barrier: Callable[[], None] | None = None,
             progress: bool = True, loaded=None) -> dict | None:
     """Extract this rank's units into ``out``; rank 0 finalises after ``barrier``. Returns meta on rank 0."""
-    from seerlike.export import load_backbone
+    from seerlike.checkpoints import load_backbone
 
-    out = Path(out)
+    out = Path(os.path.abspath(out))
+    data = storage.absolute(data)
     loaded = loaded or load_backbone(model)
     loaded.model.to(device)
     if loaded.head is not None:
@@ -262,21 +264,15 @@ def extract(model: str, data: str, out: str | os.PathLike, cfg: ExtractConfig, *
     todo = [u for u in mine if not fstore.chunk_done(out, u.name)]
     log.info("rank %d: %d of its %d units to extract (%d already done)", rank, len(todo), len(mine), len(mine) - len(todo))
     total = sum(u.size for u in todo) if all(u.size is not None for u in todo) else None
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="img", desc=f"extract {cfg.layer}", disable=None)
     dim = None
-    with ThreadPoolExecutor(max(cfg.workers, 1)) as pool:
+    with ThreadPoolExecutor(max(cfg.workers, 1)) as pool, \
+            Progress(total, f"extract {cfg.layer}", enabled=progress and rank == 0) as bar:
         for unit in todo:
             keys, labels, feats = unit_features(fn, unit, size=cfg.image_size, resize=cfg.resize_side,
                                                 batch_size=cfg.batch_size, device=device, pool=pool,
-                                                on_batch=bar.update if bar else None)
+                                                on_batch=bar.update)
             dim = feats.shape[1] if len(keys) else dim
             fstore.write_chunk(out, unit.name, keys, feats.astype(cfg.dtype), labels)
-    if bar:
-        bar.close()
     (barrier or (lambda: None))()
     if rank != 0:
         return None
@@ -290,40 +286,3 @@ def extract(model: str, data: str, out: str | os.PathLike, cfg: ExtractConfig, *
     if len(keys) != len(set(keys.to_pylist())):
         raise RuntimeError(f"duplicate sample keys in {data}: features cannot be keyed by sample key")
     return result
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir, export dir or random:ARCH")
-    p.add_argument("--data", required=True, help="dataset dir / shard pattern / s3 prefix, or a path,label CSV / image folder")
-    p.add_argument("--layer", default=ExtractConfig.layer, choices=LAYERS)
-    p.add_argument("--out", required=True, help="features directory (rerun to resume)")
-    p.add_argument("--image-size", type=int, default=ExtractConfig.image_size)
-    p.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default size/0.875)")
-    p.add_argument("--batch-size", type=int, default=ExtractConfig.batch_size)
-    p.add_argument("--chunk-size", type=int, default=ExtractConfig.chunk_size)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--workers", type=int, default=ExtractConfig.workers, help="decoding threads per rank")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="forward under bf16 autocast")
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
-    from seerlike.engine.dist import init_distributed, teardown
-
-    try:
-        cfg = ExtractConfig(layer=args.layer, image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
-                            chunk_size=args.chunk_size, dtype=args.dtype, workers=args.workers,
-                            precision=args.precision)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    info = init_distributed()
-    try:
-        meta = extract(args.checkpoint, args.data, args.out, cfg, rank=info.rank, world_size=info.world_size,
-                       device=info.device, barrier=dist.barrier if info.world_size > 1 else None)
-    finally:
-        teardown()
-    if meta is not None:
-        print(json.dumps({k: meta[k] for k in ("layer", "dim", "num_samples", "arch", "model")} | {"out": str(args.out),
-                         "chunks": len(meta["chunks"])}, indent=2))
-    return 0

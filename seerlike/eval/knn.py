@@ -6,6 +6,7 @@ Cosine similarity to every training feature, the ``k`` nearest vote with weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,8 @@ class KNNConfig:
 
 
 def knn_scores(train_x: Tensor, train_y: Tensor, query_x: Tensor, num_classes: int,
-               cfg: KNNConfig = KNNConfig()) -> Tensor:
-    """Summed class votes ``(num_query, num_classes)`` for each query row."""
+               cfg: KNNConfig = KNNConfig(), on_chunk: Callable[[int], None] | None = None) -> Tensor:
+    """Summed class votes ``(num_query, num_classes)`` for each query row; ``on_chunk(rows)`` after each chunk."""
     if train_x.shape[0] != train_y.shape[0]:
         raise ValueError(f"{train_x.shape[0]} train features but {train_y.shape[0]} labels")
     if train_x.shape[1] != query_x.shape[1]:
@@ -47,6 +48,8 @@ def knn_scores(train_x: Tensor, train_y: Tensor, query_x: Tensor, num_classes: i
         votes = torch.zeros(sim.shape[0], num_classes)
         votes.scatter_add_(1, train_y[top_idx], weights)
         out[start:start + cfg.chunk] = votes
+        if on_chunk is not None:
+            on_chunk(sim.shape[0])
     return out
 
 
@@ -61,7 +64,8 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
 
 
 def knn_eval(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int,
-             cfg: KNNConfig = KNNConfig()) -> tuple[dict[str, float], Tensor]:
+             cfg: KNNConfig = KNNConfig(), on_chunk: Callable[[int], None] | None = None
+             ) -> tuple[dict[str, float], Tensor]:
     """Top-1/top-5 of kNN on ``val``; also returns the predicted class of every val row."""
-    scores = knn_scores(train_x, train_y, val_x, num_classes, cfg)
+    scores = knn_scores(train_x, train_y, val_x, num_classes, cfg, on_chunk)
     return topk_accuracy(scores, val_y), scores.argmax(dim=1)

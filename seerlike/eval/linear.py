@@ -9,6 +9,7 @@ single linear layer is trained with SGD + momentum and a cosine schedule. Low-sh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,8 +72,9 @@ class LinearProbe(torch.nn.Module):
         return self.fc((x - self.mean) / self.std)
 
 
-def train_linear(train_x: Tensor, train_y: Tensor, num_classes: int, cfg: LinearConfig = LinearConfig()) -> LinearProbe:
-    """Fit a linear classifier on frozen features; returns it in eval mode."""
+def train_linear(train_x: Tensor, train_y: Tensor, num_classes: int, cfg: LinearConfig = LinearConfig(),
+                 on_epoch: Callable[[int], None] | None = None) -> LinearProbe:
+    """Fit a linear classifier on frozen features; returns it in eval mode. ``on_epoch(1)`` after each epoch."""
     if train_x.shape[0] != train_y.shape[0]:
         raise ValueError(f"{train_x.shape[0]} train features but {train_y.shape[0]} labels")
     x = train_x.float()
@@ -97,15 +99,18 @@ def train_linear(train_x: Tensor, train_y: Tensor, num_classes: int, cfg: Linear
             loss.backward()
             opt.step()
             step += 1
+        if on_epoch is not None:
+            on_epoch(1)
     return probe.eval()
 
 
 @torch.no_grad()
 def linear_eval(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int,
-                cfg: LinearConfig = LinearConfig()) -> tuple[dict[str, float], Tensor]:
+                cfg: LinearConfig = LinearConfig(), on_epoch: Callable[[int], None] | None = None
+                ) -> tuple[dict[str, float], Tensor]:
     """Top-1/top-5 of a linear probe on ``val``; also the predicted class of every val row."""
     with torch.enable_grad():
-        probe = train_linear(train_x, train_y, num_classes, cfg)
+        probe = train_linear(train_x, train_y, num_classes, cfg, on_epoch)
     scores = probe(val_x.float())
     return topk_accuracy(scores, val_y), scores.argmax(dim=1)
 
@@ -122,11 +127,12 @@ def sample_per_class(labels: Tensor, n: int, generator: torch.Generator) -> Tens
 
 
 def lowshot_eval(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int,
-                 cfg: LowShotConfig = LowShotConfig()) -> tuple[dict[str, dict[str, float]], Tensor]:
+                 cfg: LowShotConfig = LowShotConfig(), on_probe: Callable[[int], None] | None = None
+                 ) -> tuple[dict[str, dict[str, float]], Tensor]:
     """Per shot count: mean/std top-1 and mean top-5 over ``draws`` subsets.
 
     Returns the results keyed ``"{n}shot"`` and the predictions of the largest-shot,
-    first-draw probe (for a confusion matrix).
+    first-draw probe (for a confusion matrix); ``on_probe(1)`` after each probe.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
     results: dict[str, dict[str, float]] = {}
@@ -140,6 +146,8 @@ def lowshot_eval(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
             top5.append(acc["top5"])
             if draw == 0:
                 preds = p
+            if on_probe is not None:
+                on_probe(1)
         t1 = torch.tensor(top1)
         results[f"{n}shot"] = {"top1": t1.mean().item(), "top1_std": t1.std(unbiased=False).item(),
                                "top5": float(sum(top5) / len(top5)), "draws": cfg.draws}

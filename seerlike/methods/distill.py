@@ -45,7 +45,7 @@ class Teacher:
     """A frozen network giving pooled features and (optionally) target logits / prototype scores."""
 
     def __init__(self, spec: str, targets: str):
-        from seerlike.export import load_backbone
+        from seerlike.checkpoints import load_backbone
 
         self.loaded = load_backbone(spec)
         self.targets = targets

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from pathlib import Path
 
-from seerlike import config, recipes
+from seerlike import config, recipes, storage
 
 # The top-level configs a user sets with key=value, each with the command that takes it.
 TOP_LEVEL: dict[str, tuple[str, str]] = {
@@ -44,14 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe name (see --list)")
     p.add_argument("--list", action="store_true", help="list the recipes")
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
-    p.add_argument("--reference", action="store_true", help="print every key of the recipe with its type, default and doc")
+    p.add_argument("--reference", action="store_true", help="print every key of the recipe with its type, value and doc")
     p.add_argument("--reference-md", metavar="PATH", help="write the full configuration reference (Markdown) to PATH")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.reference_md:
-        Path(args.reference_md).write_text(markdown_reference())
+        storage.write_bytes(args.reference_md, markdown_reference().encode())
         print(f"wrote {args.reference_md}")
         return 0
     if args.list or not args.recipe:
@@ -59,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
             print(name)
         return 0
     cfg = config.apply_overrides(recipes.get(args.recipe), args.overrides)
-    if args.reference:
-        for key, tp, default, doc in config.reference(type(cfg)):
-            print(f"{key:45s} {tp:28s} {default:20s} {doc}")
+    if args.reference:  # the recipe's own values (with the overrides), not the class defaults
+        for key, tp, value, doc in config.reference(cfg):
+            print(f"{key:45s} {tp:28s} {value:20s} {doc}")
         return 0
     print(config.dumps(cfg, args.format), end="")
     return 0

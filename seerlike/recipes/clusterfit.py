@@ -43,7 +43,8 @@ def clusterfit_tiny() -> TrainConfig:
     """CPU-sized ClusterFit: ResNet-10 (CIFAR stem) on 24 px views, 200 pseudo-classes, plain SGD at LR 0.8 per 256.
 
     Chosen on cifar10-dev at a fixed 3-minute budget from one SwAV model's features
-    (docs/benchmarks.md, "Session 4", "ClusterFit"): 24 px views (more steps in the same time;
+    (docs/benchmarks.md, "Learning quality", the 24 px views section, its ClusterFit table): 24 px
+    views (more steps in the same time;
     the kNN at 32 px gains), k 200 instead of 100 and LR 0.8 instead of 0.2 each added about
     0.5-1.5 points; lighter crops, label smoothing and LR 0.4 changed nothing measurable.
     """

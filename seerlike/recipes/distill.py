@@ -36,9 +36,10 @@ def distill_tiny() -> TrainConfig:
     """CPU-sized: a resnet10_cifar student on 24 px views, KL at T=2 on the teacher's logits, plain SGD.
 
     LR 0.8 per 256 images: in 750 steps the half-width student gained 2.3 points of kNN over
-    0.2 from the same teacher (docs/benchmarks.md, "Session 3", "Distillation sweep"); a short
-    schedule wants a high LR. 24 px views instead of 32 px: 1,000 steps in the time of 750,
-    and 46.1 instead of 44.2 kNN on 10,000 held-out images from the same teacher ("Session 4").
+    0.2 from the same teacher (docs/benchmarks.md, "Learning quality", "Distillation sweep"); a
+    short schedule wants a high LR. 24 px views instead of 32 px: 1,000 steps in the time of 750,
+    and 46.1 instead of 44.2 kNN on 10,000 held-out images from the same teacher (the same page,
+    the 24 px views section).
     """
     return TrainConfig(
         model=ModelConfig(name="resnet10_cifar", channels_last=True),

@@ -1,4 +1,4 @@
-"""Small CPU recipes that actually learn in minutes on 2 cores (FACTS.md, "What learns in 15 minutes").
+"""Small CPU recipes that actually learn in minutes on 2 cores (docs/benchmarks.md, "Learning quality").
 
 A CIFAR-style ResNet-10, two 24 px views of the 32 px images (``TRAIN_SIZE``), bf16 autocast +
 channels_last, plain SGD and many steps. The textbook recipes scaled down (LARS, multi-crop on
@@ -8,9 +8,9 @@ from the paper recipes. Global batch 128 on 2 ranks; the LR is per 256 images (0
 DDP and no DataLoader worker (the rank decodes its own 32 px JPEGs): on 2 cores, 2 ranks with
 a worker each put 4 processes on 2 cores. FSDP2 made a SwAV step 1.13x and 1.27x as costly
 as DDP in two runs (the second ``benchmarks/bench_step_cost.py``); a worker per rank 1.18x in
-the first and no measurable cost in the second (docs/benchmarks.md, "Session 4", "Step
-cost"); FSDP2 also keeps the weights out of channels_last. FSDP2 on these recipes stays one
-override away (``parallel.strategy=fsdp``) and is what the dist tests check.
+the first and no measurable cost in the second (docs/benchmarks.md, "Learning quality", the 24 px
+views section, "Step cost"); FSDP2 also keeps the weights out of channels_last. FSDP2 on these
+recipes stays one override away (``parallel.strategy=fsdp``) and is what the dist tests check.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ TRAIN_SIZE = 24
 
 A SwAV step at 24 px costs 0.65x one at 32 px (``benchmarks/bench_step_cost.py``), so a
 fixed CPU budget buys about 1.5x the steps; random resized crops at 24 px also show objects at about the scale a whole 32 px image
-shows them at test time (FixRes). Measured on cifar10-dev (docs/benchmarks.md, "Session 4"):
+shows them at test time (FixRes). Measured on cifar10-dev (docs/benchmarks.md, "Learning quality"):
 at the same CPU time, SwAV +2.8 to +3.5 and ClusterFit +1.8 points of kNN on 10,000 held-out
 images over 32 px views; the same models scored at 24 px lose 1.2 points against 32 px.
 """

@@ -43,7 +43,7 @@ def _losses(run_dir, key="loss"):
 
 def _logits(spec, data):
     from seerlike.eval.extract import eval_batch, list_units
-    from seerlike.export import load_backbone
+    from seerlike.checkpoints import load_backbone
 
     loaded = load_backbone(spec)
     imgs = [s.data for u in list_units(data) for s in u.read()]

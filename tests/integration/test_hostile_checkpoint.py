@@ -125,7 +125,7 @@ def _load_with(loader: str, run: Path, tmp: Path, capsys) -> str:
 
             extract(str(run), str(tmp / "no-data"), tmp / "features", ExtractConfig(), progress=False)
         elif loader == "eval":
-            from seerlike.eval.cli import evaluate
+            from seerlike.eval.evaluate import evaluate
             from seerlike.eval.extract import ExtractConfig
 
             evaluate("knn", str(run), str(tmp / "a"), str(tmp / "b"), extract_cfg=ExtractConfig())

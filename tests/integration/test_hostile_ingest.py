@@ -256,7 +256,7 @@ def test_ingest_into_a_full_disk_says_so_and_resumes_once_there_is_space(photos_
 
 def test_export_into_a_full_disk_leaves_no_file(tmp_path, small_disk, capsys):
     from seerlike.cli import main
-    from seerlike.export import FILES, export
+    from seerlike.exporter import FILES, export
 
     disk = small_disk(1024)
     assert main(["export", "--checkpoint", "random:resnet10_cifar", "--format", "all", "--out", str(disk / "cli"),
@@ -299,7 +299,7 @@ def test_checkpoint_into_a_full_disk_leaves_no_checkpoint(tmp_path, small_disk):
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
 def test_every_written_file_honours_the_umask(photos_dir, tmp_path, umask, mode):
-    from seerlike.export import export
+    from seerlike.exporter import export
 
     listing = dup_listing(photos_dir, tmp_path)
     old = os.umask(umask)

@@ -81,7 +81,14 @@ def test_same_pipeline_runs_stage_after_stage_and_reruns_only_what_changed(tmp_p
 
 def test_a_failing_stage_stops_the_local_pipeline(tmp_path):
     spec = launch_helpers.numbers_pipeline(str(tmp_path / "pipe"), "local", str(tmp_path / "jobs"), square_op="fail")
-    with pytest.raises(RuntimeError, match=r"stage square \(job \d+\) ended FAILED"):
+    with pytest.raises(RuntimeError, match=r"stage square \(job \d+\) ended FAILED: "
+                                           r"RuntimeError: this stage fails on purpose"):
         run_pipeline(pipeline_from_dict(spec))
     assert [r["state"] for r in status(pipeline_from_dict(spec))] == ["DONE", "FAILED", "NOT SUBMITTED"]
     assert not (tmp_path / "pipe/total").exists()
+    # `seerlike jobs status` says why, not only that it failed
+    failed = next(r for r in jobslib.all_records(tmp_path / "jobs") if r["stage"] == "square")
+    out = subprocess.run([sys.executable, "-m", "seerlike", "jobs", "status", failed["job_id"], "--log-dir",
+                          str(tmp_path / "jobs")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "FAILED" in out.stdout, out.stderr
+    assert "cause: RuntimeError: this stage fails on purpose" in out.stdout

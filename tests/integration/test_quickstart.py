@@ -130,3 +130,14 @@ def test_bad_inputs_fail_before_anything_runs(tmp_path, capsys):
     assert main(["quickstart", "--store", "/local/path", "--run-dir", str(tmp_path / "r")]) == 2
     assert "s3://" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_installed_package_asks_for_images_instead_of_its_missing_defaults(tmp_path, capsys, monkeypatch):
+    from seerlike import quickstart
+
+    monkeypatch.setattr(quickstart, "SHARED_DATA", tmp_path / "site-packages" / "shared" / "data")
+    monkeypatch.setattr(quickstart, "SOURCE_CHECKOUT", False)
+    assert main(["quickstart", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "runs from an installed package" in err and "pass --images" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

@@ -88,3 +88,32 @@ def test_sample_and_config_errors(tmp_path):
         cluster.KMeansConfig(k=10, sample=5)
     with pytest.raises(FileNotFoundError, match="seerlike extract"):
         FeatureStore(tmp_path / "nothing")
+
+
+def test_kmeans_reported_per_iteration_gives_the_centroids_of_one_call():
+    # more rows than k x max_points_per_centroid: faiss subsamples, and must draw the same rows every call
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    cfg = cluster.KMeansConfig(k=20, niter=8, max_points_per_centroid=64, seed=3, gpu=False)
+    ticks = []
+    stepped, obj_stepped = cluster.train_centroids(x, cfg, on_iteration=ticks.append)
+    whole, obj_whole = cluster.train_centroids(x, cfg)
+    assert ticks == [1] * 8
+    np.testing.assert_array_equal(stepped, whole)
+    assert obj_stepped == obj_whole
+
+
+def test_contact_sheet_members_come_from_the_data_by_key(tmp_path, cifar_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from seerlike.eval.extract import list_units
+    from seerlike.eval.members import cluster_members
+
+    keys = [s.key for u in list_units(str(cifar_dir / "val"), 4096) for s in u.read()][:40]
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({"key": keys, "cluster": pa.array([i % 4 for i in range(40)], pa.int32()),
+                             "distance": pa.array([0.0] * 40, pa.float32())}), tmp_path / "labels" / "a.parquet")
+    groups = cluster_members(tmp_path, str(cifar_dir / "val"), clusters=3, per_cluster=5, thumb=16)
+    rows = [row for rs in groups.values() for row in rs]
+    assert len(rows) == 3 and all(len(images) == 5 and images[0].shape == (16, 16, 3) for _, images in rows)
+    assert all(title.endswith("(n=10)") for title, _ in rows)

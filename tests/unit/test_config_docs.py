@@ -29,3 +29,21 @@ def test_docs_config_md_is_generated_from_the_current_configs():
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(config.ConfigError, match="known recipes: .*tiny_swav"):
         recipes.get("tiny_swa")
+
+
+def test_the_reference_of_a_recipe_prints_its_values(capsys):
+    from seerlike.cli import main
+
+    assert main(["config", "--recipe", "tiny_swav", "--reference", "optim.lr=0.3"]) == 0
+    rows = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()}
+    assert rows["model.name"] == "'resnet10_cifar'" and rows["optim.lr"] == "0.3"
+    assert rows["method.name"] == "'swav'" and rows["data.augment.views"].startswith("[{'count':")
+
+
+def test_the_class_reference_shows_what_a_default_factory_makes():
+    from seerlike.eval.linear import LowShotConfig
+
+    rows = {key: value for key, _, value, _ in config.reference(LowShotConfig)}
+    probe = LowShotConfig().probe
+    assert rows["probe.epochs"] == repr(probe.epochs) == "200" and rows["probe.batch_size"] == "64"
+    assert rows["probe.weight_decay"] == repr(probe.weight_decay)

@@ -99,20 +99,21 @@ def _features_dir(path, x, y, model="m", layer="pool"):
 def test_eval_command_on_features_dirs_writes_json_and_confusion(tmp_path):
     import json
 
+    import seerlike
     from seerlike.config import ConfigError
-    from seerlike.eval.cli import evaluate
-    from seerlike.eval.extract import ExtractConfig
 
     tx, ty = _encoded(300)
     vx, vy = _encoded(100, seed=1)
     _features_dir(tmp_path / "tr", tx, ty)
     _features_dir(tmp_path / "va", vx, vy)
-    result = evaluate("knn", None, str(tmp_path / "tr"), str(tmp_path / "va"), extract_cfg=ExtractConfig(),
-                      out=tmp_path / "out")
+    res = seerlike.evaluate("knn", None, train=tmp_path / "tr", val=tmp_path / "va", out=tmp_path / "out",
+                            progress=False)
+    result = res.result
     assert result["metrics"]["top1"] == 100.0 and result["num_classes"] == C and result["step"] == 3
+    assert res.files == [tmp_path / "out" / "eval_knn.json", tmp_path / "out" / "confusion_knn.png"]
     saved = json.loads((tmp_path / "out" / "eval_knn.json").read_text())
     assert sum(map(sum, saved["confusion"])) == 100 and all(saved["confusion"][i][i] == 10 for i in range(C))
     assert (tmp_path / "out" / "confusion_knn.png").stat().st_size > 1000
     _features_dir(tmp_path / "other", vx, vy, layer="res5")
     with pytest.raises(ConfigError, match="come from m"):
-        evaluate("knn", None, str(tmp_path / "tr"), str(tmp_path / "other"), extract_cfg=ExtractConfig())
+        seerlike.evaluate("knn", None, train=tmp_path / "tr", val=tmp_path / "other", out=tmp_path / "o2")

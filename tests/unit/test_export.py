@@ -10,7 +10,8 @@ import torch
 from seerlike import config as configlib
 from seerlike import models
 from seerlike.config import ConfigError
-from seerlike.export import FILES, export, load_backbone, onnx_run
+from seerlike.checkpoints import load_backbone
+from seerlike.exporter import FILES, export, onnx_run
 
 ARCH = "resnet10_cifar"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,9 +40,11 @@ def _clusterfit_run(tmp_path, k=5):
     from seerlike.engine.config import ModelConfig, TrainConfig
     from seerlike.methods.clusterfit import ClusterFit
 
+    from seerlike import recipes
+
     torch.manual_seed(0)
-    cfg = TrainConfig(model=ModelConfig(name=ARCH),
-                      method=ClusterFit.Config(num_classes=k))
+    cfg = configlib.apply_overrides(recipes.get("clusterfit_tiny"), [f"method.num_classes={k}"])  # 24 px views
+    assert isinstance(cfg, TrainConfig) and cfg.model == ModelConfig(name=ARCH, channels_last=cfg.model.channels_last)
     method = ClusterFit(cfg.method, models.build(ARCH))
     with torch.no_grad():  # non-trivial BN statistics, so a lost buffer would show
         for m in method.modules():
@@ -86,21 +89,31 @@ def test_checkpoint_with_head_exports_fc_and_card(tmp_path):
     method = _clusterfit_run(tmp_path, k=5)
     evals = tmp_path / "eval_knn.json"
     evals.write_text(json.dumps({"kind": "knn", "metrics": {"top1": 42.0, "top5": 90.0}}))
-    meta = export(tmp_path / "run", tmp_path / "exp", ["torchvision", "onnx"], with_head=True, image_size=32,
+    meta = export(tmp_path / "run", tmp_path / "exp", ["torchvision", "onnx"], with_head=True,
                   eval_files=[str(evals)])
     assert meta["fc_shape"] == [5, 256] and meta["step"] == 7
+    # what the card says is how it loads: a K-class classifier, trained on 24 px views
+    assert meta["build"] == {"name": ARCH, "num_classes": 5} and meta["outputs"] == "logits"
+    assert meta["input"]["size"] == 24 and meta["input"]["size_from"].startswith("as trained")
     state = torch.load(tmp_path / "exp" / FILES["torchvision"], weights_only=True)
     assert {"fc.weight", "fc.bias"} <= set(state)
     # with an fc, the state dict loads strict into the classifier of the same name
-    clf = models.build(ARCH, num_classes=5)
+    clf = models.build(**meta["build"])
     clf.load_state_dict(state, strict=True)
+    import onnx
+
+    assert [o.name for o in onnx.load(str(tmp_path / "exp" / FILES["onnx"])).graph.output] == ["logits"]
+    for x in (_x(), _x(2, 40)):  # the graph's height and width are dynamic, not the traced 24
+        with torch.no_grad():
+            want = method.logits(x)
+            torch.testing.assert_close(clf.eval()(x), want, rtol=0, atol=0)
+            torch.testing.assert_close(onnx_run(tmp_path / "exp" / FILES["onnx"], x), want, rtol=1e-4, atol=1e-4)
     x = _x()
     with torch.no_grad():
         want = method.logits(x)
-        torch.testing.assert_close(clf.eval()(x), want, rtol=0, atol=0)
-        torch.testing.assert_close(onnx_run(tmp_path / "exp" / FILES["onnx"], x), want, rtol=1e-4, atol=1e-4)
     card = (tmp_path / "exp" / "MODEL_CARD.md").read_text()
-    assert "training steps: 7" in card and '"top1": 42.0' in card and "clusterfit" in card
+    assert "training steps: 7" in card and "top1 42.00" in card and "clusterfit" in card
+    assert "24 px as trained" in card and "(5 classes)" in card and "num_classes=5" in card
     saved = configlib.load(tmp_path / "exp" / "config.yaml")
     assert saved.method.name == "clusterfit" and saved.method.num_classes == 5
     # loading the run dir picks its newest complete checkpoint, trunk and head
@@ -128,7 +141,7 @@ def test_torchvision_loads_the_export_strict(tmp_path):
     tv = pytest.importorskip("torchvision")
     export("random:resnet18", tmp_path / "exp", ["torchvision"], image_size=64)
     model = tv.models.resnet18()
-    model.fc = torch.nn.Identity()  # a trunk export has no classifier (see seerlike.export)
+    model.fc = torch.nn.Identity()  # a trunk export has no classifier (see seerlike.exporter)
     model.load_state_dict(torch.load(tmp_path / "exp" / FILES["torchvision"], weights_only=True), strict=True)
     x = _x(2, 64)
     torch.manual_seed(0)

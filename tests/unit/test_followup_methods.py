@@ -83,7 +83,7 @@ def test_swav_style_distillation_predicts_the_teachers_sinkhorn_codes(tmp_path):
 
 
 def test_logit_distillation_reaches_agreement_on_a_fixed_batch(tmp_path):
-    from seerlike.export import Loaded
+    from seerlike.checkpoints import Loaded
 
     torch.manual_seed(0)
     trunk = models.build(ARCH).eval()

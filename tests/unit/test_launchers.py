@@ -10,9 +10,10 @@ import signal
 import pytest
 
 from launchers import pipeline as pl
-from launchers.checkpointable import REQUEUE_EXIT_CODE, StageJob
+from launchers.checkpointable import StageJob
 from launchers.submit import SubmitConfig, add_arguments, config_from_args, parse_time, run_dir_of
 from seerlike.config import ConfigError
+from seerlike.engine.loop import REQUEUE_EXIT_CODE
 
 
 def _stopped_by_sigterm(argv: list[str]) -> int:
@@ -45,10 +46,24 @@ def test_a_usr2_after_the_stage_stopped_does_not_requeue_the_job_again(monkeypat
     assert "caught SIGUSR2 after the stage had checkpointed and stopped" in caplog.text
 
 
-def test_requeue_exit_code_matches_the_trainer():
-    from seerlike.engine.loop import REQUEUE_EXIT_CODE as TRAINER_CODE
+def test_requeue_exit_code_is_defined_once():
+    import re
+    from pathlib import Path
 
-    assert REQUEUE_EXIT_CODE == TRAINER_CODE
+    root = Path(__file__).resolve().parents[2]
+    defs = [p for pkg in ("seerlike", "sharding", "launchers") for p in (root / pkg).rglob("*.py")
+            if re.search(r"^REQUEUE_EXIT_CODE\s*=", p.read_text(), re.M)]
+    assert defs == [root / "seerlike" / "engine" / "loop.py"]
+
+
+def test_imagenet_mean_is_defined_once():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    defs = [p for pkg in ("seerlike", "sharding", "launchers") for p in (root / pkg).rglob("*.py")
+            if re.search(r"^IMAGENET_MEAN\s*=", p.read_text(), re.M)]
+    assert defs == [root / "seerlike" / "data" / "augment.py"]
 
 
 @pytest.mark.parametrize("text,minutes", [("90", 90), ("01:30:00", 90), ("2-00:00:00", 2880), ("10:30", 11),
@@ -133,3 +148,32 @@ def test_a_stage_is_done_only_with_a_marker_of_the_same_command(tmp_path):
     assert pl.is_done(p, stage, argv)
     assert not pl.is_done(p, stage, argv + ["optim.lr=0.2"])
     assert [r["state"] for r in pl.status(p)] == ["DONE", "NOT SUBMITTED"]
+
+
+def test_submit_checks_the_stage_inputs_before_queueing(tmp_path):
+    from launchers.submit import validate_stage
+
+    argv = ["--recipe", "tiny_swav", "--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "run")]
+    validate_stage("train", argv)  # a pipeline stage: its data may come from an earlier stage
+    with pytest.raises(ConfigError, match=r"data source '.*missing' does not exist"):
+        validate_stage("train", argv, check_inputs=True)
+    with pytest.raises(ConfigError, match="--checkpoint .*nope does not exist"):
+        validate_stage("extract", ["--checkpoint", str(tmp_path / "nope"), "--data", str(tmp_path),
+                                   "--out", str(tmp_path / "f")], check_inputs=True)
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet_nope'"):
+        validate_stage("export", ["--checkpoint", "random:resnet_nope", "--out", str(tmp_path / "e")],
+                       check_inputs=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stderr, says", [
+    ("sbatch: error: Invalid generic resource (gres) specification", "lower or drop --gpus-per-node"),
+    ("sbatch: error: Batch job submission failed: Requested node configuration is not available",
+     "no node offers --nodes 2, --tasks-per-node 8 x --cpus-per-task 1, --gpus-per-node 8"),
+    ("sbatch: error: invalid partition specified: gpu", "check --partition"),
+])
+def test_an_sbatch_refusal_is_explained_in_one_line(stderr, says):
+    from launchers.submit import explain_refusal
+
+    text = explain_refusal(stderr + "\n", SubmitConfig(cluster="slurm", nodes=2, tasks_per_node=8, gpus_per_node=8))
+    assert text.startswith("sbatch refused the job: sbatch: error:") and says in text and "\n" not in text
