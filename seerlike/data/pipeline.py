@@ -430,7 +430,7 @@ def build_train_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, see
     source = resolve(cfg.source, cfg.s3_endpoint_url)
     data = TrainData(cfg, source, rank=rank, world_size=world_size, seed=seed, device=device)
     if cfg.labels:
-        from seerlike.eval.cluster import label_map
+        from seerlike.pseudo_labels import label_map
 
         data.label_map = label_map(cfg.labels)
     log.info("data: %s, %d samples, %d steps/epoch at batch %d x %d ranks, %d views", cfg.source,
