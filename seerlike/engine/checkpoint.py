@@ -455,17 +455,18 @@ class Checkpointer:
             storage.remove_tree(remote_dir)
 
     def _download_latest(self) -> Path | None:
-        """Rank 0 downloads the newest complete remote checkpoint into RUN_DIR/checkpoints_cache.
+        """The newest complete remote checkpoint, downloaded (see :meth:`_download`); None without one."""
+        done = self._remote_complete()
+        return self._download(done[-1]) if done else None
+
+    def _download(self, name: str) -> Path:
+        """Rank 0 downloads the complete remote checkpoint ``name`` into RUN_DIR/checkpoints_cache.
 
         Keys are untrusted: one that would land outside the cache (``..``, absolute) fails the
         download before anything is written (storage.get_tree). The folder appears under its
         final name only once every file is in, so an interrupted download is never taken for
         a cached checkpoint. Every rank learns whether rank 0 succeeded, so none waits forever.
         """
-        done = self._remote_complete()
-        if not done:
-            return None
-        name = done[-1]
         local = self.run_dir / "checkpoints_cache" / name
         failure: Exception | None = None
         if self.rank == 0 and not (local / COMPLETE).exists():
@@ -503,13 +504,14 @@ class Checkpointer:
         """Restore the newest complete checkpoint that verifies and loads; None to start afresh.
 
         A damaged one is skipped with a warning naming it and why; if every complete checkpoint
-        fails, the run stops (rather than start over beside them). S3 roots try only the newest.
+        fails, the run stops (rather than start over beside them). S3 roots download one
+        checkpoint at a time, newest first; a copy that fails is removed from the local cache,
+        so a later run downloads it afresh.
         """
         if not self.cfg.resume or self.cfg.overwrite:
             return None
         if self.remote:
-            found = self._download_latest()
-            candidates = [found] if found is not None else []
+            candidates = (self._download(name) for name in reversed(self._remote_complete()))
         else:
             candidates = list_complete(self.root)[::-1]
         failed: list[CheckpointError] = []
@@ -521,10 +523,13 @@ class Checkpointer:
             except CheckpointError as e:
                 failed.append(e)
                 log.warning("skipping checkpoint %s: %s", path, e.reason)
+                if self.remote:
+                    self._barrier()  # every rank is done with the copy before rank 0 removes it
+                    if self.rank == 0:
+                        shutil.rmtree(path, ignore_errors=True)
         if failed:
             where = self.cfg.dir if self.remote else self.root
-            fix = (f"delete the local copy in {self.run_dir / 'checkpoints_cache'} to download it again, or fix or "
-                   f"remove the newest checkpoint under {self.cfg.dir}") if self.remote else "repair or move them away"
+            fix = f"fix or remove the damaged checkpoints under {self.cfg.dir}" if self.remote else "repair or move them away"
             raise CheckpointError(where, "no complete checkpoint could be loaded:\n  " + "\n  ".join(map(str, failed))
                                   + f"\n{fix}, or start afresh with checkpoint.overwrite=true")
         return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -320,6 +321,28 @@ def test_a_fresh_start_on_an_s3_root_is_refused_and_overwrite_empties_it(tmp_pat
     left = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="r/").get("Contents", [])]
     assert left == ["r/other.txt"]  # every step_* object gone (incomplete ones too), nothing else touched
     assert not (tmp_path / "run" / "checkpoints_cache").exists()  # no stale copy of the old run
+
+
+def test_a_damaged_newest_s3_checkpoint_falls_back_to_the_older_one(tmp_path, s3_bucket, monkeypatch, caplog):
+    import boto3
+
+    endpoint, bucket = s3_bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    cfg = _cfg("tiny_swav", f"checkpoint.dir=s3://{bucket}/r", "checkpoint.keep_last=0")
+    assert train(cfg, tmp_path / "a", data=FakeData()) == 0
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    key = "r/step_00000004/__0_0.distcp"
+    size = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(size))  # same size: only the hash tells
+    method = build_method(cfg)
+    model = parallelize(method, ParallelConfig(strategy="none"))
+    with caplog.at_level(logging.WARNING):
+        restored = Checkpointer(cfg.checkpoint, tmp_path / "b").resume(
+            model, build_optimizer(cfg.optim, method), method=method, scaler=None)
+    assert restored is not None and restored.step == 2
+    assert "skipping checkpoint" in caplog.text and "step_00000004" in caplog.text
+    # the damaged copy left the cache: a later run downloads the newest again instead of trusting it
+    assert not (tmp_path / "b" / "checkpoints_cache" / "step_00000004").exists()
 
 
 # ---------------------------------------------------------------- 4. a resume with another method is refused first
