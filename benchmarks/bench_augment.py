@@ -1,8 +1,9 @@
 """Multi-crop augmentation throughput per core: ours vs a VISSL-style Pillow pipeline vs plain decode.
 
     python benchmarks/bench_augment.py [--repeats 5] [--batch 32] [--large 224 --small 96 --n-large 2 --n-small 6]
+                                       [--baseline DIR] [--split-repeats 3]
 
-On ../shared/data/photos (real photos, mean ~1.9 MP, JPEG + PNG), side by side in one run,
+On ../shared/data/photos (real photos, mean ~1.6 MP, JPEG + PNG), side by side in one run,
 interleaved, medians over repeats. Rates are per core: images per CPU second of this
 process (torch and everything else on one thread), so they hold on a shared machine.
 
@@ -16,26 +17,41 @@ process (torch and everything else on one thread), so they hold on a shared mach
   image plus ``augment.Photometric`` over batches of ``--batch`` (what the training device
   does; here the same CPU core), and its worker side alone (what the CPU cores pay when
   the photometric ops run on a GPU).
+
+``--baseline DIR`` also runs the ``seerlike/data/augment.py`` of another checkout (e.g. an
+older commit, ``git archive COMMIT seerlike | tar -x -C DIR``) through the same pipelines,
+interleaved with ours in the same process, so that the comparison sees the same machine load.
+
+Then, per implementation, the host CPU time of one batch split into: crop (decode + crops +
+stacking, the worker side), sampling (drawing the parameters and the host-side planning of
+the ops: everything before a pixel is touched) and photometric (the pixel ops), medians
+over the batches of ``--split-repeats`` passes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import io
 import math
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD, Photometric, crop_sample, stack_views, swav_multicrop
+from seerlike.data import augment as ours_module
+from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos"
+SAMPLING = ("sample_photometric", "_plan", "_chunk_ops", "_jitter_segments")  # host-side, before the pixel ops
 
 
 # ---------------------------------------------------------------- the per-image reference
@@ -88,7 +104,81 @@ def reference_one(data: bytes, views, rng: random.Random) -> list[torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------- the three pipelines
+# ---------------------------------------------------------------- the pipelines
+
+
+class Impl:
+    """One ``augment.py`` (ours, or a baseline checkout's) with its multi-crop config and photometric half."""
+
+    def __init__(self, mod: ModuleType, args: argparse.Namespace):
+        self.mod = mod
+        self.cfg = mod.swav_multicrop(args.large, args.small, args.n_large, args.n_small)
+        self.photometric = mod.Photometric(self.cfg)
+        grouped = len(inspect.signature(mod.stack_views).parameters) == 2  # per view group (cfg) or per view
+
+        def stack(crops):
+            return mod.stack_views(crops, self.cfg) if grouped else mod.stack_views(crops)
+        self.stack = stack
+
+    def crops(self, blobs: list[bytes], first: int):
+        return self.stack([self.mod.crop_sample(d, str(first + i), self.cfg, 0, 0) for i, d in enumerate(blobs)])
+
+    def run(self, blobs: list[bytes], batch: int, photometric: bool = True) -> None:
+        for start in range(0, len(blobs), batch):
+            views = self.crops(blobs[start:start + batch], start)
+            if photometric:
+                self.photometric(views, seed=0, epoch=0, step=start, rank=0)
+
+    def split(self, blobs: list[bytes], batch: int, repeats: int) -> dict[str, float]:
+        """Median host CPU ms per batch of: crop, sampling (draws + host planning), photometric (pixel ops)."""
+        spent = {"sampling": 0.0}
+        depth = [0]
+        originals = {name: getattr(self.mod, name) for name in SAMPLING if hasattr(self.mod, name)}
+
+        def timed(fn):
+            def wrapper(*a, **k):
+                depth[0] += 1
+                c0 = time.process_time()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    depth[0] -= 1
+                    if depth[0] == 0:  # outermost only: _plan calls _jitter_segments
+                        spent["sampling"] += time.process_time() - c0
+            return wrapper
+
+        rows = {"crop": [], "sampling": [], "photometric": []}
+        try:
+            for name, fn in originals.items():
+                setattr(self.mod, name, timed(fn))
+            for _ in range(repeats):
+                for start in range(0, len(blobs) - batch + 1, batch):
+                    c0 = time.process_time()
+                    views = self.crops(blobs[start:start + batch], start)
+                    c1 = time.process_time()
+                    spent["sampling"] = 0.0
+                    out = self.photometric(views, seed=0, epoch=0, step=start, rank=0)
+                    c2 = time.process_time()
+                    del out
+                    rows["crop"].append(c1 - c0)
+                    rows["sampling"].append(spent["sampling"])
+                    rows["photometric"].append(c2 - c1 - spent["sampling"])
+        finally:
+            for name, fn in originals.items():
+                setattr(self.mod, name, fn)
+        return {k: 1000 * statistics.median(v) for k, v in rows.items()}
+
+
+def load_baseline(root: Path) -> ModuleType:
+    """The ``seerlike/data/augment.py`` under ``root`` as a module of its own (it imports no other seerlike module)."""
+    path = root / "seerlike" / "data" / "augment.py"
+    spec = importlib.util.spec_from_file_location("baseline_augment", path)
+    if spec is None or not path.is_file():
+        raise SystemExit(f"--baseline {root}: no seerlike/data/augment.py there")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run_decode(blobs: list[bytes]) -> None:
@@ -109,15 +199,6 @@ def run_reference(blobs: list[bytes], cfg) -> None:
         reference_one(d, views, rng)
 
 
-def run_ours(blobs: list[bytes], cfg, batch: int, photometric: bool = True) -> None:
-    ph = Photometric(cfg)
-    for start in range(0, len(blobs), batch):
-        crops = [crop_sample(d, str(start + i), cfg, 0, 0) for i, d in enumerate(blobs[start:start + batch])]
-        views = stack_views(crops)
-        if photometric:
-            ph(views, seed=0, epoch=0, step=start, rank=0)
-
-
 def per_core(fn, n: int) -> tuple[float, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     fn()
@@ -132,38 +213,60 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--small", type=int, default=96)
     ap.add_argument("--n-large", type=int, default=2)
     ap.add_argument("--n-small", type=int, default=6)
+    ap.add_argument("--baseline", type=Path, default=None, help="a checkout whose augment.py runs alongside ours")
+    ap.add_argument("--split-repeats", type=int, default=3, help="passes for the per-batch split (0: skip it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     files = sorted(p for p in DATA.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     blobs = [p.read_bytes() for p in files]
     mp = np.mean([np.prod(Image.open(io.BytesIO(b)).size) for b in blobs]) / 1e6
-    cfg = swav_multicrop(args.large, args.small, args.n_large, args.n_small)
+    impls = {"ours": Impl(ours_module, args)}
+    if args.baseline is not None:
+        impls["baseline"] = Impl(load_baseline(args.baseline), args)
+    cfg = impls["ours"].cfg
     pipelines = {
         "decode (full size, simplejpeg/Pillow)": lambda: run_decode(blobs),
         "reference (VISSL-style, Pillow per image)": lambda: run_reference(blobs, cfg),
-        "ours (reduced decode + uint8 crops + batched photometric)": lambda: run_ours(blobs, cfg, args.batch),
-        "ours, worker side only (photometric on the accelerator)": lambda: run_ours(blobs, cfg, args.batch, False),
     }
+    for name, impl in impls.items():
+        pipelines[f"{name} (reduced decode + uint8 crops + batched photometric)"] = (
+            lambda impl=impl: impl.run(blobs, args.batch))
+        pipelines[f"{name}, worker side only (photometric on the accelerator)"] = (
+            lambda impl=impl: impl.run(blobs, args.batch, photometric=False))
     rates = {k: [] for k in pipelines}
     walls = {k: [] for k in pipelines}
-    run_ours(blobs[: args.batch], cfg, args.batch)  # warm-up (allocator, kernels)
+    for impl in impls.values():
+        impl.run(blobs[: args.batch], args.batch)  # warm-up (allocator, kernels)
     for _ in range(args.repeats):
         for name, fn in pipelines.items():
             r, w = per_core(fn, len(blobs))
             rates[name].append(r)
             walls[name].append(w)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    dec, ref, ours, worker = (med[k] for k in pipelines)
+    names = list(pipelines)
+    dec, ref = med[names[0]], med[names[1]]
     views = f"{args.n_large}x{args.large} + {args.n_small}x{args.small}"
     print(f"multi-crop {views} on {len(blobs)} images of {DATA} (mean {mp:.2f} MP), "
           f"medians of {args.repeats}, batch {args.batch}, 1 thread")
-    print(f"{'pipeline':60s} {'img/s per core':>15s} {'(wall img/s)':>13s}")
+    print(f"{'pipeline':68s} {'img/s per core':>15s} {'(wall img/s)':>13s}")
     for k in pipelines:
-        print(f"{k:60s} {med[k]:15.1f} {statistics.median(walls[k]):13.1f}")
-    print(f"ours / reference = {ours / ref:.2f}x (target >= 2)")
-    print(f"ours / full decode = {ours / dec:.0%} (target >= 60%)")
-    print(f"ours, worker side only / full decode = {worker / dec:.0%}")
-    return {"decode": dec, "reference": ref, "ours": ours, "worker": worker}
+        print(f"{k:68s} {med[k]:15.1f} {statistics.median(walls[k]):13.1f}")
+    result = {"decode": dec, "reference": ref}
+    for name in impls:
+        full, worker = med[names[names.index(f'{name} (reduced decode + uint8 crops + batched photometric)')]], \
+            med[f"{name}, worker side only (photometric on the accelerator)"]
+        print(f"{name}: / reference = {full / ref:.2f}x (target >= 2); / full decode = {full / dec:.0%} "
+              f"(target >= 85%); worker side only / full decode = {worker / dec:.0%}")
+        result[name] = full
+        result[f"{name}_worker"] = worker
+    if args.split_repeats:
+        print(f"\nhost CPU ms per batch of {args.batch} (medians over batches x {args.split_repeats} passes)")
+        print(f"{'':10s} {'crop':>8s} {'sampling':>9s} {'photometric':>12s}")
+        for name, impl in impls.items():
+            split = impl.split(blobs, args.batch, args.split_repeats)
+            print(f"{name:10s} {split['crop']:8.1f} {split['sampling']:9.2f} {split['photometric']:12.1f}")
+            result[f"{name}_split"] = split
+    return result
 
 
 if __name__ == "__main__":

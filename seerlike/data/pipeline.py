@@ -190,7 +190,7 @@ class _TrainStream(IterableDataset):
                 labels.append(rec.label)
                 crops.append(views)
             batches += 1
-            views = aug.stack_views(crops)
+            views = aug.stack_views(crops, cfg.augment)
             yield {
                 "views": views,
                 "keys": keys,
