@@ -306,6 +306,31 @@ def test_crops_resize_like_pillow() -> None:
         assert diff.mean() < 1.0 and diff.max() <= 8
 
 
+def test_crops_of_a_stored_image_equal_crops_of_the_upright_one() -> None:
+    # crops are cut from the stored pixels and turned upright afterwards, for every EXIF orientation
+    stored = np.asarray(Image.radial_gradient("L").resize((90, 60)).convert("RGB")).copy()
+    stored[10:30, 20:70] = (200, 30, 60)
+    stored[:, :5] = (0, 0, 255)  # asymmetric marks: a wrong flip or transpose shows
+    cfg = AugmentConfig(views=[ViewConfig(count=6, size=24, scale=(0.1, 1.0), flip_p=0.5)])
+    for orientation in range(1, 9):
+        upright = aug._orient_array(stored, orientation)
+        ref = np.asarray(ImageOps.exif_transpose(_with_orientation(stored, orientation)))
+        assert np.array_equal(upright, ref), orientation  # our transform is Pillow's
+        got = aug.crop_views(stored, cfg, np.random.default_rng(orientation), orientation)
+        want = aug.crop_views(upright, cfg, np.random.default_rng(orientation))
+        for a, b in zip(got, want):
+            assert a.is_contiguous() and (a.int() - b.int()).abs().max() <= 1, orientation
+
+
+def _with_orientation(a: np.ndarray, orientation: int) -> Image.Image:
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "PNG", exif=exif)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
 def test_center_view_is_the_middle_square() -> None:
     img = Image.new("RGB", (200, 100), (0, 0, 0))
     img.paste((255, 255, 255), (50, 0, 150, 100))  # white middle square
