@@ -23,10 +23,13 @@ everything else on one thread), so they hold on a shared machine.
 older commit, ``git archive COMMIT seerlike | tar -x -C DIR``) through the same pipelines,
 interleaved with ours in the same process, so that the comparison sees the same machine load.
 
-Then, per implementation, the host CPU time of one batch split into: crop (decode + crops +
-stacking, the worker side), sampling (drawing the parameters and the host-side planning of
-the ops: everything before a pixel is touched) and photometric (the pixel ops), medians
-over the batches of ``--split-repeats`` passes.
+Then the host CPU time of one batch, every batch going through plain decode and each
+implementation in turn (the figure least moved by other jobs on the machine), split into:
+crop (decode + crops + stacking, the worker side), sampling (drawing the parameters and the
+host-side planning of the ops: everything before a pixel is touched) and photometric (the
+pixel ops); medians over the batches of ``--split-repeats`` passes, and plain decode's time
+over each implementation's total: the per-core ratio per batch. ``--profile N`` then breaks
+ours down per image: decode, crops, stacking, and the photometric ops with parts switched off.
 """
 
 from __future__ import annotations
@@ -130,9 +133,10 @@ class Impl:
             if photometric:
                 self.photometric(views, seed=0, epoch=0, step=start, rank=0)
 
-    def split(self, blobs: list[bytes], batch: int, repeats: int) -> dict[str, float]:
-        """Median host CPU ms per batch of: crop, sampling (draws + host planning), photometric (pixel ops)."""
-        spent = {"sampling": 0.0}
+    def split_batch(self, blobs: list[bytes], first: int) -> dict[str, float]:
+        """Host CPU seconds of one batch: crop (decode + crops + stacking), sampling (draws + host
+        planning, everything before a pixel is touched) and photometric (the pixel ops)."""
+        spent = [0.0]
         depth = [0]
         originals = {name: getattr(self.mod, name) for name in SAMPLING if hasattr(self.mod, name)}
 
@@ -145,29 +149,87 @@ class Impl:
                 finally:
                     depth[0] -= 1
                     if depth[0] == 0:  # outermost only: _plan calls _jitter_segments
-                        spent["sampling"] += time.process_time() - c0
+                        spent[0] += time.process_time() - c0
             return wrapper
 
-        rows = {"crop": [], "sampling": [], "photometric": []}
         try:
             for name, fn in originals.items():
                 setattr(self.mod, name, timed(fn))
-            for _ in range(repeats):
-                for start in range(0, len(blobs) - batch + 1, batch):
-                    c0 = time.process_time()
-                    views = self.crops(blobs[start:start + batch], start)
-                    c1 = time.process_time()
-                    spent["sampling"] = 0.0
-                    out = self.photometric(views, seed=0, epoch=0, step=start, rank=0)
-                    c2 = time.process_time()
-                    del out
-                    rows["crop"].append(c1 - c0)
-                    rows["sampling"].append(spent["sampling"])
-                    rows["photometric"].append(c2 - c1 - spent["sampling"])
+            c0 = time.process_time()
+            views = self.crops(blobs, first)
+            c1 = time.process_time()
+            out = self.photometric(views, seed=0, epoch=0, step=first, rank=0)
+            c2 = time.process_time()
+            del out
         finally:
             for name, fn in originals.items():
                 setattr(self.mod, name, fn)
-        return {k: 1000 * statistics.median(v) for k, v in rows.items()}
+        return {"crop": c1 - c0, "sampling": spent[0], "photometric": c2 - c1 - spent[0]}
+
+
+def split(impls: dict[str, Impl], blobs: list[bytes], batch: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Every batch through plain decode and each implementation in turn, so that they see the same
+    moment's machine load: median host CPU ms per full batch of each part, and per pass over all
+    the images the time of plain decode over each implementation's (median over ``repeats`` passes)."""
+    rows: dict[str, dict[str, list[float]]] = {"decode": {"decode": []}}
+    rows.update({name: {"crop": [], "sampling": [], "photometric": [], "total": []} for name in impls})
+    ratios: dict[str, list[float]] = {name: [] for name in impls}
+    for _ in range(repeats):
+        passed = {"decode": 0.0, **{name: 0.0 for name in impls}}
+        for start in range(0, len(blobs), batch):
+            part = blobs[start:start + batch]
+            c0 = time.process_time()
+            run_decode(part)
+            spent = {"decode": {"decode": time.process_time() - c0}}
+            for name, impl in impls.items():
+                spent[name] = impl.split_batch(part, start)
+                spent[name]["total"] = sum(spent[name].values())
+            for name, parts in spent.items():
+                passed[name] += parts.get("total", parts.get("decode"))
+                if len(part) == batch:
+                    for k, v in parts.items():
+                        rows[name][k].append(v)
+        for name in impls:
+            ratios[name].append(passed["decode"] / passed[name])
+    out = {name: {k: 1000 * statistics.median(v) for k, v in r.items()} for name, r in rows.items()}
+    for name in impls:
+        out[name]["vs_decode"] = statistics.median(ratios[name])
+    return out
+
+
+def profile(blobs: list[bytes], args: argparse.Namespace, repeats: int) -> dict[str, float]:
+    """Where ours spends its CPU time per image (ms, minimum over ``repeats``): the worker side by step,
+    and the photometric ops with parts of the recipe switched off (differences = the parts' cost)."""
+    import dataclasses
+
+    from seerlike.data import augment as aug
+
+    cfg = aug.swav_multicrop(args.large, args.small, args.n_large, args.n_small)
+    stored = [aug.decode_stored(d, cfg.min_decode_side()) for d in blobs]
+
+    def per_image(fn) -> float:
+        best = math.inf
+        for _ in range(repeats):
+            c0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - c0)
+        return 1000 * best / len(blobs)
+
+    def crops() -> list[list[torch.Tensor]]:
+        return [aug.crop_views(img, cfg, np.random.default_rng(i), o) for i, (img, o) in enumerate(stored)]
+
+    out = {"decode at reduced size": per_image(lambda: [aug.decode_stored(d, cfg.min_decode_side()) for d in blobs]),
+           "8 crops (resize, flip, upright)": per_image(crops)}
+    samples = crops()
+    batches = [aug.stack_views(samples[i:i + args.batch], cfg) for i in range(0, len(samples), args.batch)]
+    out["stacking per view group"] = per_image(
+        lambda: [aug.stack_views(samples[i:i + args.batch], cfg) for i in range(0, len(samples), args.batch)])
+    variants = {"photometric: normalise only": dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
+                "photometric: + jitter, grayscale": dict(blur_p=0.0), "photometric: + blur (the recipe)": {}}
+    for name, change in variants.items():
+        ph = aug.Photometric(aug.AugmentConfig(views=[dataclasses.replace(v, **change) for v in cfg.views]))
+        out[name] = per_image(lambda ph=ph: [ph(b, seed=0, epoch=0, step=i, rank=0) for i, b in enumerate(batches)])
+    return out
 
 
 def load_baseline(root: Path) -> ModuleType:
@@ -216,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-small", type=int, default=6)
     ap.add_argument("--baseline", type=Path, default=None, help="a checkout whose augment.py runs alongside ours")
     ap.add_argument("--split-repeats", type=int, default=3, help="passes for the per-batch split (0: skip it)")
+    ap.add_argument("--profile", type=int, default=0, metavar="REPEATS",
+                    help="also print where ours spends its time per image (minimum over REPEATS passes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     files = sorted(p for p in DATA.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -262,12 +326,22 @@ def main(argv: list[str] | None = None) -> dict:
         result[name] = full
         result[f"{name}_worker"] = worker
     if args.split_repeats:
-        print(f"\nhost CPU ms per batch of {args.batch} (medians over batches x {args.split_repeats} passes)")
-        print(f"{'':10s} {'crop':>8s} {'sampling':>9s} {'photometric':>12s}")
-        for name, impl in impls.items():
-            split = impl.split(blobs, args.batch, args.split_repeats)
-            print(f"{name:10s} {split['crop']:8.1f} {split['sampling']:9.2f} {split['photometric']:12.1f}")
-            result[f"{name}_split"] = split
+        res = split(impls, blobs, args.batch, args.split_repeats)
+        dec = res["decode"]["decode"]
+        print(f"\nhost CPU ms per batch of {args.batch}, each batch through every pipeline in turn "
+              f"(medians over full batches x {args.split_repeats} passes); plain full decode {dec:.1f} ms; "
+              f"/ decode: plain decode's time over the pipeline's, all images, median over passes")
+        print(f"{'':10s} {'crop':>8s} {'sampling':>9s} {'photometric':>12s} {'total':>8s} {'/ decode':>9s}")
+        for name in impls:
+            r = res[name]
+            print(f"{name:10s} {r['crop']:8.1f} {r['sampling']:9.2f} {r['photometric']:12.1f} {r['total']:8.1f} "
+                  f"{r['vs_decode']:9.0%}")
+        result["split"] = res
+    if args.profile:
+        print(f"\nours, CPU ms per image (minimum over {args.profile} passes)")
+        result["profile"] = profile(blobs, args, args.profile)
+        for k, v in result["profile"].items():
+            print(f"  {k:40s} {v:6.3f}")
     return result
 
 

@@ -3,17 +3,22 @@
 ``crop_sample`` runs in a DataLoader worker: decode the image at the smallest size the
 crops need (simplejpeg ``min_width/min_height`` or Pillow ``draft``), then per view a
 random resized crop and a flip, resized on uint8 (torch's antialiased bilinear, as
-Pillow's). Its randomness comes from ``hash(seed, epoch, key)``, never from global RNG state.
+Pillow's) and turned upright after the resize (EXIF orientation). Its randomness comes from
+``hash(seed, epoch, key)``, never from global RNG state. ``stack_views`` hands over one
+uint8 tensor per view group.
 
-``Photometric`` runs on the training device over a whole batch: colour jitter, grayscale,
-Gaussian blur, solarize and normalisation as batched tensor ops, with randomness from a
-``torch.Generator`` seeded by ``(seed, epoch, step, rank)``. Colour jitter applies
-brightness, contrast, saturation and hue in a random order per sample (as torchvision's
-``ColorJitter``), each op a per-sample 3x3 colour matrix followed by a clamp to [0, 1];
-the ops whose clamp cannot change anything merge with the next into one matrix, so the
-result is torchvision's with fewer passes, and the per-sample order costs nothing extra.
-Hue is a rotation of the chroma plane in YIQ space (as NVIDIA DALI does) rather than an
-HSV round trip: the same hue circle, about 10x cheaper.
+``Photometric`` runs in the training process over a whole batch: colour jitter, grayscale,
+Gaussian blur, solarize and normalisation. Per view group, one draw of all its rows'
+parameters from a CPU ``torch.Generator`` seeded by ``(seed, epoch, step, rank)`` (the same
+values on every device, so exact resume holds), host-side planning in numpy, one copy of
+the per-row maps to the device, then batched tensor ops: on an accelerator every op over
+the whole group at once (a fixed number of launches, no read-back), on CPU the rows in
+cache-sized chunks. Colour jitter applies brightness, contrast, saturation and hue in a
+random order per row (as torchvision's ``ColorJitter``), each op a per-row 3x3 colour
+matrix followed by a clamp to [0, 1]; the ops whose clamp cannot change anything merge
+with the next into one matrix, so the result is torchvision's with fewer passes, and the
+per-row order costs nothing extra. Hue is a rotation of the chroma plane in YIQ space (as
+NVIDIA DALI does) rather than an HSV round trip: the same hue circle, about 10x cheaper.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import io
 import math
 import mmap
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -202,7 +208,7 @@ def decode_stored(data: bytes, min_side: int = 0) -> tuple[np.ndarray, int]:
             img = Image.open(io.BytesIO(data))
             if min_side and img.format == "JPEG":
                 img.draft("RGB", (min_side, min_side))
-            arr = np.asarray(img.convert("RGB"))
+            arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert copies even RGB
         except Exception as e:
             raise CorruptSample(f"cannot decode image: {type(e).__name__}: {e}") from None
     return arr, _orientation(data)
@@ -242,6 +248,15 @@ def sample_crop(rng: np.random.Generator, width: int, height: int, scale, ratio)
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def _read_only_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over ``a`` without a copy, also when numpy marks it read-only (Pillow's arrays): it is only read."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def crop_views(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator,
                orientation: int = 1) -> list[torch.Tensor]:
     """One uint8 (3, size, size) tensor per expanded view: random resized crop + flip of the upright image.
@@ -255,7 +270,7 @@ def crop_views(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator,
     transpose, flip_rows, flip_cols = _UPRIGHT.get(orientation, (False, False, False))
     height, width = img.shape[:2]
     up_h, up_w = (width, height) if transpose else (height, width)
-    t = torch.from_numpy(np.require(img, requirements="W")).permute(2, 0, 1)[None]  # (1, 3, H, W), HWC strides
+    t = _read_only_tensor(img).permute(2, 0, 1)[None]  # (1, 3, H, W), HWC strides
     out = []
     for v in cfg.expanded():
         x, y, w, h = sample_crop(rng, up_w, up_h, v.scale, v.ratio)
@@ -383,8 +398,9 @@ def _jitter_segments(p: PhotometricParams, scale: float, jitter: bool):
     Contrast blends towards the mean gray level of the image as it is at that point;
     inside a segment that mean is a linear function of the segment input's channel
     means, since the ops before it are linear there: a segment is ``z -> m z + v mean(z)``
-    (``mean`` per channel); ``scale`` (uint8 -> [0, 1]) rides on the first. Returns ``m`` and ``v`` (N,4,3,3) per slot (the identity after a row's
-    last segment), whether a clamp follows each slot (N,4) and the segment count (N,).
+    (``mean`` per channel); ``scale`` (uint8 -> [0, 1]) rides on the first. Returns ``m``
+    and ``v`` (N,4,3,3) per slot (the identity after a row's last segment), whether a
+    clamp follows each slot (N,4) and the segment count (N,).
     """
     n = p.order.shape[0]
     start = np.zeros((3, 6))
@@ -550,7 +566,11 @@ def _chunk_ops(P: _Plan, bounds: list[tuple[int, int]], every_row: bool) -> list
 
 
 class _Workspace:
-    """Scratch tensors kept from call to call: fresh memory costs more than the ops on it (see _OutputPool)."""
+    """Scratch tensors kept from call to call: fresh memory costs more than the ops on it (see _OutputPool).
+
+    A named buffer grows when a larger shape asks for it; views made before (``blur_views``)
+    keep the old one, so each stays consistent.
+    """
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, torch.device], torch.Tensor] = {}
