@@ -466,6 +466,7 @@ class _Plan:
     gray: np.ndarray  # (N,)
     taps: np.ndarray  # (N,) blur kernel size, 0: no blur
     solarize: np.ndarray  # (N,)
+    order: np.ndarray | None = None  # plan row i is input row order[i] (sorted plans), else the identity
 
 
 def _is_diagonal(m: np.ndarray) -> np.ndarray:
@@ -477,23 +478,30 @@ def _diagonal(m: np.ndarray) -> np.ndarray:
 
 
 def _plan(p: PhotometricParams, v: ViewConfig, scale: float, mean, std, hw: tuple[int, int],
-          device: torch.device) -> _Plan:
+          device: torch.device, sort_blocks: int = 0) -> _Plan:
+    """The plan of the rows of ``p``; with ``sort_blocks`` the rows of each block of that many
+    (a view) in the order of ``_Plan.order``: alike rows next to each other (see ``_photometric_into``)."""
     m, mv, clamp, count = _jitter_segments(p, scale, any(s > 0 for s in v.jitter))
     n = count.shape[0]
     slots = int(count.max()) if n else 0
     m, mv, clamp = m[:, :slots], mv[:, :slots] / (hw[0] * hw[1]), clamp[:, :slots]  # mv: on channel sums
-    inv_std = 1 / np.asarray(std, dtype=np.float64)
-    shift = -np.asarray(mean, dtype=np.float64) * inv_std
-    gray = p.gray_on.numpy()
-    fin = np.where(gray[:, None, None], _GRAY_ROWS, np.eye(3)) * inv_std[:, None]
-    m_fin, v_fin = fin[:, None] @ m, fin[:, None] @ mv
     # blur: each row's kernel stops at 3 sigma (taps beyond weigh < 0.3%), at the view's
     # blur_kernel_frac, and below the side (reflect padding needs pad < side)
     cap = min(int(v.blur_kernel_frac * v.size) // 2 * 2 + 1, 2 * ((min(hw) - 1) // 2) + 1)
     sigma = p.sigma.double().numpy()
     taps = np.minimum(2 * np.ceil(3 * sigma) + 1, cap).astype(np.int64)
     taps = np.where(p.blur_on.numpy() & (taps >= 3), taps, 0)
-    solarize = p.solarize_on.numpy()
+    gray, solarize = p.gray_on.numpy(), p.solarize_on.numpy()
+    order = None
+    if sort_blocks and n:  # by blur kernel, then by colour stages (segments, + 1 if the last one clamps)
+        last = np.take_along_axis(clamp, np.maximum(count - 1, 0)[:, None], 1)[:, 0] if slots else count > 0
+        order = np.lexsort((last | (count == 0), count, gray, taps, np.arange(n) // sort_blocks))
+        m, mv, clamp, count, sigma, taps, gray, solarize = (a[order] for a in
+                                                             (m, mv, clamp, count, sigma, taps, gray, solarize))
+    inv_std = 1 / np.asarray(std, dtype=np.float64)
+    shift = -np.asarray(mean, dtype=np.float64) * inv_std
+    fin = np.where(gray[:, None, None], _GRAY_ROWS, np.eye(3)) * inv_std[:, None]
+    m_fin, v_fin = fin[:, None] @ m, fin[:, None] @ mv
     blur_w = _gaussian_kernels(sigma, max(1, int(taps.max()) if n else 1), taps)
     maps = {"m": m, "d": _diagonal(m), "v": mv, "m_fin": m_fin, "d_fin": _diagonal(m_fin), "v_fin": v_fin,
             "fin": fin, "fin_d": _diagonal(fin), "shift": np.broadcast_to(shift[:, None], (n, 3, 1)), "blur_w": blur_w,
@@ -516,7 +524,7 @@ def _plan(p: PhotometricParams, v: ViewConfig, scale: float, mean, std, hw: tupl
     return _Plan(plain=plain, folded=folded, fin=(on["fin"], on["fin_d"], on["fin"]), shift=on["shift"],
                  blur_w=on["blur_w"], sol_threshold=on["sol_threshold"], sol_top=on["sol_top"], blur_host=blur_w,
                  count=count, clamp=clamp, has_v=mv.reshape(n, slots, 9).any(-1), diag=_is_diagonal(m),
-                 diag_fin=_is_diagonal(m_fin), gray=gray, taps=taps, solarize=solarize)
+                 diag_fin=_is_diagonal(m_fin), gray=gray, taps=taps, solarize=solarize, order=order)
 
 
 @dataclass
@@ -576,13 +584,14 @@ class _Workspace:
         self._bufs: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._views: dict[tuple[str, torch.device, tuple[int, ...]], torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
         view = self._views.get((name, device, shape))
         if view is None:
             numel = math.prod(shape)
             buf = self._bufs.get((name, device))
             if buf is None or buf.numel() < numel:
-                buf = self._bufs[(name, device)] = torch.empty(numel, device=device)
+                buf = self._bufs[(name, device)] = torch.empty(numel, device=device, dtype=dtype)
                 self._views = {k: t for k, t in self._views.items() if k[:2] != (name, device)}
             view = self._views[(name, device, shape)] = buf[:numel].view(shape)
         return view
@@ -715,15 +724,23 @@ def _photometric_into(x: torch.Tensor, y: torch.Tensor, P: _Plan, row0: int, eve
                       work: _Workspace) -> None:
     """The photometric ops of ``x`` (n,3,H,W uint8, or float in [0, 1]) into ``y`` (n,3,H,W float32).
 
-    Row i of ``x`` is plan row ``row0 + i``. With ``every_row`` (accelerators) the rows go
-    through as one chunk and every op runs on all of them (identity parameters where a
-    row has no such op): a fixed number of launches, no data-dependent shapes. On CPU
-    they go through in chunks of about ``CPU_CHUNK_BYTES`` of floats, each chunk through
-    colour, blur and solarize while it is in the cache, with only the ops its rows need.
+    Row i of ``x`` is plan row ``row0 + i`` (or, for a sorted plan, the plan row that names
+    it in ``P.order``). With ``every_row`` (accelerators) the rows go through as one chunk
+    and every op runs on all of them (identity parameters where a row has no such op): a
+    fixed number of launches, no data-dependent shapes. On CPU they go through in chunks of
+    about ``CPU_CHUNK_BYTES`` of floats, each chunk through colour, blur and solarize while
+    it is in the cache, with only the ops its rows need; where a chunk holds several rows,
+    the plan sorts them so that a chunk's rows need the same ops (same blur kernel, same
+    number of colour stages) and the rows go through in that order.
     """
     n, _, h, w = x.shape
     if n == 0:
         return
+    out = y
+    if P.order is not None:  # a sorted plan: gather the rows in its order, scatter the result back
+        rows = P.order[row0:row0 + n] - row0
+        x = torch.index_select(x, 0, torch.from_numpy(rows), out=work.get("sorted_in", tuple(x.shape), x.device, x.dtype))
+        y = work.get("sorted_out", tuple(y.shape), y.device)
     sizes = _chunks(n, n if every_row else CPU_CHUNK_BYTES // (3 * h * w * 4))
     starts = [row0 + sum(sizes[:i]) for i in range(len(sizes))]
     cut = _Cut(starts, sizes)
@@ -735,6 +752,8 @@ def _photometric_into(x: torch.Tensor, y: torch.Tensor, P: _Plan, row0: int, eve
             _blur(ys4[ci], P, cut, ci, a, ops, work)
         if ops.solarize:
             _solarize(ys4[ci], P, cut, ci)
+    if P.order is not None:
+        torch.index_select(y, 0, torch.from_numpy(np.argsort(rows)), out=out)
 
 
 _HUGE_PAGE = 2 << 20
@@ -860,9 +879,12 @@ class Photometric:
         """The ops of ``p`` on one view group's crops ``x`` (count x B rows); one float32 tensor per view."""
         n, _, h, w = x.shape
         dev = x.device
-        plan = _plan(p, v, 1 / 255 if x.dtype == torch.uint8 else 1.0, self.cfg.mean, self.cfg.std, (h, w), dev)
+        every_row = dev.type != "cpu" if self.every_row is None else self.every_row
         b = n // v.count
-        if dev.type != "cpu" if self.every_row is None else self.every_row:  # one pass of every op over the group
+        sort = not every_row and CPU_CHUNK_BYTES // (3 * h * w * 4) > 1  # chunks of several rows: alike rows together
+        plan = _plan(p, v, 1 / 255 if x.dtype == torch.uint8 else 1.0, self.cfg.mean, self.cfg.std, (h, w), dev,
+                     sort_blocks=b if sort else 0)
+        if every_row:  # one pass of every op over the group
             y = torch.empty(n, 3, h, w, device=dev)
             _photometric_into(x, y, plan, 0, True, self._work)
             return list(y.view(v.count, b, 3, h, w).unbind(0))
