@@ -28,8 +28,10 @@ implementation in turn (the figure least moved by other jobs on the machine), sp
 crop (decode + crops + stacking, the worker side), sampling (drawing the parameters and the
 host-side planning of the ops: everything before a pixel is touched) and photometric (the
 pixel ops); medians over the batches of ``--split-repeats`` passes, and plain decode's time
-over each implementation's total: the per-core ratio per batch. ``--profile N`` then breaks
-ours down per image: decode, crops, stacking, and the photometric ops with parts switched off.
+over each implementation's total: the per-core ratio. ``--ops`` counts the torch ops and the
+host arrays sent to the device per photometric call in the accelerator form (on CPU), and
+``--profile N`` breaks ours down per image: decode, crops, stacking, and the photometric ops
+with parts of the recipe switched off.
 """
 
 from __future__ import annotations
@@ -232,6 +234,52 @@ def profile(blobs: list[bytes], args: argparse.Namespace, repeats: int) -> dict[
     return out
 
 
+def accelerator_ops(impls: dict[str, Impl], batches: tuple[int, ...]) -> dict[str, dict[int, tuple[int, int]]]:
+    """Per implementation and batch size: torch ops dispatched and host arrays sent to the device
+    (``torch.from_numpy`` calls) by one photometric call in its accelerator form, run here on CPU.
+    Ours: ``every_row``; an older ``augment.py``: each view one chunk (what it did on CUDA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for name, impl in impls.items():
+        grouped = "every_row" in inspect.signature(impl.mod.Photometric).parameters
+        saved = getattr(impl.mod, "CPU_CHUNK_BYTES", None)
+        if not grouped:
+            impl.mod.CPU_CHUNK_BYTES = 1 << 40
+        ph = impl.mod.Photometric(impl.cfg, every_row=True) if grouped else impl.mod.Photometric(impl.cfg)
+        out[name] = {}
+        real_from_numpy = torch.from_numpy
+        try:
+            for b in batches:
+                views = [torch.randint(0, 256, (v.count * b if grouped else b, 3, v.size, v.size), dtype=torch.uint8)
+                         for v in (impl.cfg.views if grouped else impl.cfg.expanded())]
+                ph(views, seed=0, epoch=0, step=0, rank=0)  # warm-up: workspace
+                sent = [0]
+
+                def counting(a, sent=sent):
+                    sent[0] += 1
+                    return real_from_numpy(a)
+                torch.from_numpy = counting
+                with Count() as c:
+                    ph(views, seed=0, epoch=0, step=1, rank=0)
+                torch.from_numpy = real_from_numpy
+                out[name][b] = (c.ops, sent[0])
+        finally:
+            torch.from_numpy = real_from_numpy
+            if saved is not None:
+                impl.mod.CPU_CHUNK_BYTES = saved
+    return out
+
+
 def load_baseline(root: Path) -> ModuleType:
     """The ``seerlike/data/augment.py`` under ``root`` as a module of its own (it imports no other seerlike module)."""
     path = root / "seerlike" / "data" / "augment.py"
@@ -278,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-small", type=int, default=6)
     ap.add_argument("--baseline", type=Path, default=None, help="a checkout whose augment.py runs alongside ours")
     ap.add_argument("--split-repeats", type=int, default=3, help="passes for the per-batch split (0: skip it)")
+    ap.add_argument("--ops", action="store_true",
+                    help="also count torch ops and host->device arrays per batch in the accelerator form (batch 16 and 64)")
     ap.add_argument("--profile", type=int, default=0, metavar="REPEATS",
                     help="also print where ours spends its time per image (minimum over REPEATS passes)")
     args = ap.parse_args(argv)
@@ -337,6 +387,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name:10s} {r['crop']:8.1f} {r['sampling']:9.2f} {r['photometric']:12.1f} {r['total']:8.1f} "
                   f"{r['vs_decode']:9.0%}")
         result["split"] = res
+    if args.ops:
+        result["ops"] = accelerator_ops(impls, (16, 64))
+        print("\naccelerator form, per photometric call (batch: torch ops dispatched / host arrays sent to the device)")
+        for name, per_batch in result["ops"].items():
+            print(f"{name:10s} " + "   ".join(f"batch {b}: {o} / {h}" for b, (o, h) in per_batch.items()))
     if args.profile:
         print(f"\nours, CPU ms per image (minimum over {args.profile} passes)")
         result["profile"] = profile(blobs, args, args.profile)
