@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--baseline", type=Path, default=None, help="a checkout whose augment.py runs alongside ours")
     ap.add_argument("--split-repeats", type=int, default=3, help="passes for the per-batch split (0: skip it)")
     ap.add_argument("--ops", action="store_true",
-                    help="also count torch ops and host->device arrays per batch in the accelerator form (batch 16 and 64)")
+                    help="count torch ops and host->device arrays per call in the accelerator form (batch 16, 64)")
     ap.add_argument("--profile", type=int, default=0, metavar="REPEATS",
                     help="also print where ours spends its time per image (minimum over REPEATS passes)")
     args = ap.parse_args(argv)

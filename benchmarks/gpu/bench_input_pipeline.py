@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
                 (args.out / f"{run_dir.name}.log").write_text(log)
                 results[f"{method}/{variant}"] = summarise(run_dir, args.warmup) if ok else {"error": log[-500:]}
                 print(method, variant, results[f"{method}/{variant}"], flush=True)
-    lines = [f"| method (batch {args.batch}, bf16, channels_last) | variant | images/s | vs compute | data wait | step s |",
+    lines = [f"| method (batch {args.batch}, bf16, channels_last) | variant | images/s | vs compute | data wait "
+             "| step s |",
              "|---|---|---|---|---|---|"]
     for method in args.methods:
         base = results[f"{method}/compute"].get("images_per_s")

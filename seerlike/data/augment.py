@@ -505,7 +505,8 @@ def _plan(p: PhotometricParams, v: ViewConfig, scale: float, mean, std, hw: tupl
     blur_w = _gaussian_kernels(sigma, max(1, int(taps.max()) if n else 1), taps)
     maps = {"m": m, "d": _diagonal(m), "v": mv, "m_fin": m_fin, "d_fin": _diagonal(m_fin), "v_fin": v_fin,
             "fin": fin, "fin_d": _diagonal(fin), "shift": np.broadcast_to(shift[:, None], (n, 3, 1)), "blur_w": blur_w,
-            "sol_threshold": np.where(solarize[:, None], v.solarize_threshold * inv_std + shift, np.inf)[..., None, None],
+            "sol_threshold": np.where(solarize[:, None], v.solarize_threshold * inv_std + shift,
+                                      np.inf)[..., None, None],
             "sol_top": np.broadcast_to((inv_std + 2 * shift)[:, None, None], (n, 3, 1, 1))}
     # one table, one copy to the device (asynchronous from pinned memory on CUDA)
     table = np.empty((n, sum(math.prod(t.shape[1:]) for t in maps.values())), dtype=np.float32)
@@ -544,7 +545,7 @@ class _ChunkOps:
 
 
 def _chunk_ops(P: _Plan, bounds: list[tuple[int, int]], every_row: bool) -> list[_ChunkOps]:
-    """Per chunk (``bounds``: consecutive plan rows), the ops its rows need; numpy reductions over all chunks at once."""
+    """Per chunk (``bounds``: consecutive plan rows), the ops its rows need: numpy reductions over all chunks."""
     lo, hi = bounds[0][0], bounds[-1][1]
     starts = np.array([a for a, _ in bounds]) - lo
     sizes = np.array([b - a for a, b in bounds])
@@ -739,7 +740,8 @@ def _photometric_into(x: torch.Tensor, y: torch.Tensor, P: _Plan, row0: int, eve
     out = y
     if P.order is not None:  # a sorted plan: gather the rows in its order, scatter the result back
         rows = P.order[row0:row0 + n] - row0
-        x = torch.index_select(x, 0, torch.from_numpy(rows), out=work.get("sorted_in", tuple(x.shape), x.device, x.dtype))
+        x = torch.index_select(x, 0, torch.from_numpy(rows),
+                               out=work.get("sorted_in", tuple(x.shape), x.device, x.dtype))
         y = work.get("sorted_out", tuple(y.shape), y.device)
     sizes = _chunks(n, n if every_row else CPU_CHUNK_BYTES // (3 * h * w * 4))
     starts = [row0 + sum(sizes[:i]) for i in range(len(sizes))]
@@ -780,11 +782,11 @@ class _OutputPool:
     """Float32 CPU outputs whose memory is reused once no tensor holds it any more.
 
     A batch's output is new memory every step, and on the KVM guest measured here
-    faulting fresh pages in costs about 0.4 ms per MB (2 MiB pages included), more than
-    all the arithmetic on it (docs/benchmarks.md, "Multi-crop augmentation"). A buffer
-    is handed out again only when the weak reference to the storage over it is dead,
-    i.e. no tensor (view, autograd's saved input, ...) uses it; at most ``keep`` buffers
-    of each size are kept (two batches' worth: the one in use and the next).
+    faulting fresh pages in costs ~0.8 ms per MB (~0.4 with 2 MiB pages), more than all
+    the arithmetic on it (docs/benchmarks.md, "Multi-crop augmentation per view group").
+    A buffer is handed out again only when the weak reference to the storage over it is
+    dead, i.e. no tensor (view, autograd's saved input, ...) uses it; at most ``keep``
+    buffers of each size are kept (two batches' worth: the one in use and the next).
     """
 
     def __init__(self) -> None:

@@ -373,7 +373,8 @@ def _reference_row(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, i: int,
         z = F.conv2d(padded, (w[:, None] * w[None]).expand(3, 1, taps, taps), groups=3)[0]
     if p.solarize_on[i]:
         z = torch.where(z >= v.solarize_threshold, 1 - z, z)
-    return (z - torch.tensor(mean, dtype=torch.float64)[:, None, None]) / torch.tensor(std, dtype=torch.float64)[:, None, None]
+    mean, std = (torch.tensor(t, dtype=torch.float64)[:, None, None] for t in (mean, std))
+    return (z - mean) / std
 
 
 @pytest.mark.parametrize("every_row", [False, True])  # CPU chunks / the accelerator form, run on CPU
