@@ -56,7 +56,7 @@ fi
 
 if want input; then
     # 2 methods x 3 runs (compute only, photometric on the GPU, photometric on the host), each a fresh
-    # process: ~25 s apiece on an H100 with 60 steps; workers = cores - 2
+    # process (estimated 20-30 s apiece on an H100 with 60 steps: not yet run); workers = cores - 2
     echo "== bench_input_pipeline" | tee "$OUT/input.log"
     mkdir -p "$OUT/input"
     timeout -k 10 "$(left 200)" python3 benchmarks/gpu/bench_input_pipeline.py --out "$OUT/input" --timeout 60 \
