@@ -2,7 +2,15 @@
 # The CUDA tests and benchmarks in one go, on a bare GPU machine that has torch but not all of
 # our dependencies. Run from the repository root:
 #
-#   bash benchmarks/gpu/run_device.sh [SECONDS]      # default 450: the whole run's time box
+#   bash benchmarks/gpu/run_device.sh [SECONDS] [SECTIONS]   # default 450 s: the whole run's time box
+#
+# SECTIONS (default all, in this order): tests input engine photometric e2e unit
+#   tests        pytest -m gpu tests/gpu tests/unit (the CUDA tier)
+#   input        bench_input_pipeline.py: seerlike train images/s vs the compute-only step and the
+#                data-wait fraction, SwAV / BYOL ResNet-50, bf16 channels_last, synthesised JPEGs,
+#                photometric ops on the GPU vs on the host CPU (results.md / results.json in $OUT/input)
+#   engine       bench_engine.py --cuda;  photometric  bench_photometric_cuda.py
+#   e2e          seerlike train swav_resnet50 on cifar10-dev;  unit  the CPU unit tests on this machine
 #
 # Expects our missing dependencies as wheels in .whl/ (simplejpeg, webdataset, braceexpand,
 # faiss-cpu, submitit; torch is NOT installed: the machine's own build is used, and the
@@ -11,6 +19,8 @@
 # .devdata/. Logs and the tests' junit XML go to $OUT (default /tmp/seerlike-gpu).
 set -uo pipefail
 END=$((SECONDS + ${1:-450}))
+SECTIONS=" ${2:-tests input engine photometric e2e unit} "
+want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/seerlike-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -38,26 +48,46 @@ fi
     nproc
 } 2>&1 | tee "$OUT/env.log"
 
-echo "== CUDA tests" | tee "$OUT/tests_gpu.log"
-timeout -k 10 "$(left 220)" python3 -m pytest -q -m gpu tests/gpu tests/unit -p no:cacheprovider \
-    -o junit_family=xunit1 --junitxml="$OUT/tests_gpu.xml" 2>&1 | tee -a "$OUT/tests_gpu.log"
+if want tests; then
+    echo "== CUDA tests" | tee "$OUT/tests_gpu.log"
+    timeout -k 10 "$(left 220)" python3 -m pytest -q -m gpu tests/gpu tests/unit -p no:cacheprovider \
+        -o junit_family=xunit1 --junitxml="$OUT/tests_gpu.xml" 2>&1 | tee -a "$OUT/tests_gpu.log"
+fi
 
-echo "== bench_engine --cuda" | tee "$OUT/bench_engine.log"
-timeout -k 10 "$(left 150)" python3 benchmarks/bench_engine.py --cuda 2>&1 | tee -a "$OUT/bench_engine.log"
-echo "== bench_photometric_cuda" | tee "$OUT/bench_photometric.log"
-timeout -k 10 "$(left 60)" python3 benchmarks/bench_photometric_cuda.py 2>&1 | tee -a "$OUT/bench_photometric.log"
+if want input; then
+    # 2 methods x 3 runs (compute only, photometric on the GPU, photometric on the host), each a fresh
+    # process (estimated 20-30 s apiece on an H100 with 60 steps: not yet run); workers = cores - 2
+    echo "== bench_input_pipeline" | tee "$OUT/input.log"
+    mkdir -p "$OUT/input"
+    timeout -k 10 "$(left 200)" python3 benchmarks/gpu/bench_input_pipeline.py --out "$OUT/input" --timeout 60 \
+        2>&1 | tee -a "$OUT/input.log"
+fi
 
-# the paper recipe end to end (DDP world 1 = plain module, fp16 + loss scaler, 2x224 + 6x96 crops)
-# on the CIFAR-dev images: 32 px sources, so decoding is cheap and the crops are upsampled
-echo "== seerlike train --recipe swav_resnet50, 40 steps" | tee "$OUT/e2e.log"
-RUN=$(mktemp -d)
-timeout -k 10 "$(left 90)" python3 -m seerlike train --recipe swav_resnet50 --data ../shared/data/cifar10-dev/train \
-    --run-dir "$RUN" --nproc 1 --max-steps 40 optim.warmup_steps=0 data.num_workers=12 loop.log_every=10 \
-    loop.progress=false loop.tensorboard=false checkpoint.every_steps=1000 2>&1 | tail -5 | tee -a "$OUT/e2e.log"
-cat "$RUN/metrics.jsonl" | tee -a "$OUT/e2e.log"
+if want engine; then
+    echo "== bench_engine --cuda" | tee "$OUT/bench_engine.log"
+    timeout -k 10 "$(left 150)" python3 benchmarks/bench_engine.py --cuda 2>&1 | tee -a "$OUT/bench_engine.log"
+fi
+if want photometric; then
+    echo "== bench_photometric_cuda" | tee "$OUT/bench_photometric.log"
+    timeout -k 10 "$(left 60)" python3 benchmarks/bench_photometric_cuda.py 2>&1 | tee -a "$OUT/bench_photometric.log"
+fi
 
-echo "== unit tests on the GPU machine" | tee "$OUT/tests_unit.log"
-timeout -k 10 "$(left 600)" python3 -m pytest -q -n 8 -m "not gpu" tests/unit -p no:cacheprovider \
-    >>"$OUT/tests_unit.log" 2>&1
-tail -40 "$OUT/tests_unit.log"
+if want e2e; then
+    # the paper recipe end to end (DDP world 1 = plain module, fp16 + loss scaler, 2x224 + 6x96 crops)
+    # on the CIFAR-dev images: 32 px sources, so decoding is cheap and the crops are upsampled
+    echo "== seerlike train --recipe swav_resnet50, 40 steps" | tee "$OUT/e2e.log"
+    RUN=$(mktemp -d)
+    timeout -k 10 "$(left 90)" python3 -m seerlike train --recipe swav_resnet50 --data ../shared/data/cifar10-dev/train \
+        --run-dir "$RUN" --nproc 1 --max-steps 40 optim.warmup_steps=0 data.num_workers=12 loop.log_every=10 \
+        loop.progress=false loop.tensorboard=false checkpoint.every_steps=1000 2>&1 | tail -5 | tee -a "$OUT/e2e.log"
+    cat "$RUN/metrics.jsonl" | tee -a "$OUT/e2e.log"
+fi
+
+if want unit; then
+    echo "== unit tests on the GPU machine" | tee "$OUT/tests_unit.log"
+    timeout -k 10 "$(left 600)" python3 -m pytest -q -n 8 -m "not gpu" tests/unit -p no:cacheprovider \
+        >>"$OUT/tests_unit.log" 2>&1
+    tail -40 "$OUT/tests_unit.log"
+fi
+
 echo "done in $SECONDS s"

@@ -3,17 +3,22 @@
 ``crop_sample`` runs in a DataLoader worker: decode the image at the smallest size the
 crops need (simplejpeg ``min_width/min_height`` or Pillow ``draft``), then per view a
 random resized crop and a flip, resized on uint8 (torch's antialiased bilinear, as
-Pillow's). Its randomness comes from ``hash(seed, epoch, key)``, never from global RNG state.
+Pillow's) and turned upright after the resize (EXIF orientation). Its randomness comes from
+``hash(seed, epoch, key)``, never from global RNG state. ``stack_views`` hands over one
+uint8 tensor per view group.
 
-``Photometric`` runs on the training device over a whole batch: colour jitter, grayscale,
-Gaussian blur, solarize and normalisation as batched tensor ops, with randomness from a
-``torch.Generator`` seeded by ``(seed, epoch, step, rank)``. Colour jitter applies
-brightness, contrast, saturation and hue in a random order per sample (as torchvision's
-``ColorJitter``), each op a per-sample 3x3 colour matrix followed by a clamp to [0, 1];
-the ops whose clamp cannot change anything merge with the next into one matrix, so the
-result is torchvision's with fewer passes, and the per-sample order costs nothing extra.
-Hue is a rotation of the chroma plane in YIQ space (as NVIDIA DALI does) rather than an
-HSV round trip: the same hue circle, about 10x cheaper.
+``Photometric`` runs in the training process over a whole batch: colour jitter, grayscale,
+Gaussian blur, solarize and normalisation. Per view group, one draw of all its rows'
+parameters from a CPU ``torch.Generator`` seeded by ``(seed, epoch, step, rank)`` (the same
+values on every device, so exact resume holds), host-side planning in numpy, one copy of
+the per-row maps to the device, then batched tensor ops: on an accelerator every op over
+the whole group at once (a fixed number of launches, no read-back), on CPU the rows in
+cache-sized chunks. Colour jitter applies brightness, contrast, saturation and hue in a
+random order per row (as torchvision's ``ColorJitter``), each op a per-row 3x3 colour
+matrix followed by a clamp to [0, 1]; the ops whose clamp cannot change anything merge
+with the next into one matrix, so the result is torchvision's with fewer passes, and the
+per-row order costs nothing extra. Hue is a rotation of the chroma plane in YIQ space (as
+NVIDIA DALI does) rather than an HSV round trip: the same hue circle, about 10x cheaper.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import mmap
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +36,8 @@ import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from sharding.process import jpeg_orientation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -151,11 +161,11 @@ def stable_seed(*parts: object) -> int:
 
 # ---------------------------------------------------------------- decode (worker side)
 
-_EXIF_TRANSPOSE = {2: [Image.FLIP_LEFT_RIGHT], 3: [Image.ROTATE_180], 4: [Image.FLIP_TOP_BOTTOM],
-                   5: [Image.TRANSPOSE], 6: [Image.ROTATE_270], 7: [Image.TRANSVERSE], 8: [Image.ROTATE_90]}
-
-
 def _orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8): JPEGs by a walk over their segment headers (the ingest's
+    parser, ~100x cheaper than opening the image), other formats through Pillow."""
+    if data[:2] == b"\xff\xd8":
+        return jpeg_orientation(data)
     if b"Exif" not in data[:65536]:
         return 1
     try:
@@ -164,18 +174,21 @@ def _orientation(data: bytes) -> int:
         return 1
 
 
+# per EXIF orientation, what turns the stored pixels upright: (transpose, flip rows, flip columns), in that order
+_UPRIGHT = {2: (False, False, True), 3: (False, True, True), 4: (False, True, False), 5: (True, False, False),
+            6: (True, False, True), 7: (True, True, True), 8: (True, True, False)}
+
+
 def _orient_array(a: np.ndarray, orientation: int) -> np.ndarray:
     """EXIF orientation on an (H, W, 3) array, as Pillow's exif_transpose does it."""
-    ops = {2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
-           5: lambda x: x.transpose(1, 0, 2), 6: lambda x: np.rot90(x, -1), 7: lambda x: np.rot90(x, -1)[::-1],
-           8: lambda x: np.rot90(x, 1)}
-    if orientation not in ops:
-        return a
-    return np.ascontiguousarray(ops[orientation](a))
+    transpose, flip_rows, flip_cols = _UPRIGHT.get(orientation, (False, False, False))
+    if transpose:
+        a = a.transpose(1, 0, 2)
+    return np.ascontiguousarray(a[::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
 
 
-def decode_array(data: bytes, min_side: int = 0) -> np.ndarray:
-    """RGB uint8 (H, W, 3), EXIF-oriented, decoded at reduced size when the shorter side allows it.
+def decode_stored(data: bytes, min_side: int = 0) -> tuple[np.ndarray, int]:
+    """RGB uint8 (H, W, 3) as stored, decoded at reduced size when the shorter side allows it, and its EXIF orientation.
 
     JPEG goes through simplejpeg (libjpeg-turbo DCT scaling: the smallest of 1/8..1 keeping
     both sides >= ``min_side``), anything else (PNG, CMYK JPEG, ...) through Pillow (with
@@ -195,10 +208,15 @@ def decode_array(data: bytes, min_side: int = 0) -> np.ndarray:
             img = Image.open(io.BytesIO(data))
             if min_side and img.format == "JPEG":
                 img.draft("RGB", (min_side, min_side))
-            arr = np.asarray(img.convert("RGB"))
+            arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert copies even RGB
         except Exception as e:
             raise CorruptSample(f"cannot decode image: {type(e).__name__}: {e}") from None
-    return _orient_array(arr, _orientation(data))
+    return arr, _orientation(data)
+
+
+def decode_array(data: bytes, min_side: int = 0) -> np.ndarray:
+    """:func:`decode_stored`, turned upright (EXIF orientation applied)."""
+    return _orient_array(*decode_stored(data, min_side))
 
 
 def decode(data: bytes, min_side: int = 0) -> Image.Image:
@@ -230,35 +248,63 @@ def sample_crop(rng: np.random.Generator, width: int, height: int, scale, ratio)
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def crop_views(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> list[torch.Tensor]:
-    """One uint8 (3, size, size) tensor per expanded view: random resized crop + flip.
+def _read_only_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over ``a`` without a copy, also when numpy marks it read-only (Pillow's arrays): it is only read."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
+
+def crop_views(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator,
+               orientation: int = 1) -> list[torch.Tensor]:
+    """One uint8 (3, size, size) tensor per expanded view: random resized crop + flip of the upright image.
+
+    ``img`` is as stored, with its EXIF ``orientation``: each crop is drawn in upright
+    coordinates, cut from the stored pixels and turned upright after the resize (which
+    commutes with flips and transposes), so the whole image is never copied to turn it.
     The resize is torch's antialiased bilinear on uint8 (its AVX2 path, made to match
     Pillow's), about 2x faster than Pillow's own on these sizes.
     """
+    transpose, flip_rows, flip_cols = _UPRIGHT.get(orientation, (False, False, False))
     height, width = img.shape[:2]
-    t = torch.from_numpy(np.require(img, requirements="W")).permute(2, 0, 1)[None]  # (1, 3, H, W), HWC strides
+    up_h, up_w = (width, height) if transpose else (height, width)
+    t = _read_only_tensor(img).permute(2, 0, 1)[None]  # (1, 3, H, W), HWC strides
     out = []
     for v in cfg.expanded():
-        x, y, w, h = sample_crop(rng, width, height, v.scale, v.ratio)
-        view = F.interpolate(t[:, :, y:y + h, x:x + w], size=(v.size, v.size), mode="bilinear",
-                             antialias=True, align_corners=False)[0]
-        if rng.random() < v.flip_p:
-            view = view.flip(-1)
-        out.append(view)
+        x, y, w, h = sample_crop(rng, up_w, up_h, v.scale, v.ratio)
+        if flip_rows:  # the box in the transposed-only frame
+            y = up_h - y - h
+        if flip_cols:
+            x = up_w - x - w
+        box = t[:, :, x:x + w, y:y + h] if transpose else t[:, :, y:y + h, x:x + w]
+        view = F.interpolate(box, size=(v.size, v.size), mode="bilinear", antialias=True, align_corners=False)[0]
+        if transpose:
+            view = view.transpose(1, 2)
+        flips = [d for d, f in ((1, flip_rows), (2, flip_cols != (rng.random() < v.flip_p))) if f]
+        out.append((view.flip(flips) if flips else view).contiguous())
     return out
 
 
 def crop_sample(data: bytes, key: str, cfg: AugmentConfig, seed: int, epoch: int) -> list[torch.Tensor]:
     """Decode one image and cut its views; deterministic in (seed, epoch, key)."""
-    img = decode_array(data, cfg.min_decode_side())
+    img, orientation = decode_stored(data, cfg.min_decode_side())
     rng = np.random.Generator(np.random.PCG64(stable_seed(seed, epoch, key)))
-    return crop_views(img, cfg, rng)
+    return crop_views(img, cfg, rng, orientation)
 
 
-def stack_views(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Per view, the (B, 3, S, S) contiguous uint8 batch of the samples' crops."""
-    return [torch.stack([s[v] for s in samples]).contiguous() for v in range(len(samples[0]))]
+def stack_views(samples: list[list[torch.Tensor]], cfg: AugmentConfig) -> list[torch.Tensor]:
+    """Per view group, the (count x B, 3, S, S) uint8 batch of the samples' crops, view-major.
+
+    What a worker hands over: one tensor per view group, so that the training process
+    moves and augments each group as a whole (``Photometric``).
+    """
+    out, first = [], 0
+    for v in cfg.views:
+        out.append(torch.stack([s[j] for j in range(first, first + v.count) for s in samples]))
+        first += v.count
+    return out
 
 
 # ---------------------------------------------------------------- eval transform (worker side)
@@ -278,44 +324,51 @@ def center_view(data: bytes, size: int, resize: int) -> np.ndarray:
 
 @dataclass
 class PhotometricParams:
-    """Per-sample parameters of one view of a batch (for tests and inspection)."""
+    """Per-row parameters of one view group of a batch (rows view-major: view 0's samples, then view 1's, ...)."""
 
-    jitter_on: torch.Tensor  # (B,) bool
-    factors: torch.Tensor  # (B, 4): brightness, contrast, saturation factors; hue shift
-    order: torch.Tensor  # (B, 4) permutation of 0..3
-    gray_on: torch.Tensor  # (B,) bool
-    blur_on: torch.Tensor  # (B,) bool
-    sigma: torch.Tensor  # (B,)
-    solarize_on: torch.Tensor  # (B,) bool
+    jitter_on: torch.Tensor  # (N,) bool
+    factors: torch.Tensor  # (N, 4): brightness, contrast, saturation factors; hue shift
+    order: torch.Tensor  # (N, 4) permutation of 0..3
+    gray_on: torch.Tensor  # (N,) bool
+    blur_on: torch.Tensor  # (N,) bool
+    sigma: torch.Tensor  # (N,)
+    solarize_on: torch.Tensor  # (N,) bool
 
 
 def sample_photometric(v: ViewConfig, n: int, gen: torch.Generator, random_order: bool) -> PhotometricParams:
-    def u(lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+    """Parameters of ``n`` rows from one draw of ``gen``: an (n, 13) block of uniforms, one column per parameter.
 
+    Factors are uniform in [max(0, 1 - s), 1 + s], the hue shift in [-h, h], sigma in
+    ``blur_sigma``; the jitter order is the argsort of four uniforms (a uniformly random
+    permutation per row); each flag is a uniform below its probability.
+    """
+    u = torch.rand(n, 13, generator=gen, dtype=torch.float64)
     b, c, s, h = v.jitter
-    factors = torch.stack([u(max(0.0, 1 - b), 1 + b), u(max(0.0, 1 - c), 1 + c), u(max(0.0, 1 - s), 1 + s), u(-h, h)], 1)
-    if random_order:
-        order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)
-    else:
-        order = torch.arange(4).expand(n, 4).clone()
+    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], dtype=torch.float64)
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h], dtype=torch.float64)
+    order = torch.argsort(u[:, 5:9], dim=1) if random_order else torch.arange(4).expand(n, 4).clone()
+    s_lo, s_hi = v.blur_sigma
     return PhotometricParams(
-        jitter_on=torch.rand(n, generator=gen) < v.jitter_p,
-        factors=factors.float(),
+        jitter_on=u[:, 0] < v.jitter_p,
+        factors=(lo + u[:, 1:5] * (hi - lo)).float(),
         order=order,
-        gray_on=torch.rand(n, generator=gen) < v.grayscale_p,
-        blur_on=torch.rand(n, generator=gen) < v.blur_p,
-        sigma=u(*v.blur_sigma).float(),
-        solarize_on=torch.rand(n, generator=gen) < v.solarize_p,
+        gray_on=u[:, 9] < v.grayscale_p,
+        blur_on=u[:, 10] < v.blur_p,
+        sigma=(s_lo + u[:, 11] * (s_hi - s_lo)).float(),
+        solarize_on=u[:, 12] < v.solarize_p,
     )
 
 
+_GRAY_ROWS = np.ones((3, 1)) * np.asarray(GRAY)  # every channel := the gray level
 _YIQ_FROM_RGB = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _RGB_FROM_YIQ = np.linalg.inv(_YIQ_FROM_RGB)
+# hue by theta = _HUE[0] + cos(theta) _HUE[1] + sin(theta) _HUE[2]: the YIQ chroma rotation in RGB
+_HUE = np.stack([_RGB_FROM_YIQ @ r @ _YIQ_FROM_RGB for r in
+                 (np.diag([1.0, 0, 0]), np.diag([0, 1.0, 1]), np.array([[0, 0, 0], [0, 0, -1.0], [0, 1, 0]]))])
 
 
 def _jitter_ops(p: PhotometricParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per sample and position: the op's colour matrix (B,4,3,3), contrast weight (B,4) and clamp need (B,4).
+    """Per row and position: the op's colour matrix (N,4,3,3), contrast weight (N,4) and clamp need (N,4).
 
     Contrast is ``f * x + (1 - f) * mean(gray(x))``: the matrix holds ``f``, the weight
     ``1 - f`` multiplies the image's mean gray level, known only when the op runs. Hue
@@ -325,241 +378,521 @@ def _jitter_ops(p: PhotometricParams) -> tuple[np.ndarray, np.ndarray, np.ndarra
     combination with a gray level in [0, 1]).
     """
     order = p.order.numpy()
-    op = np.where(p.jitter_on.numpy()[:, None], order, -1)[..., None, None]  # (B, 4, 1, 1), -1: no op
-    f = np.take_along_axis(p.factors.double().numpy(), order, 1)[..., None, None]
-    theta = 2 * math.pi * f[..., 0, 0]
-    cos, sin = np.cos(theta), np.sin(theta)
-    rot = np.zeros(theta.shape + (3, 3))
-    rot[..., 0, 0], rot[..., 1, 1], rot[..., 1, 2], rot[..., 2, 1], rot[..., 2, 2] = 1, cos, -sin, sin, cos
-    eye, gray = np.eye(3), np.asarray(GRAY)
-    hue = _RGB_FROM_YIQ @ rot @ _YIQ_FROM_RGB
-    m = np.select([op < 0, op <= 1, op == 2], [eye, f * eye, f * eye + (1 - f) * gray], hue)
+    op = np.where(p.jitter_on.numpy()[:, None], order, -1)  # (N, 4), -1: no op
+    f = np.take_along_axis(p.factors.double().numpy(), order, 1)
+    theta = 2 * math.pi * f
+    hue = _HUE[0] + np.cos(theta)[..., None, None] * _HUE[1] + np.sin(theta)[..., None, None] * _HUE[2]
+    scale = np.where(op < 0, 1.0, f)[..., None, None]  # brightness, contrast, saturation: f I (+ (1 - f) G)
+    m = np.where((op == 3)[..., None, None], hue,
+                 scale * np.eye(3) + np.where(op == 2, 1 - f, 0.0)[..., None, None] * _GRAY_ROWS)
     clamps = ((op == 3) & (f != 0)) | ((op >= 0) & (op <= 2) & (f > 1))
-    return m, np.where(op == 1, 1 - f, 0.0)[..., 0, 0], clamps[..., 0, 0]
+    return m, np.where(op == 1, 1 - f, 0.0), clamps
 
 
-@dataclass
-class _Segments:
-    """Colour jitter as per-sample affine maps ``z -> m @ z + v @ mean(z)``, each then clamped to [0, 1].
-
-    Slot ``s`` holds each sample's s-th segment (the identity once it has no more);
-    ``clamp[i, s]`` says whether the clamp after it can change anything. The only
-    constant term is contrast's blend towards a mean gray level, hence ``v``.
-    """
-
-    m: np.ndarray  # (B, S, 3, 3)
-    v: np.ndarray  # (B, S, 3, 3): dependence on the segment input's channel means
-    clamp: np.ndarray  # (B, S) bool
-    count: np.ndarray  # (B,) segments per sample
-
-
-def _jitter_segments(p: PhotometricParams, scale: float, jitter: bool) -> _Segments:
-    """Compose each sample's jitter ops into as few clamped affine maps as keep torchvision's result.
+def _jitter_segments(p: PhotometricParams, scale: float, jitter: bool):
+    """Each row's jitter ops composed into as few clamped affine maps as keep torchvision's result.
 
     torchvision clamps to [0, 1] after every jitter op; where that clamp cannot change
     anything (:func:`_jitter_ops`) the op merges with the next one into one matrix, so a
-    sample's four ops become one to four segments (2.9 on average at SwAV's strengths).
+    row's four ops become one to four segments (2.9 on average at SwAV's strengths).
     Contrast blends towards the mean gray level of the image as it is at that point;
     inside a segment that mean is a linear function of the segment input's channel
-    means, since the ops before it are linear there. A segment is built as the 3 x 6
-    matrix ``[m | v]`` acting on ``[z; mean(z)]``. ``scale`` (uint8 -> [0, 1]) rides on
-    the first segment.
+    means, since the ops before it are linear there: a segment is ``z -> m z + v mean(z)``
+    (``mean`` per channel); ``scale`` (uint8 -> [0, 1]) rides on the first. Returns ``m``
+    and ``v`` (N,4,3,3) per slot (the identity after a row's last segment), whether a
+    clamp follows each slot (N,4) and the segment count (N,).
     """
     n = p.order.shape[0]
     start = np.zeros((3, 6))
     start[:, :3] = np.eye(3)
-    t = np.broadcast_to(start, (n, 3, 6)).copy()
-    t[:, :, :3] *= scale
+    t = np.broadcast_to(start * scale, (n, 3, 6)).copy()  # the segment under construction: [m | v]
     segs = np.broadcast_to(start, (n, 4, 3, 6)).copy()
     done = np.zeros(n, dtype=np.int64)
     jittered = p.jitter_on.numpy() & jitter
     pending = jittered | (scale != 1.0)  # a segment under construction that is not the identity
     if jittered.any():
         ops, weights, clamps = _jitter_ops(p)
-        to_mean = np.zeros((6, 6))  # t @ to_mean: the mean of the current image, [0 | m + v]
-        to_mean[:3, 3:] = to_mean[3:, 3:] = np.eye(3)
-        contrast = weights[..., None, None] * (np.ones((3, 1)) * np.asarray(GRAY))  # w 1 gray^T
+        weights = weights[..., None, None] * _GRAY_ROWS[0]  # (N, 4, 1, 3): w gray^T
         for pos in range(4):
-            t = ops[:, pos] @ t + contrast[:, pos] @ t @ to_mean
+            # the op: a z + w 1 gray^T mean(current image), and mean(current image) = (m + v) mean(z)
+            mean_gray = weights[:, pos] @ (t[:, :, :3] + t[:, :, 3:])  # (N, 1, 3)
+            t = ops[:, pos] @ t
+            t[:, :, 3:] += mean_gray
             i = np.flatnonzero(clamps[:, pos])
             segs[i, done[i]] = t[i]
-            done += clamps[:, pos]
-            t = np.where(clamps[:, pos, None, None], start, t)
+            done[i] += 1
+            t[i] = start
         pending &= ~jittered | ~clamps[:, 3]
     i = np.flatnonzero(pending)
     segs[i, done[i]] = t[i]
-    return _Segments(segs[..., :3], segs[..., 3:], np.arange(4) < done[:, None], done + pending)
+    return segs[..., :3], segs[..., 3:], np.arange(4) < done[:, None], done + pending
 
 
-def _index_chunks(idx: np.ndarray, size: int, dev: torch.device):
-    """``idx`` in pieces of ``size``: a slice where a piece is consecutive (views, no copies), else an index tensor."""
-    for lo in range(0, len(idx), size):
-        part = idx[lo:lo + size]
-        if part[-1] - part[0] == len(part) - 1 and (len(part) == 1 or bool((np.diff(part) == 1).all())):
-            yield slice(int(part[0]), int(part[0]) + len(part))
-        else:
-            yield torch.from_numpy(part).to(dev)
+def _gaussian_kernels(sigma: np.ndarray, k: int, taps: np.ndarray) -> np.ndarray:
+    """(N, k) normalised Gaussian kernels, row i cut to its centre ``taps[i]`` (odd, <= k); taps < 3: the identity."""
+    x = np.arange(k) - (k - 1) / 2
+    w = np.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
+    w = np.where(np.abs(x[None]) <= (np.maximum(taps, 1)[:, None] - 1) // 2, w, 0.0)
+    w = w / w.sum(1, keepdims=True)
+    return np.where(taps[:, None] >= 3, w, x == 0)
 
 
-def _affine(z: torch.Tensor, m: torch.Tensor, c: torch.Tensor | None, diagonal: bool,
-            out: torch.Tensor) -> torch.Tensor:
-    """``m @ z + c`` per sample (z float (B,3,N), m (B,3,3), c (B,3) or None for 0) into ``out``, not ``z``.
+ColourMap = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # matrix (N,3,3), its diagonal (N,3,1), v (N,3,3)
 
-    Diagonal matrices (brightness, contrast, normalisation) take a multiply instead of a
-    matrix product, which costs about four such passes on CPU.
+
+@dataclass
+class _Plan:
+    """What the ops need per row, from the parameters, computed on the host.
+
+    The maps live on the training device, cut from one table (one host-to-device copy
+    per view group); the flags stay on the host (numpy), where they choose which ops run
+    without reading anything back from the device.
     """
-    if diagonal:
-        out = torch.mul(z, torch.diagonal(m, dim1=1, dim2=2)[..., None], out=out)
-        return out if c is None else out.add_(c[..., None])
-    return torch.bmm(m, z, out=out) if c is None else torch.baddbmm(c[..., None], m, z, out=out)
+
+    plain: list[ColourMap]  # per slot: the jitter segment, v on the segment input's channel sums
+    folded: list[ColourMap]  # per slot: the segment followed by grayscale + normalisation
+    fin: ColourMap  # grayscale + normalisation (v unused)
+    shift: torch.Tensor  # (N, 3, 1) normalisation offset
+    blur_w: torch.Tensor  # (N, K) blur kernels (the identity for rows without blur), K = the largest
+    sol_threshold: torch.Tensor  # (N, 3, 1, 1) in normalised units; +inf for rows without solarize
+    sol_top: torch.Tensor  # (N, 3, 1, 1) solarize maps y to sol_top - y
+    # host
+    blur_host: np.ndarray  # blur_w on the host
+    count: np.ndarray  # (N,) segments per row
+    clamp: np.ndarray  # (N, S) a clamp follows the slot
+    has_v: np.ndarray  # (N, S)
+    diag: np.ndarray  # (N, S) the slot's map is diagonal
+    diag_fin: np.ndarray  # (N, S) its map with the final map on it is diagonal
+    gray: np.ndarray  # (N,)
+    taps: np.ndarray  # (N,) blur kernel size, 0: no blur
+    solarize: np.ndarray  # (N,)
+    order: np.ndarray | None = None  # plan row i is input row order[i] (sorted plans), else the identity
 
 
-def _colour(flat: torch.Tensor, y: torch.Tensor, seg: _Segments, gray_on: np.ndarray, mean, std) -> None:
-    """Jitter segments, grayscale and normalisation of ``flat`` (B,3,N) into ``y`` (B,3,N) float32.
+def _is_diagonal(m: np.ndarray) -> np.ndarray:
+    return ~m.reshape(m.shape[:-2] + (9,))[..., [1, 2, 3, 5, 6, 7]].any(-1)
 
-    Grayscale and the normalisation form one final map, which rides on the last segment
-    where no clamp follows it. On CPU the samples go through in chunks of about 1 MiB of
-    floats, so a chain stays in the L2 cache; a one-sample chunk (a 224 px view) gets its
-    own segment count and the diagonal shortcut for its brightness and contrast segments.
-    """
-    n, _, npix = flat.shape
-    dev = flat.device
+
+def _diagonal(m: np.ndarray) -> np.ndarray:
+    return np.diagonal(m, axis1=-2, axis2=-1)[..., None]
+
+
+def _plan(p: PhotometricParams, v: ViewConfig, scale: float, mean, std, hw: tuple[int, int],
+          device: torch.device, sort_blocks: int = 0) -> _Plan:
+    """The plan of the rows of ``p``; with ``sort_blocks`` the rows of each block of that many
+    (a view) in the order of ``_Plan.order``: alike rows next to each other (see ``_photometric_into``)."""
+    m, mv, clamp, count = _jitter_segments(p, scale, any(s > 0 for s in v.jitter))
+    n = count.shape[0]
+    slots = int(count.max()) if n else 0
+    m, mv, clamp = m[:, :slots], mv[:, :slots] / (hw[0] * hw[1]), clamp[:, :slots]  # mv: on channel sums
+    # blur: each row's kernel stops at 3 sigma (taps beyond weigh < 0.3%), at the view's
+    # blur_kernel_frac, and below the side (reflect padding needs pad < side)
+    cap = min(int(v.blur_kernel_frac * v.size) // 2 * 2 + 1, 2 * ((min(hw) - 1) // 2) + 1)
+    sigma = p.sigma.double().numpy()
+    taps = np.minimum(2 * np.ceil(3 * sigma) + 1, cap).astype(np.int64)
+    taps = np.where(p.blur_on.numpy() & (taps >= 3), taps, 0)
+    gray, solarize = p.gray_on.numpy(), p.solarize_on.numpy()
+    order = None
+    if sort_blocks and n:  # by blur kernel, then by colour stages (segments, + 1 if the last one clamps)
+        last = np.take_along_axis(clamp, np.maximum(count - 1, 0)[:, None], 1)[:, 0] if slots else count > 0
+        order = np.lexsort((last | (count == 0), count, gray, taps, np.arange(n) // sort_blocks))
+        m, mv, clamp, count, sigma, taps, gray, solarize = (a[order] for a in
+                                                             (m, mv, clamp, count, sigma, taps, gray, solarize))
     inv_std = 1 / np.asarray(std, dtype=np.float64)
     shift = -np.asarray(mean, dtype=np.float64) * inv_std
-    fin = np.where(gray_on[:, None, None], np.ones((3, 1)) * np.asarray(GRAY), np.eye(3)) * inv_std[:, None]
-    # per sample and slot: (matrix, mean coefficients), plain or with the final map on it
-    maps = {False: (seg.m, seg.v), True: (fin[:, None] @ seg.m, fin[:, None] @ seg.v)}
-    diag = {k: (mm * (1 - np.eye(3)) == 0).all((2, 3)).tolist() for k, (mm, _) in maps.items()}
-    maps = {k: [t.astype(np.float32) for t in ts] for k, ts in maps.items()}
-    fin32, shift32 = fin.astype(np.float32), np.repeat(shift[None].astype(np.float32), n, 0)
-    # Python lists: the per-chunk decisions below cost less than with numpy reductions
-    count, clamp, has_v = seg.count.tolist(), seg.clamp.tolist(), (seg.v != 0).any((2, 3)).tolist()
-    gray = gray_on.tolist()
-    chunk = n if dev.type != "cpu" else max(1, CPU_CHUNK_BYTES // (3 * npix * 4))
-    scratch = torch.empty(min(chunk, n), 3, npix, device=dev, dtype=torch.float32)
-    for lo in range(0, n, chunk):
-        sl = slice(lo, min(n, lo + chunk))
-        rows = range(sl.start, sl.stop)
-        z, pair = flat[sl], (y[sl], scratch[: len(rows)])  # the last stage writes y
-        stages = max(count[r] for r in rows)
-        fold = stages > 0 and not any(clamp[r][stages - 1] for r in rows)
-        stages += not fold
-        for s in range(stages):
-            dst, other = pair[(stages - 1 - s) % 2], pair[(stages - s) % 2]
-            if z.dtype != torch.float32:
-                z = other.copy_(z)
-            if fold or s < stages - 1:  # a jitter segment
-                folded = fold and s == stages - 1
-                m, mv = (torch.from_numpy(t[sl, s]).to(dev) for t in maps[folded])
-                c = torch.from_numpy(shift32[sl]).to(dev) if folded else None
-                if any(has_v[r][s] for r in rows):  # contrast: the segment input's channel means
-                    c_mean = (mv @ z.mean(-1)[..., None]).squeeze(-1)
-                    c = c_mean if c is None else c + c_mean
-                z = _affine(z, m, c, all(diag[folded][r][s] for r in rows), dst)
-                if any(clamp[r][s] for r in rows):
-                    z.clamp_(0, 1)
-            else:
-                m, c = (torch.from_numpy(t[sl]).to(dev) for t in (fin32, shift32))
-                z = _affine(z, m, c, not any(gray[r] for r in rows), dst)
+    fin = np.where(gray[:, None, None], _GRAY_ROWS, np.eye(3)) * inv_std[:, None]
+    m_fin, v_fin = fin[:, None] @ m, fin[:, None] @ mv
+    blur_w = _gaussian_kernels(sigma, max(1, int(taps.max()) if n else 1), taps)
+    maps = {"m": m, "d": _diagonal(m), "v": mv, "m_fin": m_fin, "d_fin": _diagonal(m_fin), "v_fin": v_fin,
+            "fin": fin, "fin_d": _diagonal(fin), "shift": np.broadcast_to(shift[:, None], (n, 3, 1)), "blur_w": blur_w,
+            "sol_threshold": np.where(solarize[:, None], v.solarize_threshold * inv_std + shift,
+                                      np.inf)[..., None, None],
+            "sol_top": np.broadcast_to((inv_std + 2 * shift)[:, None, None], (n, 3, 1, 1))}
+    # one table, one copy to the device (asynchronous from pinned memory on CUDA)
+    table = np.empty((n, sum(math.prod(t.shape[1:]) for t in maps.values())), dtype=np.float32)
+    col, spans = 0, {}
+    for name, t in maps.items():
+        width = math.prod(t.shape[1:])
+        table[:, col:col + width] = t.reshape(n, width)
+        spans[name] = (col, width, t.shape[1:])
+        col += width
+    table = torch.from_numpy(table)
+    if device.type != "cpu":
+        table = (table.pin_memory() if device.type == "cuda" else table).to(device, non_blocking=True)
+    on = {name: table[:, col:col + width].view((n,) + shape) for name, (col, width, shape) in spans.items()}
+    plain = list(zip(*(on[k].unbind(1) for k in ("m", "d", "v")))) if slots else []
+    folded = list(zip(*(on[k].unbind(1) for k in ("m_fin", "d_fin", "v_fin")))) if slots else []
+    return _Plan(plain=plain, folded=folded, fin=(on["fin"], on["fin_d"], on["fin"]), shift=on["shift"],
+                 blur_w=on["blur_w"], sol_threshold=on["sol_threshold"], sol_top=on["sol_top"], blur_host=blur_w,
+                 count=count, clamp=clamp, has_v=mv.reshape(n, slots, 9).any(-1), diag=_is_diagonal(m),
+                 diag_fin=_is_diagonal(m_fin), gray=gray, taps=taps, solarize=solarize, order=order)
 
 
-def _gaussian_kernels(sigma: torch.Tensor, k: int, taps: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, k) normalised Gaussian kernels; sample i's cut to its own ``taps[i]`` (odd, <= k) centre taps."""
-    x = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
-    w = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
-    if taps is not None:
-        w = torch.where(x[None].abs() <= (taps[:, None] - 1) // 2, w, 0.0)
-    return w / w.sum(1, keepdim=True)
+@dataclass
+class _ChunkOps:
+    """The host's choice of ops for one chunk of rows."""
+
+    slots: int  # jitter segments to run
+    fold: bool  # grayscale + normalisation ride on the last segment (no row clamps after it)
+    diag: list[bool]  # per slot: every row's map is diagonal (a multiply instead of a matrix product)
+    diag_fin: bool  # the same for the folded last slot
+    has_v: list[bool]  # per slot: some row needs the channel sums (contrast)
+    clamp: list[bool]  # per slot: some row clamps after it
+    gray: bool  # some row is grayscale
+    blur_k: int  # blur kernel size (0: no blur)
+    blur_rows: torch.Tensor | None  # the rows to blur when not all (CPU)
+    solarize: bool
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int, out: torch.Tensor | None = None,
-                  taps: torch.Tensor | None = None) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma (and kernel size ``taps``, default k); x (N,3,H,W) float.
+def _chunk_ops(P: _Plan, bounds: list[tuple[int, int]], every_row: bool) -> list[_ChunkOps]:
+    """Per chunk (``bounds``: consecutive plan rows), the ops its rows need: numpy reductions over all chunks."""
+    lo, hi = bounds[0][0], bounds[-1][1]
+    starts = np.array([a for a, _ in bounds]) - lo
+    sizes = np.array([b - a for a, b in bounds])
 
-    Reflect padding. Each pass is k shifted multiply-adds over the padded image (on CPU
-    faster than a depthwise convolution, whose oneDNN kernels are slow for few
-    channels), the vertical pass over the full padded width so that its output is
-    already padded for the horizontal one. ``out`` may be ``x``.
-    """
-    hgt, wid = x.shape[-2:]
-    k = min(k, 2 * ((min(hgt, wid) - 1) // 2) + 1)  # reflect padding needs pad < side
-    if k < 3:
-        return x if out is None else out.copy_(x)
-    taps = None if taps is None else taps.clamp(max=k)
-    w = _gaussian_kernels(sigma.cpu(), k, taps).to(x.device, x.dtype)[:, :, None, None, None].unbind(1)  # k x (N,1,1,1)
-    p = k // 2
-    padded = F.pad(x, (p, p, p, p), mode="reflect")
-    t = padded[:, :, 0:hgt] * w[0]
-    for i in range(1, k):
-        t.addcmul_(padded[:, :, i:i + hgt], w[i])
-    out = torch.mul(t[..., 0:wid], w[0], out=out)
-    for i in range(1, k):
-        out.addcmul_(t[..., i:i + wid], w[i])
+    def any_(flags: np.ndarray) -> np.ndarray:
+        if flags.shape[1:] == (0,):
+            return np.zeros((len(bounds), 0), dtype=bool)
+        return np.logical_or.reduceat(flags[lo:hi], starts, axis=0)
+
+    slots = np.maximum.reduceat(P.count[lo:hi], starts)
+    if P.clamp.shape[1]:
+        last = np.maximum(np.repeat(slots, sizes) - 1, 0)[:, None]
+        fold = (slots > 0) & ~np.logical_or.reduceat(np.take_along_axis(P.clamp[lo:hi], last, 1)[:, 0], starts)
+        diag_fin = np.logical_and.reduceat(np.take_along_axis(P.diag_fin[lo:hi], last, 1)[:, 0], starts)
+    else:
+        fold = diag_fin = np.zeros(len(bounds), dtype=bool)
+    taps = P.taps[lo:hi]
+    blurred = np.add.reduceat(taps > 0, starts)
+    cols = [slots, fold, ~any_(~P.diag), diag_fin, any_(P.has_v), any_(P.clamp), any_(P.gray[:, None])[:, 0],
+            np.maximum.reduceat(taps, starts), blurred == sizes, blurred > 0, any_(P.solarize[:, None])[:, 0]]
+    out = []
+    for (a, b), (s, f, d, df, hv, cl, g, k, every, some, sol) in zip(bounds, zip(*(c.tolist() for c in cols))):
+        rows = None if every or every_row or not some else torch.from_numpy(np.flatnonzero(taps[a - lo:b - lo]))
+        out.append(_ChunkOps(slots=s, fold=f, diag=d[:s], diag_fin=df, has_v=hv[:s], clamp=cl[:s], gray=g,
+                             blur_k=k if some else 0, blur_rows=rows, solarize=sol))
     return out
 
 
-def _blur(y: torch.Tensor, v: ViewConfig, p: PhotometricParams) -> None:
-    """Gaussian blur, in place, of the samples of ``y`` (B,3,H,W) that ``p`` selects.
+class _Workspace:
+    """Scratch tensors kept from call to call: fresh memory costs more than the ops on it (see _OutputPool).
 
-    Taps beyond 3 sigma weigh < 0.3%: each sample's kernel stops there (and at the
-    view's ``blur_kernel_frac``). On CPU the samples go through in chunks of about 1 MiB,
-    sorted by kernel size; a chunk runs its largest kernel, the others' zero-padded.
+    A named buffer grows when a larger shape asks for it; views made before (``blur_views``)
+    keep the old one, so each stays consistent.
     """
-    n, _, h, w = y.shape
-    k_max = int(v.blur_kernel_frac * v.size) // 2 * 2 + 1
-    taps = torch.clamp(2 * torch.ceil(3 * p.sigma) + 1, max=k_max).long()
-    on = np.flatnonzero(p.blur_on.numpy())
-    on = on[np.argsort(taps.numpy()[on], kind="stable")]
-    chunk = n if y.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // (3 * h * w * 4))
-    for sel in _index_chunks(on, chunk, y.device):
-        rows = sel if isinstance(sel, slice) else sel.cpu()
-        k = int(taps[rows].max())
-        if isinstance(sel, slice):
-            gaussian_blur(y[sel], p.sigma[rows], k, out=y[sel], taps=taps[rows])
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._views: dict[tuple[str, torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        view = self._views.get((name, device, shape))
+        if view is None:
+            numel = math.prod(shape)
+            buf = self._bufs.get((name, device))
+            if buf is None or buf.numel() < numel:
+                buf = self._bufs[(name, device)] = torch.empty(numel, device=device, dtype=dtype)
+                self._views = {k: t for k, t in self._views.items() if k[:2] != (name, device)}
+            view = self._views[(name, device, shape)] = buf[:numel].view(shape)
+        return view
+
+    def blur_views(self, shape: tuple[int, ...], k: int, device: torch.device):
+        """The padded input of a blur of (n,3,h,w) rows with k taps, its k row-shifted views, the vertical
+        pass's output and its k column-shifted views: made once per shape and k, then reused."""
+        key = ("blur views", device, shape + (k,))
+        views = self._views.get(key)
+        if views is None:
+            n, c, h, w = shape
+            p = k // 2
+            padded = self.get("blur_pad", (n, c, h + 2 * p, w + 2 * p), device)
+            t = self.get("blur_v", (n, c, h, w + 2 * p), device)
+            views = self._views[key] = (padded, [padded[:, :, i:i + h] for i in range(k)], t,
+                                        [t[..., i:i + w] for i in range(k)])
+        return views
+
+
+class _Cut:
+    """Chunk ``ci``'s rows of per-row tensors (plan rows ``starts[ci]`` to ``starts[ci] + sizes[ci]``)."""
+
+    def __init__(self, starts: list[int], sizes: list[int]):
+        self.bounds = [slice(a, a + n) for a, n in zip(starts, sizes)]
+
+    def __call__(self, t: torch.Tensor, ci: int) -> torch.Tensor:
+        return t[self.bounds[ci]]
+
+
+def _colour(z: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor, P: _Plan, cut: _Cut, ci: int,
+            ops: _ChunkOps) -> None:
+    """Jitter segments, grayscale and normalisation of chunk ``ci``: ``z`` (n,3,P) uint8 or float -> ``y`` float32.
+
+    Each stage is ``m @ z + c`` per row, a multiply where every map of the chunk is
+    diagonal (a matrix product costs about three multiplies on CPU; a multiply also
+    reads uint8 directly), then a clamp where some row needs one. The stages alternate
+    between ``y`` and ``scratch`` so that the last one writes ``y``; grayscale and
+    normalisation form one final map, folded into the last segment where no clamp follows.
+    """
+    stages = ops.slots + (not ops.fold)
+    bufs = (y, scratch)
+    for s in range(stages):
+        dst, other = bufs[(stages - 1 - s) % 2], bufs[(stages - s) % 2]
+        if s < ops.slots:  # a jitter segment
+            folded = ops.fold and s == stages - 1
+            m, d, v = (P.folded if folded else P.plain)[s]
+            shift, diagonal, has_v = P.shift if folded else None, ops.diag_fin if folded else ops.diag[s], ops.has_v[s]
+        else:  # grayscale + normalisation
+            (m, d, v), shift, diagonal, has_v = P.fin, P.shift, not ops.gray, False
+        if z.dtype != torch.float32 and (has_v or not diagonal):
+            z = other.copy_(z)
+        c = cut(shift, ci) if shift is not None else None
+        if has_v:  # contrast: a constant from the segment input's channel sums
+            sums = z.sum(-1, keepdim=True)
+            c = torch.bmm(cut(v, ci), sums) if c is None else torch.baddbmm(c, cut(v, ci), sums)
+        if diagonal:  # a multiply and an add beat one fused multiply-add with a broadcast offset on CPU
+            z = torch.mul(z, cut(d, ci), out=dst)
+            if c is not None:
+                z.add_(c)
         else:
-            y.index_copy_(0, sel, gaussian_blur(y.index_select(0, sel), p.sigma[rows], k, taps=taps[rows]))
+            z = torch.bmm(cut(m, ci), z, out=dst) if c is None else torch.baddbmm(c, cut(m, ci), z, out=dst)
+        if s < ops.slots and ops.clamp[s]:
+            z.clamp_(0, 1)
 
 
-def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean, std) -> torch.Tensor:
-    """uint8 (B,H,W,3) or (B,3,H,W), or float in [0, 1] -> normalised float32 (B,3,H,W), the ops of ``p`` applied.
+def gaussian_blur(x: torch.Tensor, w: torch.Tensor | list[float], out: torch.Tensor | None = None,
+                  work: _Workspace | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of x (n,3,H,W) float with per-row kernels ``w`` (n,k), k odd; reflect padding.
+
+    ``w`` may also be one kernel as a list of floats, for every row. Each pass is k
+    shifted multiply-adds over the padded image (on CPU faster than a depthwise
+    convolution, whose oneDNN kernels are slow for few channels, and than banded matrix
+    products), the vertical pass over the full padded width so that its output is
+    already padded for the horizontal one. ``out`` may be ``x``.
+    """
+    n, _, h, wd = x.shape
+    k = len(w) if isinstance(w, list) else w.shape[1]
+    work = work or _Workspace()
+    padded, vertical, t, horizontal = work.blur_views((n, 3, h, wd), k, x.device)
+    torch.ops.aten.reflection_pad2d.out(x, [k // 2] * 4, out=padded)
+    if isinstance(w, list):
+        torch.mul(vertical[0], w[0], out=t)
+        for i in range(1, k):
+            t.add_(vertical[i], alpha=w[i])
+        out = torch.mul(horizontal[0], w[0], out=out)
+        for i in range(1, k):
+            out.add_(horizontal[i], alpha=w[i])
+        return out
+    taps = w.to(x.dtype)[:, :, None, None, None].unbind(1)  # k x (n,1,1,1)
+    torch.mul(vertical[0], taps[0], out=t)
+    for i in range(1, k):
+        t.addcmul_(vertical[i], taps[i])
+    out = torch.mul(horizontal[0], taps[0], out=out)
+    for i in range(1, k):
+        out.addcmul_(horizontal[i], taps[i])
+    return out
+
+
+def _blur(y: torch.Tensor, P: _Plan, cut: _Cut, ci: int, a: int, ops: _ChunkOps, work: _Workspace) -> None:
+    """Gaussian blur, in place, of the rows of ``y`` (chunk ``ci``, from plan row ``a``) that have one.
+
+    A one-row chunk on CPU takes its kernel as Python floats (no per-tap tensors); a
+    chunk with only some rows blurred blurs a gathered copy of those rows.
+    """
+    k = ops.blur_k
+    off = (P.blur_w.shape[1] - k) // 2  # kernels are centred: a smaller one is the middle columns
+    if ops.blur_rows is None:
+        one_row = y.shape[0] == 1 and y.device.type == "cpu"
+        w = P.blur_host[a, off:off + k].tolist() if one_row else cut(P.blur_w, ci)[:, off:off + k]
+        gaussian_blur(y, w, out=y, work=work)
+        return
+    rows = ops.blur_rows.to(y.device)
+    picked = torch.index_select(y, 0, rows, out=work.get("blur_rows", (len(rows),) + y.shape[1:], y.device))
+    w = cut(P.blur_w, ci)[:, off:off + k].index_select(0, rows)
+    y.index_copy_(0, rows, gaussian_blur(picked, w, out=picked, work=work))
+
+
+def _solarize(y: torch.Tensor, P: _Plan, cut: _Cut, ci: int) -> None:
+    """Solarize, in place, in normalised units: ``top - y`` at or above each row's threshold (+inf: off)."""
+    torch.where(y >= cut(P.sol_threshold, ci), cut(P.sol_top, ci) - y, y, out=y)
+
+
+def _chunks(n: int, rows_per_chunk: int) -> list[int]:
+    """The sizes of ``n`` rows cut into nearly equal consecutive chunks of at most ``rows_per_chunk``."""
+    pieces = -(-n // max(1, rows_per_chunk))
+    return [n * (i + 1) // pieces - n * i // pieces for i in range(pieces)]
+
+
+def _photometric_into(x: torch.Tensor, y: torch.Tensor, P: _Plan, row0: int, every_row: bool,
+                      work: _Workspace) -> None:
+    """The photometric ops of ``x`` (n,3,H,W uint8, or float in [0, 1]) into ``y`` (n,3,H,W float32).
+
+    Row i of ``x`` is plan row ``row0 + i`` (or, for a sorted plan, the plan row that names
+    it in ``P.order``). With ``every_row`` (accelerators) the rows go through as one chunk
+    and every op runs on all of them (identity parameters where a row has no such op): a
+    fixed number of launches, no data-dependent shapes. On CPU they go through in chunks of
+    about ``CPU_CHUNK_BYTES`` of floats, each chunk through colour, blur and solarize while
+    it is in the cache, with only the ops its rows need; where a chunk holds several rows,
+    the plan sorts them so that a chunk's rows need the same ops (same blur kernel, same
+    number of colour stages) and the rows go through in that order.
+    """
+    n, _, h, w = x.shape
+    if n == 0:
+        return
+    out = y
+    if P.order is not None:  # a sorted plan: gather the rows in its order, scatter the result back
+        rows = P.order[row0:row0 + n] - row0
+        x = torch.index_select(x, 0, torch.from_numpy(rows),
+                               out=work.get("sorted_in", tuple(x.shape), x.device, x.dtype))
+        y = work.get("sorted_out", tuple(y.shape), y.device)
+    sizes = _chunks(n, n if every_row else CPU_CHUNK_BYTES // (3 * h * w * 4))
+    starts = [row0 + sum(sizes[:i]) for i in range(len(sizes))]
+    cut = _Cut(starts, sizes)
+    chunk_ops = _chunk_ops(P, [(a, a + size) for a, size in zip(starts, sizes)], every_row)
+    xs, ys, ys4 = x.reshape(n, 3, h * w).split(sizes), y.view(n, 3, h * w).split(sizes), y.split(sizes)
+    for ci, (a, size, ops) in enumerate(zip(starts, sizes, chunk_ops)):
+        _colour(xs[ci], ys[ci], work.get("colour", (size, 3, h * w), y.device), P, cut, ci, ops)
+        if ops.blur_k:
+            _blur(ys4[ci], P, cut, ci, a, ops, work)
+        if ops.solarize:
+            _solarize(ys4[ci], P, cut, ci)
+    if P.order is not None:
+        torch.index_select(y, 0, torch.from_numpy(np.argsort(rows)), out=out)
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def _new_cpu_buffer(nbytes: int) -> mmap.mmap:
+    """Private anonymous memory of ``nbytes`` + 2 MiB (to align a tensor to huge pages), advised for huge pages."""
+    buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no THP
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # THP unavailable: plain pages
+        pass
+    return buf
+
+
+def _float_tensor_on(buf: mmap.mmap, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor of ``shape`` on ``buf``, 2 MiB-aligned; its storage keeps ``buf`` alive."""
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    start = -raw.data_ptr() % _HUGE_PAGE
+    return raw[start:start + math.prod(shape) * 4].view(torch.float32).view(shape)
+
+
+class _OutputPool:
+    """Float32 CPU outputs whose memory is reused once no tensor holds it any more.
+
+    A batch's output is new memory every step, and on the KVM guest measured here
+    faulting fresh pages in costs ~0.8 ms per MB (~0.4 with 2 MiB pages), more than all
+    the arithmetic on it (docs/benchmarks.md, "Multi-crop augmentation per view group").
+    A buffer is handed out again only when the weak reference to the storage over it is
+    dead, i.e. no tensor (view, autograd's saved input, ...) uses it; at most ``keep``
+    buffers of each size are kept (two batches' worth: the one in use and the next).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[int, list[tuple[mmap.mmap, weakref.ref]]] = {}
+
+    def tensor(self, shape: tuple[int, ...], keep: int) -> torch.Tensor:
+        nbytes = math.prod(shape) * 4
+        if nbytes < _HUGE_PAGE:
+            return torch.empty(shape)
+        bufs = self._bufs.setdefault(nbytes, [])
+        for i, (buf, storage) in enumerate(bufs):
+            if storage() is None:
+                break
+        else:
+            buf, i = _new_cpu_buffer(nbytes), len(bufs)
+            if i >= keep:
+                return _float_tensor_on(buf, shape)
+            bufs.append((buf, None))
+        out = _float_tensor_on(buf, shape)
+        bufs[i] = (buf, weakref.ref(out.untyped_storage()))
+        return out
+
+
+def apply_photometric(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, mean, std, *,
+                      every_row: bool | None = None) -> torch.Tensor:
+    """uint8 (N,H,W,3) or (N,3,H,W), or float in [0, 1] -> normalised float32 (N,3,H,W), the ops of ``p`` applied.
 
     Colour jitter, grayscale and normalisation run as the few clamped affine maps of
-    :func:`_jitter_segments` and :func:`_colour`, exactly torchvision's op-by-op result.
-    Blur and solarize follow on the normalised values of the samples they apply to:
-    blur commutes exactly with the per-channel affine normalisation, and solarize maps to
-    ``c - y`` above a per-channel threshold there, so the result equals blur/solarize
-    before normalising.
+    :func:`_jitter_segments`, exactly torchvision's op-by-op result. Blur and solarize
+    follow on the normalised values: blur commutes exactly with the per-channel affine
+    normalisation, and solarize maps to ``top - y`` above a per-channel threshold there,
+    so the result equals blur/solarize before normalising. ``every_row`` picks the
+    accelerator form of the ops (default: on any device but the CPU).
     """
     if x.dtype == torch.uint8 and x.shape[-1] == 3:
         x = x.permute(0, 3, 1, 2)
     n, _, h, w = x.shape
     dev = x.device
-    y = torch.empty(n, 3, h * w, dtype=torch.float32, device=dev)
-    seg = _jitter_segments(p, 1 / 255 if x.dtype == torch.uint8 else 1.0, any(s > 0 for s in v.jitter))
-    _colour(x.reshape(n, 3, h * w), y, seg, p.gray_on.numpy(), mean, std)
-    y = y.reshape(n, 3, h, w)
-    _blur(y, v, p)
-    sol_idx = p.solarize_on.nonzero().squeeze(1).to(dev)
-    if len(sol_idx):
-        inv_std = 1 / torch.tensor(std, device=dev, dtype=torch.float32)[None, :, None, None]
-        shift = -torch.tensor(mean, device=dev, dtype=torch.float32)[None, :, None, None] * inv_std
-        s = y.index_select(0, sol_idx)
-        threshold = v.solarize_threshold * inv_std + shift  # in normalised units
-        y.index_copy_(0, sol_idx, torch.where(s >= threshold, inv_std + 2 * shift - s, s))
+    every_row = dev.type != "cpu" if every_row is None else every_row
+    plan = _plan(p, v, 1 / 255 if x.dtype == torch.uint8 else 1.0, mean, std, (h, w), dev)
+    y = torch.empty(n, 3, h, w, device=dev)
+    _photometric_into(x, y, plan, 0, every_row, _Workspace())
     return y
 
 
 class Photometric:
-    """The batched photometric half of an AugmentConfig; call on the uint8 views of one batch."""
+    """The batched photometric half of an AugmentConfig; call on the uint8 crops of one batch.
 
-    def __init__(self, cfg: AugmentConfig):
+    Per view group: one draw of the parameters of all its rows from a generator seeded by
+    ``(seed, epoch, step, rank)`` (a CPU generator, so that every device gets the same
+    values and resume is exact), one host-to-device copy of the per-row maps, then the
+    ops on the whole group (``every_row``, the default on accelerators) or in cache-sized
+    chunks of each view (CPU). No per-sample Python, no read-back from the device.
+    ``every_row`` forces either form (tests run the accelerator form on CPU).
+    """
+
+    def __init__(self, cfg: AugmentConfig, *, every_row: bool | None = None):
         self.cfg = cfg
-        self.views = cfg.expanded()
+        self.every_row = every_row
+        self._pool = _OutputPool()
+        self._work = _Workspace()
+        self._views_of_size: dict[int, int] = {}
+        for v in cfg.views:
+            self._views_of_size[v.size] = self._views_of_size.get(v.size, 0) + v.count
+
+    def groups(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The uint8 crops per view group (count x B rows, view-major), from per-group or per-view tensors."""
+        groups = self.cfg.views
+        if len(views) == len(groups):  # per group (the same as per view when every count is 1)
+            for x, v in zip(views, groups):
+                if x.shape[0] % v.count:
+                    raise ValueError(f"a view group of {v.count} views got {x.shape[0]} rows, not a multiple")
+            return list(views)
+        if len(views) != self.cfg.num_views:
+            raise ValueError(f"expected {len(groups)} view groups or {self.cfg.num_views} views, got {len(views)}")
+        out, i = [], 0
+        for v in groups:
+            out.append(torch.cat(views[i:i + v.count]))
+            i += v.count
+        return out
 
     def __call__(self, views: list[torch.Tensor], *, seed: int, epoch: int, step: int, rank: int) -> list[torch.Tensor]:
+        """Normalised float32 (B,3,S,S) per view, in AugmentConfig view order."""
         gen = torch.Generator().manual_seed(stable_seed("photometric", seed, epoch, step, rank))
         out = []
-        for x, v in zip(views, self.views):
+        for x, v in zip(self.groups(views), self.cfg.views):
             p = sample_photometric(v, x.shape[0], gen, self.cfg.jitter_order == "random")
-            out.append(apply_photometric(x, v, p, self.cfg.mean, self.cfg.std))
+            out.extend(self.apply_group(x, v, p))
+        return out
+
+    def apply_group(self, x: torch.Tensor, v: ViewConfig, p: PhotometricParams) -> list[torch.Tensor]:
+        """The ops of ``p`` on one view group's crops ``x`` (count x B rows); one float32 tensor per view."""
+        n, _, h, w = x.shape
+        dev = x.device
+        every_row = dev.type != "cpu" if self.every_row is None else self.every_row
+        b = n // v.count
+        sort = not every_row and CPU_CHUNK_BYTES // (3 * h * w * 4) > 1  # chunks of several rows: alike rows together
+        plan = _plan(p, v, 1 / 255 if x.dtype == torch.uint8 else 1.0, self.cfg.mean, self.cfg.std, (h, w), dev,
+                     sort_blocks=b if sort else 0)
+        if every_row:  # one pass of every op over the group
+            y = torch.empty(n, 3, h, w, device=dev)
+            _photometric_into(x, y, plan, 0, True, self._work)
+            return list(y.view(v.count, b, 3, h, w).unbind(0))
+        out = []
+        for i in range(v.count):  # on CPU each view is its own output, from the pool (see _OutputPool)
+            y = self._pool.tensor((b, 3, h, w), keep=2 * self._views_of_size[v.size])
+            _photometric_into(x[i * b:(i + 1) * b], y, plan, i * b, False, self._work)
+            out.append(y)
         return out

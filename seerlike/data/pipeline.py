@@ -292,7 +292,7 @@ class _TrainStream(IterableDataset):
             batches += 1
             if batches == plan.quota:  # the worker's last batch of the epoch: report the skips not yet logged
                 skips.flush()
-            views = aug.stack_views(crops)
+            views = aug.stack_views(crops, cfg.augment)
             yield {
                 "views": views,
                 "keys": keys,

@@ -306,6 +306,31 @@ def test_crops_resize_like_pillow() -> None:
         assert diff.mean() < 1.0 and diff.max() <= 8
 
 
+def test_crops_of_a_stored_image_equal_crops_of_the_upright_one() -> None:
+    # crops are cut from the stored pixels and turned upright afterwards, for every EXIF orientation
+    stored = np.asarray(Image.radial_gradient("L").resize((90, 60)).convert("RGB")).copy()
+    stored[10:30, 20:70] = (200, 30, 60)
+    stored[:, :5] = (0, 0, 255)  # asymmetric marks: a wrong flip or transpose shows
+    cfg = AugmentConfig(views=[ViewConfig(count=6, size=24, scale=(0.1, 1.0), flip_p=0.5)])
+    for orientation in range(1, 9):
+        upright = aug._orient_array(stored, orientation)
+        ref = np.asarray(ImageOps.exif_transpose(_with_orientation(stored, orientation)))
+        assert np.array_equal(upright, ref), orientation  # our transform is Pillow's
+        got = aug.crop_views(stored, cfg, np.random.default_rng(orientation), orientation)
+        want = aug.crop_views(upright, cfg, np.random.default_rng(orientation))
+        for a, b in zip(got, want):
+            assert a.is_contiguous() and (a.int() - b.int()).abs().max() <= 1, orientation
+
+
+def _with_orientation(a: np.ndarray, orientation: int) -> Image.Image:
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "PNG", exif=exif)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
 def test_center_view_is_the_middle_square() -> None:
     img = Image.new("RGB", (200, 100), (0, 0, 0))
     img.paste((255, 255, 255), (50, 0, 150, 100))  # white middle square
@@ -328,13 +353,169 @@ def test_normalising_before_blur_and_solarize_changes_nothing() -> None:
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
+# ---------------------------------------------------------------- the vectorised batch ops
+
+
+def _reference_row(x: torch.Tensor, v: ViewConfig, p: PhotometricParams, i: int, mean, std) -> torch.Tensor:
+    """Row i the plain way, in float64: each jitter op clamped, grayscale, its own blur kernel, solarize, normalise."""
+    one = PhotometricParams(**{k: getattr(p, k)[i:i + 1] for k in vars(p)})
+    z = _jitter_op_by_op(x[i:i + 1].double() / 255, one).double()[0]
+    if p.gray_on[i]:
+        z = _gray(z[None].double()).double()[0].expand(3, -1, -1)
+    side = z.shape[-1]
+    taps = min(2 * math.ceil(3 * float(p.sigma[i])) + 1, int(v.blur_kernel_frac * v.size) // 2 * 2 + 1,
+               2 * ((side - 1) // 2) + 1)
+    if p.blur_on[i] and taps >= 3:
+        t = torch.arange(taps, dtype=torch.float64) - taps // 2
+        w = torch.exp(-t ** 2 / (2 * float(p.sigma[i]) ** 2))
+        w = w / w.sum()
+        padded = F.pad(z[None], (taps // 2,) * 4, mode="reflect")
+        z = F.conv2d(padded, (w[:, None] * w[None]).expand(3, 1, taps, taps), groups=3)[0]
+    if p.solarize_on[i]:
+        z = torch.where(z >= v.solarize_threshold, 1 - z, z)
+    mean, std = (torch.tensor(t, dtype=torch.float64)[:, None, None] for t in (mean, std))
+    return (z - mean) / std
+
+
+@pytest.mark.parametrize("every_row", [False, True])  # CPU chunks / the accelerator form, run on CPU
+def test_batched_ops_match_a_per_sample_reference(every_row: bool) -> None:
+    gen = torch.Generator().manual_seed(11)
+    v = ViewConfig(count=3, size=20, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.3, blur_p=0.6,
+                   blur_kernel_frac=0.5, solarize_p=0.4, solarize_threshold=0.6)
+    cfg = AugmentConfig(views=[v])
+    p = sample_photometric(v, 24, gen, True)
+    p.sigma[:4] = torch.tensor([0.2, 0.9, 1.6, 2.0])  # kernels of 3, 7, 11 and (capped) 11 taps
+    p.blur_on[:4] = True
+    x = torch.randint(0, 256, (24, 3, 20, 20), dtype=torch.uint8, generator=gen)
+    got = torch.cat(aug.Photometric(cfg, every_row=every_row).apply_group(x, v, p))
+    ref = torch.stack([_reference_row(x, v, p, i, cfg.mean, cfg.std) for i in range(24)]).float()
+    assert p.blur_on.sum() > 6 and p.solarize_on.sum() > 4 and p.gray_on.sum() > 3  # every op is exercised
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_accelerator_form_matches_cpu_chunks() -> None:
+    # the every-row form (fixed shapes, identity parameters where a row has no op) on CPU as the device
+    cfg = AugmentConfig(views=[ViewConfig(count=2, size=40, blur_p=0.5, solarize_p=0.3, blur_kernel_frac=0.3),
+                               ViewConfig(count=3, size=16, blur_p=0.5, grayscale_p=0.5)])
+    gen = torch.Generator().manual_seed(2)
+    views = [torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8, generator=gen),
+             torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=gen)]
+    chunks = aug.Photometric(cfg)(views, seed=3, epoch=1, step=5, rank=0)
+    whole = aug.Photometric(cfg, every_row=True)(views, seed=3, epoch=1, step=5, rank=0)
+    assert [tuple(t.shape) for t in whole] == [(8, 3, 40, 40)] * 2 + [(8, 3, 16, 16)] * 3
+    for a, b in zip(chunks, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_accelerator_form_runs_the_same_ops_for_any_batch_size() -> None:
+    # O(1) host work per batch: the ops launched do not grow with the batch (no per-sample loop)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    # every op present in every batch (so that only the batch size differs): jitter, blur of one size, gray
+    cfg = AugmentConfig(views=[ViewConfig(count=2, size=16, jitter_p=1.0, blur_p=1.0, blur_sigma=(1.5, 1.5),
+                                          grayscale_p=0.5, blur_kernel_frac=0.6)])
+    counts = []
+    for batch in (64, 256):
+        views = [torch.randint(0, 256, (2 * batch, 3, 16, 16), dtype=torch.uint8)]
+        with Count() as c:
+            aug.Photometric(cfg, every_row=True)(views, seed=0, epoch=0, step=0, rank=0)
+        counts.append(c.ops)
+    assert counts[0] == counts[1] < 200
+
+
+def test_views_go_over_per_group_and_per_view_alike() -> None:
+    cfg = swav_multicrop(24, 12, 2, 3)
+    gen = torch.Generator().manual_seed(0)
+    samples = [[torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=gen) for s in (24, 24, 12, 12, 12)]
+               for _ in range(4)]
+    groups = aug.stack_views(samples, cfg)
+    assert [tuple(g.shape) for g in groups] == [(8, 3, 24, 24), (12, 3, 12, 12)]
+    assert torch.equal(groups[1][4 + 2], samples[2][3])  # view-major: row = view * batch + sample
+    per_view = [torch.stack([s[j] for s in samples]) for j in range(5)]
+    ph = aug.Photometric(cfg)
+    a = ph(groups, seed=0, epoch=0, step=0, rank=0)
+    b = ph(per_view, seed=0, epoch=0, step=0, rank=0)
+    assert len(a) == 5 and all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="view groups or 5 views"):
+        ph(per_view[:3], seed=0, epoch=0, step=0, rank=0)
+
+
+def test_cpu_outputs_reuse_memory_only_once_released() -> None:
+    # outputs of >= 2 MiB come from a pool; a buffer is reused only when no tensor (or view of one) holds it
+    cfg = AugmentConfig(views=[ViewConfig(count=2, size=96, jitter_p=0.0)])
+    ph = aug.Photometric(cfg)
+    views = [torch.randint(0, 256, (40, 3, 96, 96), dtype=torch.uint8)]  # 2 x 20 rows: 2.2 MB per view
+    ptrs = lambda out: {t.untyped_storage().data_ptr() for t in out}  # noqa: E731
+    first = ph(views, seed=0, epoch=0, step=0, rank=0)
+    held = first[1][:, :1]  # a view keeps its buffer
+    snapshot = held.clone()
+    first_ptrs = ptrs(first)
+    del first
+    second = ph(views, seed=0, epoch=0, step=1, rank=0)
+    assert torch.equal(held, snapshot)  # not overwritten
+    assert held.untyped_storage().data_ptr() not in ptrs(second)
+    second_ptrs = ptrs(second)
+    del second
+    third = ph(views, seed=0, epoch=0, step=2, rank=0)
+    assert ptrs(third) <= (first_ptrs | second_ptrs) - {held.untyped_storage().data_ptr()}  # reused, not new
+    del held
+    torch.testing.assert_close(third[0], ph(views, seed=0, epoch=0, step=2, rank=0)[0])
+
+
+def test_sampled_parameters_cover_exactly_the_configured_ranges() -> None:
+    # distinct ranges per parameter, so that a swapped column or a range off by a factor fails
+    v = ViewConfig(jitter=(0.3, 0.5, 0.7, 0.15), jitter_p=0.3, grayscale_p=0.6, blur_p=0.45, blur_sigma=(0.3, 1.7),
+                   solarize_p=0.25)
+    n = 40000
+    p = sample_photometric(v, n, torch.Generator().manual_seed(123), True)
+    columns = {"brightness": (p.factors[:, 0], 0.7, 1.3), "contrast": (p.factors[:, 1], 0.5, 1.5),
+               "saturation": (p.factors[:, 2], 0.3, 1.7), "hue": (p.factors[:, 3], -0.15, 0.15),
+               "sigma": (p.sigma, 0.3, 1.7)}
+    for name, (x, lo, hi) in columns.items():
+        x = x.double()
+        width = hi - lo
+        assert lo - 1e-6 <= float(x.min()) < lo + 0.002 * width, name  # reaches both ends, never beyond
+        assert hi - 0.002 * width < float(x.max()) <= hi + 1e-6, name
+        assert abs(float(x.mean()) - (lo + hi) / 2) < 4 * width / math.sqrt(12 * n), name
+        assert abs(float(x.std()) / (width / math.sqrt(12)) - 1) < 0.02, name
+    for name, (flag, prob) in {"jitter": (p.jitter_on, 0.3), "gray": (p.gray_on, 0.6), "blur": (p.blur_on, 0.45),
+                               "solarize": (p.solarize_on, 0.25)}.items():
+        assert abs(float(flag.double().mean()) - prob) < 4 * math.sqrt(prob * (1 - prob) / n), name
+    # parameters are independent of each other (one column each)
+    stacked = torch.stack([p.factors[:, 0], p.factors[:, 1], p.factors[:, 2], p.factors[:, 3], p.sigma,
+                           p.jitter_on.float(), p.gray_on.float(), p.blur_on.float(), p.solarize_on.float()]).double()
+    corr = torch.corrcoef(stacked) - torch.eye(9, dtype=torch.float64)
+    assert corr.abs().max() < 0.03
+    # all 24 jitter orders equally likely (chi-square, 23 degrees of freedom, p = 0.001 at 49.7)
+    code = (p.order * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.unique(code, return_counts=True)[1].double()
+    assert len(counts) == 24 and float(((counts - n / 24) ** 2 / (n / 24)).sum()) < 49.7
+
+
 @pytest.mark.gpu
 def test_photometric_on_cuda_matches_cpu() -> None:
     cfg = swav_multicrop(64, 32, 2, 2)
+    cfg.views[0].solarize_p = 0.3
     ph = aug.Photometric(cfg)
-    views = [torch.randint(0, 256, (16, 3, s, s), dtype=torch.uint8) for s in (64, 64, 32, 32)]
+    views = [torch.randint(0, 256, (2 * 16, 3, s, s), dtype=torch.uint8) for s in (64, 32)]
     cpu = ph(views, seed=0, epoch=0, step=0, rank=0)
-    gpu = ph([v.cuda() for v in views], seed=0, epoch=0, step=0, rank=0)
+    on_cuda = [v.cuda() for v in views]
+    ph(on_cuda, seed=0, epoch=0, step=1, rank=0)  # warm-up: workspace, pinned staging memory
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any read-back from the device raises
+    try:
+        gpu = ph(on_cuda, seed=0, epoch=0, step=0, rank=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(cpu, gpu):
         assert b.is_cuda
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=0)
