@@ -28,7 +28,7 @@ WARMUP_STEPS_EXCLUDED = 2
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 """``loop.budget_clock``: wall seconds, or this rank's CPU seconds (all its threads), which a
 busy machine does not stretch: a budget of S CPU-seconds per rank buys the same steps on an
-idle or a loaded machine (docs/benchmarks.md, "Every method, 15 CPU-minutes")."""
+idle or a loaded machine (docs/benchmarks.md, "Every method, first pass")."""
 
 
 class StepBudget:
