@@ -216,6 +216,10 @@ def validate_stage(target: str, argv: list[str], *, check_inputs: bool = False) 
     except SystemExit:  # argparse already printed the usage and the reason
         shown = strip_credentials(" ".join(argv))
         raise ConfigError(f"invalid arguments for seerlike {target} (after --): {shown}") from None
+    if _overwrites(argv):
+        raise ConfigError(f"seerlike {target}: checkpoint.overwrite=true would run again on every requeue of the job "
+                          "and delete its own checkpoints; delete the old run's checkpoints (or choose a new "
+                          "--run-dir) first, then submit without the flag")
     check = mod.preflight if check_inputs and hasattr(mod, "preflight") else getattr(mod, "build_config", None)
     if check is not None:
         try:
@@ -224,6 +228,15 @@ def validate_stage(target: str, argv: list[str], *, check_inputs: bool = False) 
             raise
         except ValueError as e:
             raise ConfigError(f"seerlike {target}: {e}") from e
+
+
+def _overwrites(argv: list[str]) -> bool:
+    """Whether a stage's overrides ask for ``checkpoint.overwrite`` (a requeue re-runs its command line)."""
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "checkpoint.overwrite" and value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+    return False
 
 
 def explain_refusal(stderr: str, cfg: SubmitConfig) -> str:

@@ -177,3 +177,12 @@ def test_an_sbatch_refusal_is_explained_in_one_line(stderr, says):
 
     text = explain_refusal(stderr + "\n", SubmitConfig(cluster="slurm", nodes=2, tasks_per_node=8, gpus_per_node=8))
     assert text.startswith("sbatch refused the job: sbatch: error:") and says in text and "\n" not in text
+
+
+def test_submit_refuses_a_stage_that_overwrites_its_checkpoints_on_every_requeue(tmp_path):
+    from launchers.submit import validate_stage
+
+    argv = ["--recipe", "tiny_swav", "--data", str(tmp_path), "--run-dir", str(tmp_path / "r"), "checkpoint.overwrite=true"]
+    with pytest.raises(ConfigError, match="checkpoint.overwrite=true would run again on every requeue"):
+        validate_stage("train", argv)
+    validate_stage("train", argv[:-1] + ["checkpoint.overwrite=false"])
