@@ -35,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
 }
+MethodConfig.registry = METHODS
 
 
 def method_class(name: str) -> type[Method]:

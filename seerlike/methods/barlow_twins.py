@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from seerlike.methods import batch_stats
+from seerlike.methods.batch_stats import off_diagonal, standardize
 from seerlike.methods.common import all_reduce_with_grad
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
 from seerlike.methods.heads import mlp
@@ -41,10 +41,10 @@ def expander(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
 
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     """``(on_diag, off_diag, cross-correlation)`` of two views' embeddings (local batch, D) over the global batch."""
-    n, count = batch_stats.standardize(torch.stack([z1.float(), z2.float()]), eps)
+    n, count = standardize(torch.stack([z1.float(), z2.float()]), eps)
     c = all_reduce_with_grad(n[0].T @ n[1]) / count
     on_diag = (c.diagonal() - 1).square().sum()
-    off_diag = batch_stats.off_diagonal(c).square().sum()
+    off_diag = off_diagonal(c).square().sum()
     return on_diag, off_diag, c
 
 

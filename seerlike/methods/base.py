@@ -45,11 +45,13 @@ class MethodConfig(Choice):
     name: str = "swav"
     """Which method trains the backbone (`seerlike config --reference` lists every method's keys)."""
 
+    registry: ClassVar[dict[str, type]] = {}
+    # the package's METHODS dict, set by seerlike/methods/__init__.py (which imports this
+    # module first): no method module imports the package back
+
     @classmethod
     def choices(cls) -> dict[str, type]:
-        from seerlike.methods import METHODS
-
-        return {name: method.Config for name, method in METHODS.items()}
+        return {name: method.Config for name, method in MethodConfig.registry.items()}
 
     @classmethod
     def upgrade(cls, data: dict) -> dict:

@@ -10,7 +10,6 @@ online parameters are.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
-from seerlike.methods.common import MomentumEncoder, forward_views
+from seerlike.methods.common import cosine_to_one, MomentumEncoder, forward_views
 from seerlike.methods.heads import mlp
 
 log = logging.getLogger(__name__)
@@ -86,9 +85,7 @@ class BYOL(MethodBase):
 
     def tau(self, step: int, max_steps: int) -> float:
         """EMA rate after step ``step`` (0-based) of ``max_steps``: 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2."""
-        if max_steps <= 0:
-            raise ValueError(f"max_steps must be > 0 for the BYOL EMA schedule, got {max_steps}")
-        return 1 - (1 - self.cfg.tau_base) * (math.cos(math.pi * step / max_steps) + 1) / 2
+        return cosine_to_one(self.cfg.tau_base, step, max_steps)
 
     @torch.no_grad()
     def reset_state(self) -> None:

@@ -13,6 +13,7 @@ Both return the ranks' tensors concatenated in rank order and need the same shap
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import torch
@@ -56,6 +57,14 @@ def gather(x: Tensor) -> Tensor:
 def all_reduce_with_grad(t: Tensor) -> Tensor:
     """The sum of ``t`` over all ranks, differentiable (its backward all-reduces the gradient)."""
     return dist_nn.all_reduce(t) if world_and_rank()[0] > 1 else t
+
+
+def cosine_to_one(base: float, step: int, max_steps: int) -> float:
+    """A momentum annealed from ``base`` at step 0 to 1 at ``max_steps`` by a half cosine
+    (BYOL's target, MoCo v3's encoder, DINO's teacher): 1 - (1 - base)(cos(pi k / K) + 1) / 2."""
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be > 0 for a momentum schedule, got {max_steps}")
+    return 1 - (1 - base) * (math.cos(math.pi * min(step, max_steps) / max_steps) + 1) / 2
 
 
 def forward_views(net: nn.Module, views: list[Tensor]) -> Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim
-from seerlike.methods.common import MomentumEncoder, forward_views, world_and_rank
+from seerlike.methods.common import cosine_to_one, MomentumEncoder, forward_views, world_and_rank
 from seerlike.sharded import local, squared_norms
 
 N_GLOBAL = 2
@@ -194,9 +194,7 @@ class DINO(MethodBase):
 
     def momentum(self, step: int, max_steps: int) -> float:
         """Teacher EMA rate after step ``step`` (0-based) of ``max_steps``: 1 - (1 - m0)(cos(pi k / K) + 1) / 2."""
-        if max_steps <= 0:
-            raise ValueError(f"max_steps must be > 0 for the DINO teacher schedule, got {max_steps}")
-        return 1 - (1 - self.cfg.momentum_teacher) * (math.cos(math.pi * step / max_steps) + 1) / 2
+        return cosine_to_one(self.cfg.momentum_teacher, step, max_steps)
 
     # ------------------------------------------------------------------ forward
 

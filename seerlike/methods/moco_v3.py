@@ -15,7 +15,6 @@ rank's slice of it; here that is ``parallel.sync_bn=true``, which the MoCo v3 re
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
-from seerlike.methods.common import MomentumEncoder, world_and_rank, gather, no_autocast
+from seerlike.methods.common import cosine_to_one, MomentumEncoder, world_and_rank, gather, no_autocast
 from seerlike.methods.heads import mlp
 
 
@@ -106,10 +105,7 @@ class MoCoV3(MethodBase):
 
     def momentum_at(self, step: int, max_steps: int) -> float:
         """Momentum of iteration ``step`` of ``max_steps``: 1 - (1 - m) (cos(pi step / max_steps) + 1) / 2."""
-        if max_steps <= 0:
-            raise ValueError(f"max_steps must be > 0 for the MoCo v3 momentum schedule, got {max_steps}")
-        t = min(step, max_steps) / max_steps
-        return 1 - (1 - self.cfg.momentum) * (math.cos(math.pi * t) + 1) / 2
+        return cosine_to_one(self.cfg.momentum, step, max_steps)
 
     @torch.no_grad()
     def reset_state(self) -> None:

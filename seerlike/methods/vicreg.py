@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seerlike.methods import batch_stats
+from seerlike.methods.batch_stats import off_diagonal
 from seerlike.methods.barlow_twins import expander
 from seerlike.methods.common import gather_with_grad
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim, need_views
@@ -43,7 +43,7 @@ def vicreg_terms(x: Tensor, y: Tensor, gamma: float = 1.0, eps: float = 1e-4) ->
         std = torch.sqrt(z.var(dim=0) + eps)
         variance = variance + F.relu(gamma - std).mean() / 2
         cov = (z.T @ z) / (n - 1)
-        covariance = covariance + batch_stats.off_diagonal(cov).square().sum() / d
+        covariance = covariance + off_diagonal(cov).square().sum() / d
     return invariance, variance, covariance
 
 
