@@ -15,11 +15,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(images: list[Path], out: Path, per_shard: int | list[int], *, bad_jpeg: set[int] = frozenset(),
-                 missing_image: set[int] = frozenset()) -> list[Path]:
+                 missing_image: set[int] = frozenset(), labelled: bool = False) -> list[Path]:
     """Tars of ``per_shard`` samples each (or the listed sizes), ``KEY.jpg`` + ``KEY.json``; keys ``s{i:06d}``.
 
     ``bad_jpeg``: sample indices whose JPEG bytes are cut to garbage; ``missing_image``:
-    indices written with their JSON only.
+    indices written with their JSON only; ``labelled``: the JSON carries the image's class
+    folder as ``label``, as ingest writes a list file's label.
     """
     out.mkdir(parents=True, exist_ok=True)
     sizes = per_shard if isinstance(per_shard, list) else [per_shard] * -(-len(images) // per_shard)
@@ -34,7 +35,10 @@ def write_shards(images: list[Path], out: Path, per_shard: int | list[int], *, b
                     data = data[:20] + b"\x00garbage" * 8
                 if i not in missing_image:
                     _add(tar, f"{key}.jpg", data)
-                _add(tar, f"{key}.json", json.dumps({"key": key, "source": str(images[i])}).encode())
+                meta = {"key": key, "source": str(images[i])}
+                if labelled:
+                    meta["label"] = images[i].parent.name
+                _add(tar, f"{key}.json", json.dumps(meta).encode())
         paths.append(path)
         start += size
     return paths

@@ -43,6 +43,8 @@ class Record(NamedTuple):
     error: str | None = None
     failed_shard: str | None = None
     """The shard's URL when the record stands in for a sample of a shard that could not be read."""
+    meta: bytes | None = None
+    """The sample's ``.json`` member when its shard has one (ingest writes key, source and any label there)."""
 
 
 @dataclass
@@ -194,7 +196,8 @@ def shard_records(url: str, count: int, skip: int, opts: ShardReaderOptions) -> 
                 if i < skip:
                     continue
                 data = _image_of(parts)
-                yield Record(key, data, None, None if data is not None else f"no image member in {url}")
+                yield Record(key, data, None, None if data is not None else f"no image member in {url}",
+                             meta=parts.get("json"))
                 emitted += 1
     except (ShardReadError, tarfile.TarError, OSError, EOFError) as e:
         if opts.on_shard_error == "fatal":

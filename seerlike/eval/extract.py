@@ -56,11 +56,30 @@ class Unit:
     """Samples in the unit when known up front (progress bar)."""
 
 
+def shard_label(meta: bytes | None) -> str | None:
+    """The ``label`` in a shard sample's ``.json`` member (ingest copies a list file's label there), else None.
+
+    The label travels in the shard with its image, so it is read (and retried) with it: a
+    shard that cannot be read stops the extraction instead of leaving its samples unlabelled.
+    A json member that does not parse raises ValueError (the sample is reported and skipped).
+    """
+    if meta is None:
+        return None
+    try:
+        doc = json.loads(meta)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable .json member ({e})") from None
+    label = doc.get("label") if isinstance(doc, dict) else None
+    return None if label is None else str(label)
+
+
 def list_units(data: str, chunk_size: int = 4096) -> list[Unit]:
     """The work units of ``data`` (any ``DataConfig.source``): one per shard, or ``chunk_size`` files each.
 
-    Reading goes through the data pipeline's readers (S3 retries, resumable streams); a shard
-    that still fails stops the extraction (a rerun resumes) rather than leave samples out.
+    Reading goes through the data pipeline's readers (S3 retries under ``storage.DEFAULT_RETRY``,
+    resumable streams); a shard that still fails stops the extraction (a rerun resumes) rather
+    than leave samples out. Labels come from class folders / the CSV's label column, or for
+    shards from each sample's ``.json`` member (``shard_label``).
     """
     from seerlike.data import shards as sh
     from seerlike.data.sources import FileSource, resolve
@@ -75,11 +94,16 @@ def list_units(data: str, chunk_size: int = 4096) -> list[Unit]:
         return [Unit(f"part-{lo // chunk_size:06d}", lambda lo=lo: read(lo, min(lo + chunk_size, len(src))),
                      min(chunk_size, len(src) - lo)) for lo in range(0, len(src), chunk_size)]
 
-    opts = sh.ShardReaderOptions(on_shard_error="fatal")
+    retry = storage.DEFAULT_RETRY
+    opts = sh.ShardReaderOptions(retries=retry.retries, backoff_s=retry.backoff_s, on_shard_error="fatal")
 
     def read_shard(url: str, count: int) -> Iterator[Sample]:
         for rec in sh.shard_records(url, count, 0, opts):
-            yield Sample(rec.key, rec.data, None, rec.error)
+            try:
+                label, error = shard_label(rec.meta), rec.error
+            except ValueError as e:
+                label, error = None, rec.error or f"{url}: {e}"
+            yield Sample(rec.key, rec.data, label, error)
 
     names = [Path(u).name.removesuffix(".tar") for u in src.urls]
     if len(set(names)) != len(names):

@@ -104,3 +104,44 @@ def test_shard_units_read_webdataset_tars(tmp_path, cifar_dir):
     # the undecodable sample is skipped (logged), never given made-up features
     assert meta["num_samples"] == 5
     assert FeatureStore(tmp_path / "f").index()["key"].to_pylist() == [f.stem for f in files if f != files[4]]
+
+
+def test_an_ingested_labelled_list_keeps_its_labels_through_extraction(tmp_path, cifar_dir):
+    import seerlike
+    from sharding.manifest import read_manifest
+
+    listing = _csv(tmp_path, cifar_dir, n=20)  # path,label of 20 images, every class
+    ds = seerlike.ingest(listing, out=tmp_path / "ds", progress=False, overrides={"shard_max_samples": 8})
+    assert ds.written == 20 and ds.shards == 3
+    meta = extract(MODEL, ds.dataset, tmp_path / "f", CFG, progress=False)
+    got = FeatureStore(tmp_path / "f").load()
+    manifest = read_manifest(ds.dataset, ["key", "label"]).to_pylist()
+    # the labels ingest copied from the list into each sample's json come back with its features
+    assert meta["num_samples"] == 20 and len(set(got.labels)) == 10
+    assert dict(zip(got.keys, got.labels)) == {r["key"]: r["label"] for r in manifest}
+
+
+def test_a_shard_sample_with_a_broken_json_is_skipped_not_unlabelled(tmp_path, cifar_dir):
+    import io
+    import tarfile
+
+    from seerlike.eval.extract import shard_label
+
+    assert shard_label(None) is None and shard_label(b'{"key": "a"}') is None
+    assert shard_label(b'{"key": "a", "label": "cat"}') == "cat" and shard_label(b'{"label": 3}') == "3"
+    with pytest.raises(ValueError, match="unreadable .json member"):
+        shard_label(b'{"label": "ca')
+    files = sorted((cifar_dir / "val" / "cat").glob("*.jpg"))[:3]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for i, f in enumerate(files):
+            meta = b'{"label": "cat"}' if i != 1 else b"\xff{broken"
+            for name, payload in ((f"{f.stem}.jpg", f.read_bytes()), (f"{f.stem}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    samples = [s for u in list_units(str(tmp_path / "s.tar")) for s in u.read()]
+    assert [(s.label, s.error is None) for s in samples] == [("cat", True), (None, False), ("cat", True)]
+    assert "s.tar: unreadable .json member" in samples[1].error
+    extract(MODEL, str(tmp_path / "s.tar"), tmp_path / "f", CFG, progress=False)
+    got = FeatureStore(tmp_path / "f").load()
+    assert got.keys == [files[0].stem, files[2].stem] and got.labels == ["cat", "cat"]
