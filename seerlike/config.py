@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import inspect
 import json
+import logging
 import math
 import textwrap
 import types
@@ -26,6 +27,8 @@ import yaml
 from seerlike.storage import strip_credentials, write_bytes
 
 C = TypeVar("C")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -241,9 +244,28 @@ def _parse_text(text: str) -> Any:
 # ---------------------------------------------------------------- overrides
 
 
+def removed_keys(cls: type) -> dict[str, str]:
+    """Keys ``cls`` no longer has -> what to use instead (the class's ``REMOVED_KEYS``, if any)."""
+    return getattr(cls, "REMOVED_KEYS", {})
+
+
 def _unknown(key: str, cls: type) -> ConfigError:
+    fix = removed_keys(cls).get(key.rpartition(".")[2])
+    if fix is not None:
+        return ConfigError(f"{key} is no longer a setting: {fix}")
     valid = ", ".join(sorted(_fields(cls)))
     return ConfigError(f"unknown key {key!r} in {cls.__qualname__}; valid keys: {valid}")
+
+
+_warned_removed: set[str] = set()
+
+
+def _drop_removed(key: str, value: Any, fix: str) -> None:
+    """A saved config holds a key seerlike no longer has: it loads without it (warned once per process)."""
+    if key not in _warned_removed:
+        _warned_removed.add(key)
+        log.warning("config: ignoring %s=%r, no longer a setting (%s); a config written from now on leaves it out",
+                    key, value, fix)
 
 
 def apply_override(cfg: C, dotted: str, value: Any) -> C:
@@ -320,8 +342,12 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
     fields = _fields(cls)
     hints = _hints(cls)
     kwargs = {}
+    removed = removed_keys(cls)
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
+        if key not in fields and key in removed:
+            _drop_removed(full, value, removed[key])
+            continue
         if key not in fields:
             raise _unknown(full, cls)
         kwargs[key] = _convert(value, hints[key], full)

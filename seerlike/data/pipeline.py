@@ -1,4 +1,4 @@
-"""The data path of training and extraction: ``build_train_data`` and ``build_eval_data``.
+"""The data path of training: ``build_train_data``.
 
 A training batch is made in two places. A DataLoader worker reads its deterministic
 record stream (``shards.py``), decodes at reduced size and cuts the uint8 crops of every
@@ -22,21 +22,18 @@ or after a whole pass over its files / shards without one usable sample.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from seerlike.config import ConfigError
 from seerlike.data import augment as aug
 from seerlike.data import shards as sh
-from seerlike.data.sources import FileSource, ShardSource, is_dataset, manifest_labels, resolve
+from seerlike.data.sources import FileSource, ShardSource, resolve
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +75,17 @@ class DataConfig:
     """First retry delay in seconds; doubles per retry (with jitter), capped at 10 s."""
     worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
     """How DataLoader workers start: fork is instant; spawn re-imports everything per worker and epoch."""
-    eval_size: int = 224
-    """Extraction / evaluation: side of the centre crop."""
-    eval_resize: int = 256
-    """Extraction / evaluation: shorter side resized to this before the centre crop."""
     labels: str = ""
     """Pseudo-labels joined to the samples by key (a `seerlike cluster` output dir or labels parquet; ClusterFit); samples without one are skipped."""
+
+    # Keys older configs hold that this section no longer has -> what to use instead. A saved
+    # config.yaml holding one still loads (the key is dropped with a warning); an override
+    # that sets one is an error naming the replacement (seerlike.config.removed_keys).
+    REMOVED_KEYS = {
+        "eval_size": "the centre crop of extraction and evaluation is `seerlike extract --image-size` "
+                     "(and `seerlike eval knn/linear --image-size`)",
+        "eval_resize": "the resize before that crop is `seerlike extract --resize` (and `seerlike eval knn/linear --resize`)",
+    }
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -98,8 +100,6 @@ class DataConfig:
             raise ValueError(f"epoch_steps must be >= 0, got {self.epoch_steps}")
         if self.resampled and self.epoch_steps == 0:
             raise ValueError("resampled=true needs epoch_steps > 0 (batches per rank per epoch)")
-        if self.eval_resize < self.eval_size:
-            raise ValueError(f"eval_resize ({self.eval_resize}) must be >= eval_size ({self.eval_size})")
 
 
 @dataclass
@@ -436,116 +436,3 @@ def build_train_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, see
     log.info("data: %s, %d samples, %d steps/epoch at batch %d x %d ranks, %d views", cfg.source,
              data.num_samples, data.steps_per_epoch, cfg.batch_size, world_size, cfg.augment.num_views)
     return data
-
-
-# ---------------------------------------------------------------- evaluation / extraction
-
-
-class _EvalStream(IterableDataset):
-    def __init__(self, cfg: DataConfig, source, items: list[list[int]], labels: dict[str, int] | None = None):
-        self.cfg, self.source, self.items, self.labels = cfg, source, items, labels
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        cfg = self.cfg
-        skips = SkipLog(f"evaluation worker {worker}")
-        if isinstance(self.source, FileSource):
-            for batch in self.items[worker]:
-                yield self._batch(sh.raw_file_stream(self.source, batch, 0), skips)
-            skips.flush()
-            return
-        labels = self.labels or {}
-        records = (r._replace(label=labels.get(r.key)) for s in self.items[worker]
-                   for r in sh.shard_records(self.source.urls[s], self.source.counts[s], 0, _reader_options(cfg)))
-        while True:
-            chunk = [r for _, r in zip(range(cfg.batch_size), records)]
-            if not chunk:
-                skips.flush()
-                return
-            yield self._batch(chunk, skips)
-
-    def _batch(self, records, skips: SkipLog) -> dict:
-        keys, labels, views, corrupt = [], [], [], []
-        for rec in records:
-            try:
-                if rec.error is not None:
-                    raise aug.CorruptSample(rec.error)
-                views.append(aug.center_view(rec.data, self.cfg.eval_size, self.cfg.eval_resize))
-            except aug.CorruptSample as e:
-                skips.add(rec.key, str(e))
-                corrupt.append(rec.key)
-                continue
-            keys.append(rec.key)
-            labels.append(rec.label)
-        x = (torch.from_numpy(np.ascontiguousarray(np.stack(views).transpose(0, 3, 1, 2))) if views
-             else torch.empty(0, 3, self.cfg.eval_size, self.cfg.eval_size, dtype=torch.uint8))
-        return {"x": x, "keys": keys, "labels": labels, "corrupt": corrupt}
-
-
-class EvalData:
-    """Every sample of this rank's part exactly once, in a fixed order, with keys and labels.
-
-    Labels come from class folders / the CSV's label column, or for an ingest dataset from
-    its manifest's ``label`` column (``classes`` names them); otherwise ``Batch.labels`` is None.
-    """
-
-    def __init__(self, cfg: DataConfig, source, *, rank: int, world_size: int, device: torch.device | str):
-        self.cfg, self.source, self.device = cfg, source, torch.device(device)
-        W = max(1, cfg.num_workers)
-        self.corrupt = 0
-        if isinstance(source, FileSource):
-            n = len(source)
-            lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-            batches = [list(range(i, min(i + cfg.batch_size, hi))) for i in range(lo, hi, cfg.batch_size)]
-            # worker w takes batches w, w+W, ...: the DataLoader's round robin restores file order
-            self.items = [batches[w::W] for w in range(W)]
-            self.num_samples = hi - lo
-        else:
-            n = len(source.urls)
-            mine = list(range(n * rank // world_size, n * (rank + 1) // world_size))
-            self.items = [mine[w::W] for w in range(W)]
-            self.num_samples = sum(source.counts[s] for s in mine)
-        self.classes = source.classes if isinstance(source, FileSource) else []
-        self.labels: dict[str, int] | None = None
-        if isinstance(source, ShardSource) and is_dataset(cfg.source):
-            found = manifest_labels(cfg.source, cfg.s3_endpoint_url)
-            if found is not None:
-                self.labels, self.classes = found
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[Batch]:
-        stream = _EvalStream(self.cfg, self.source, self.items, self.labels)
-        it = (iter(stream) if self.cfg.num_workers == 0 else
-              iter(DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                              prefetch_factor=self.cfg.prefetch_factor, in_order=True,
-                              pin_memory=self.device.type == "cuda",
-                              multiprocessing_context=self.cfg.worker_start)))
-        aug_cfg = self.cfg.augment
-        mean = torch.tensor(aug_cfg.mean, device=self.device)[None, :, None, None]
-        inv_std = 1 / torch.tensor(aug_cfg.std, device=self.device)[None, :, None, None]
-        for item in it:
-            self.corrupt += len(item["corrupt"])
-            if not item["keys"]:
-                continue
-            x = item["x"].to(self.device, non_blocking=True).float().div_(255).sub_(mean).mul_(inv_std)
-            labelled = all(l is not None for l in item["labels"])
-            labels = torch.tensor(item["labels"], dtype=torch.long, device=self.device) if labelled else None
-            yield Batch(views=[x], keys=item["keys"], labels=labels)
-
-
-def build_eval_data(cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
-                    device: torch.device | str = "cpu") -> EvalData:
-    """Centre crops (``eval_resize`` then ``eval_size``) of every sample once; ranks split the data."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    return EvalData(cfg, resolve(cfg.source, cfg.s3_endpoint_url), rank=rank, world_size=world_size, device=device)
-
-
-def with_source(cfg: DataConfig, source: str) -> DataConfig:
-    """A copy of ``cfg`` reading from ``source`` (what ``--data PATH`` does)."""
-    if not source:
-        raise ConfigError("--data is empty")
-    return dataclasses.replace(cfg, source=source)

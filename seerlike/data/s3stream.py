@@ -4,8 +4,7 @@ An S3 shard is one streaming GET through ``storage.S3Reader``, the reader every 
 uses: when the connection resets, times out, or the server answers 5xx / throttles, it
 waits (``storage.RetryPolicy``: exponential backoff with jitter) and issues a new GET with
 ``Range: bytes=<offset>-`` at the byte it had reached, so the consumer (a tar reader) sees
-every byte exactly once. ``register_webdataset_opener()`` makes webdataset's
-``url_opener`` use the same reader for ``s3://`` URLs.
+every byte exactly once.
 """
 
 from __future__ import annotations
@@ -115,17 +114,3 @@ def open_shard(url: str, *, endpoint_url: str | None = None, retries: int = 8, b
         return open(url, "rb", buffering=buffer_size)
     except OSError as e:
         raise ShardReadError(f"cannot open shard {url}: {e}") from e
-
-
-def register_webdataset_opener(endpoint_url: str | None = None) -> None:
-    """Route webdataset's ``s3://`` URLs through :func:`open_shard` (one GET, Range-resume)."""
-    import importlib
-
-    gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
-
-    def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
-        if mode[0] != "r":
-            raise ValueError(f"{url}: only reading is supported for s3:// in webdataset")
-        return open_shard(url, endpoint_url=endpoint_url)
-
-    gopen.gopen_schemes["s3"] = _gopen_s3

@@ -174,30 +174,6 @@ def is_dataset(source: str) -> bool:
     return not source.endswith(".tar") and "{" not in source
 
 
-def manifest_labels(dataset: str, endpoint_url: str | None = None) -> tuple[dict[str, int], list[str]] | None:
-    """``({key: class index}, classes)`` from the manifest's ``label`` column; None without labels.
-
-    For evaluation sets (kNN, linear probe): the map holds one entry per labelled sample.
-    """
-    from sharding.manifest import iter_manifest
-
-    names: dict[str, str] = {}
-    try:
-        for batch in iter_manifest(dataset, ["key", "label", "status"], endpoint_url=endpoint_url):
-            d = batch.to_pydict()
-            names.update((k, l) for k, l, st in zip(d["key"], d["label"], d["status"]) if st == "written" and l)
-    except (storage.StorageError, FileNotFoundError):
-        raise  # a manifest that cannot be read (even after the retries) is not a manifest without labels
-    except Exception as e:  # noqa: BLE001 - an older manifest without a label column: no labels
-        log.info("no labels in the manifest of %s (%s)", dataset, e)
-        return None
-    if not names:
-        return None
-    classes = sorted(set(names.values()))
-    index = {c: i for i, c in enumerate(classes)}
-    return {k: index[l] for k, l in names.items()}, classes
-
-
 def list_shards(source: str, endpoint_url: str | None = None) -> ShardSource:
     if is_dataset(source):
         counts = manifest_counts(source, endpoint_url)

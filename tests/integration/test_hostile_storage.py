@@ -236,17 +236,35 @@ def test_reads_resume_through_connection_resets(s3_bucket, tmp_path, fast_retrie
     assert proxy.resets >= 12  # ~3 per full read of the manifest or the shard
 
 
-def test_labels_that_cannot_be_read_are_an_error_not_an_unlabelled_set(s3_bucket, fast_retries):
-    from seerlike.data.sources import manifest_labels
+def test_labels_that_cannot_be_read_are_an_error_not_an_unlabelled_set(s3_bucket, cifar_dir, tmp_path, monkeypatch,
+                                                                       fast_retries):
+    """Extraction's reader (what `seerlike extract` and `seerlike eval` read shards with) takes each
+    sample's label from its shard's json, read with the image under the retry policy."""
+    from seerlike.data.s3stream import ShardReadError
+    from seerlike.eval.extract import list_units
 
     endpoint, bucket = s3_bucket
-    table = pa.table({"key": ["a", "b"], "label": ["cat", "dog"], "status": ["written"] * 2})
+    images = cifar_images(cifar_dir, 5000)[::25]  # 200 images of every class
+    shards = write_shards(images, tmp_path / "ds" / "shards", [50] * 4, labelled=True)
+    url = f"s3://{bucket}/ds"
+    rows = [f"shards/{p.name}" for p in shards for _ in range(50)]
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(f"s3://{bucket}/ds/manifest.parquet", sink.getvalue().to_pybytes(), endpoint_url=endpoint)
-    assert manifest_labels(f"s3://{bucket}/ds", endpoint) == ({"a": 0, "b": 1}, ["cat", "dog"])
-    with pytest.raises(storage.StorageError, match="manifest.parquet"):
-        manifest_labels(f"s3://{bucket}/ds", "http://127.0.0.1:9")  # nothing listens: retries, then fail
+    pq.write_table(pa.table({"shard": rows, "status": ["written"] * len(rows)}), sink)
+    storage.write_bytes(f"{url}/manifest.parquet", sink.getvalue().to_pybytes(), endpoint_url=endpoint)
+    for p in shards:
+        storage.put_file(p, f"{url}/shards/{p.name}", endpoint_url=endpoint)
+    expected = [(f"s{i:06d}", p.parent.name) for i, p in enumerate(images)]
+    with ResetProxy(endpoint, low=20_000, high=60_000) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        samples = [s for u in list_units(url) for s in u.read()]
+    assert [(s.key, s.label) for s in samples] == expected and not [s for s in samples if s.error]
+    assert proxy.resets >= 3
+    # the manifest was read, the shards then cannot be: an error naming the shard, not unlabelled samples
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    units = list_units(url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: retries, then fail
+    with pytest.raises(ShardReadError, match="000000.tar"):
+        list(units[0].read())
 
 
 def test_checkpoint_download_through_connection_resets(s3_bucket, tmp_path, monkeypatch, fast_retries):

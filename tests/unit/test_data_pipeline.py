@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from seerlike.config import ConfigError, undocumented
-from seerlike.data import DataConfig, build_eval_data, build_train_data
+from seerlike.data import DataConfig, build_train_data
 from seerlike.data.augment import AugmentConfig, ViewConfig
 from seerlike.data.s3stream import ShardReadError
 from seerlike.data.shards import plan_epoch
@@ -27,6 +26,33 @@ def test_configs_document_every_field() -> None:
     assert undocumented(DataConfig) == []
     with pytest.raises(ValueError, match="epoch_steps"):
         DataConfig(resampled=True)
+
+
+def test_a_saved_config_with_the_removed_eval_keys_loads_and_an_override_of_one_names_the_fix(
+        tmp_path: Path, caplog, monkeypatch) -> None:
+    from seerlike import config as configlib
+    from seerlike import recipes
+    from seerlike.api import train_config
+
+    monkeypatch.setattr(configlib, "_warned_removed", set())
+    cfg = recipes.get("tiny_swav")
+    text = configlib.dumps(cfg)
+    assert "eval_size" not in text
+    # a run's config.yaml written before data.eval_size / data.eval_resize went away
+    old = text.replace("\n  labels: ''\n", "\n  eval_size: 224\n  eval_resize: 256\n  labels: ''\n")
+    assert "eval_resize: 256" in old
+    (tmp_path / "config.yaml").write_text(old)
+    with caplog.at_level(logging.WARNING, logger="seerlike.config"):
+        assert train_config(None, tmp_path) == cfg  # `seerlike train --run-dir RUN` continues it
+        assert configlib.loads(old) == cfg
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "ignoring data.eval_size=224, no longer a setting" in warned[0]
+    assert "seerlike extract --image-size" in warned[0] and "data.eval_resize=256" in warned[1]
+    # setting one is a mistake to point out, not to ignore
+    with pytest.raises(ConfigError, match=r"^data.eval_size is no longer a setting: .*`seerlike extract --image-size`"):
+        configlib.apply_overrides(cfg, ["data.eval_size=32"])
+    with pytest.raises(ConfigError, match="unknown key 'data.eval_sise' in DataConfig"):
+        configlib.apply_overrides(cfg, ["data.eval_sise=32"])
 
 
 def test_shard_plan_permutes_per_epoch_and_balances_ranks() -> None:
@@ -112,29 +138,3 @@ def test_resume_with_another_world_size_starts_the_next_epoch(cifar_dir: Path, c
     with caplog.at_level(logging.WARNING):
         b.load_state_dict(a.state_dict())
     assert b.epoch == 1 and b.step_in_epoch == 0 and "cannot be continued exactly" in caplog.text
-
-
-def test_eval_data_visits_every_sample_once_in_order(cifar_dir: Path) -> None:
-    cfg = DataConfig(source=str(cifar_dir / "val.csv"), batch_size=64, num_workers=2, eval_size=32, eval_resize=32)
-    seen = []
-    for rank in range(2):
-        ev = build_eval_data(cfg, rank=rank, world_size=2)
-        part = []
-        for b in ev:
-            assert b.views[0].shape[1:] == (3, 32, 32) and len(b.labels) == len(b.keys)
-            part += list(zip(b.keys, b.labels.tolist()))
-        assert len(part) == len(ev)
-        seen += part
-    order = [line.split(",") for line in (cifar_dir / "val.csv").read_text().split()[1:]]
-    classes = sorted({c for _, c in order})
-    assert [k for k, _ in seen] == [p.rsplit(".", 1)[0] for p, _ in order]
-    assert [classes[l] for _, l in seen] == [c for _, c in order]
-
-
-def test_eval_over_shards_counts_every_sample(tmp_path: Path, cifar_dir: Path) -> None:
-    write_shards(cifar_images(cifar_dir, 50), tmp_path, [20, 20, 10], bad_jpeg={7})
-    cfg = DataConfig(source=str(tmp_path / "{000000..000002}.tar"), batch_size=16, num_workers=2, eval_size=32,
-                     eval_resize=36)
-    ev = build_eval_data(cfg)
-    keys = [k for b in ev for k in b.keys]
-    assert Counter(keys) == Counter(f"s{i:06d}" for i in range(50) if i != 7) and ev.corrupt == 1

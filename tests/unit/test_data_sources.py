@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from seerlike.config import ConfigError
-from seerlike.data import DataConfig, build_eval_data
 from seerlike.data.sources import FileSource, ShardSource, count_tar, expand_braces, resolve
 from tests.data_fixtures import cifar_images, write_shards
 
@@ -62,15 +61,3 @@ def test_ingest_dataset_counts_come_from_the_manifest(tmp_path: Path, cifar_dir:
     src = resolve(str(tmp_path))
     assert isinstance(src, ShardSource)
     assert [Path(u).name for u in src.urls] == ["000000.tar", "000001.tar"] and src.counts == [12, 18]
-
-
-def test_eval_over_a_dataset_takes_labels_from_the_manifest(tmp_path: Path, cifar_dir: Path) -> None:
-    images = cifar_images(cifar_dir, 5000)[::167][:30]  # all ten classes
-    write_shards(images, tmp_path / "shards", [12, 18])
-    table = pa.table({"key": [f"s{i:06d}" for i in range(30)],
-                      "shard": ["shards/000000.tar" if i < 12 else "shards/000001.tar" for i in range(30)],
-                      "status": ["written"] * 30, "label": [p.parent.name for p in images]})
-    pq.write_table(table, tmp_path / "manifest.parquet")
-    ev = build_eval_data(DataConfig(source=str(tmp_path), batch_size=8, num_workers=0, eval_size=16, eval_resize=16))
-    got = {k: ev.classes[l] for b in ev for k, l in zip(b.keys, b.labels.tolist())}
-    assert got == {f"s{i:06d}": p.parent.name for i, p in enumerate(images)} and len(ev.classes) == 10
