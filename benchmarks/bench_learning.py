@@ -26,7 +26,8 @@ on N images of the full 50,000-image CIFAR-10 train archive that are in neither 
 of standard error at 10,000.
 
 A (method, seed) takes about ``minutes`` + 2 x ``followup-minutes`` + 1.5 minutes of wall time
-(+ 1 minute with ``--heldout``; session 4: 11-12.7 minutes at the defaults).
+(+ 1 minute with ``--heldout``; 11-12.7 minutes at the defaults in docs/benchmarks.md,
+"24 px views, DDP without data workers, k 200").
 Run it on an otherwise idle 2-core machine: the step counts come from the step times measured
 at the start of each stage, so a busy machine trains fewer steps in the same time.
 """

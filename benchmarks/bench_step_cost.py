@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-dev"
 
-#: The session-4 comparison: the tiny recipes' set-up (DDP, the rank decodes) against a data
-#: worker per rank, FSDP2, and the 32 px views of sessions 1-3.
+#: The comparison of docs/benchmarks.md, "24 px views, DDP without data workers, k 200": the tiny
+#: recipes' set-up (DDP, the rank decodes) against a data worker per rank, FSDP2, and the earlier 32 px views.
 DEFAULT_VARIANTS = [
     "ddp, no worker, 24 px|train --recipe tiny_swav",
     "ddp, 1 worker, 24 px|train --recipe tiny_swav data.num_workers=1",
