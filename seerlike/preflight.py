@@ -65,8 +65,9 @@ def check_path(path: str | os.PathLike, flag: str, what: str) -> None:
         raise ConfigError(f"{flag} {path} does not exist; expected {what}")
 
 
-#: Config keys that name local inputs: stored absolute, so the run continues from any directory.
-PATH_KEYS = ("data.source", "data.labels", "method.teacher")
+#: Config keys that name local paths (the inputs, and where checkpoints go): stored absolute, so the
+#: run continues from any directory.
+PATH_KEYS = ("data.source", "data.labels", "method.teacher", "checkpoint.dir")
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:

@@ -78,3 +78,24 @@ def test_cli_reports_bad_input_with_exit_status_2(capsys, tmp_path):
     assert cli.main(["train", "--recipe", "nope", "--run-dir", str(tmp_path)]) == 2
     assert "known recipes:" in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists()  # nothing started
+
+
+def test_relative_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    """config.yaml holds absolute paths, so the run continues (and its checkpoints are found) from any directory."""
+    from seerlike.preflight import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.apply_overrides(recipes.get("tiny_swav"),
+                                 ["data.source=images", "data.labels=clusters/", "checkpoint.dir=ckpts"])
+    rec = with_absolute_paths(cfg)
+    assert (rec.data.source, rec.data.labels, rec.checkpoint.dir) == (
+        str(tmp_path / "images"), str(tmp_path / "clusters"), str(tmp_path / "ckpts"))
+    assert f"dir: {tmp_path / 'ckpts'}" in config.dumps(rec)
+    # URLs and empty values stay as given
+    kept = with_absolute_paths(config.apply_overrides(cfg, ["data.source=s3://b/ds", "checkpoint.dir=s3://b/ck",
+                                                            "data.labels="]))
+    assert (kept.data.source, kept.data.labels, kept.checkpoint.dir) == ("s3://b/ds", "", "s3://b/ck")
+    teacher = config.apply_overrides(recipes.get("distill_tiny"), ["method.teacher=runs/cf"])
+    assert with_absolute_paths(teacher).method.teacher == str(tmp_path / "runs" / "cf")
+    baseline = config.apply_overrides(teacher, ["method.teacher=random:resnet10_cifar"])
+    assert with_absolute_paths(baseline).method.teacher == "random:resnet10_cifar"
