@@ -168,7 +168,8 @@ def cancel(job: submitit.Job) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("status", "cancel", "tail"))
+    p.add_argument("action", choices=("status", "cancel", "tail"),
+                   help="status: state and, for a failed job, its error line; cancel; tail: the job's log")
     p.add_argument("job", nargs="?", help="job id (status without one lists every recorded job)")
     p.add_argument("--log-dir", help="where the job was submitted from (default ./jobs or $SEERLIKE_JOBS_DIR)")
     p.add_argument("--task", type=int, default=0, help="tail: which task's log (default 0)")

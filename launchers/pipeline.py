@@ -293,7 +293,7 @@ PIPELINES = {"clusterfit_tiny": clusterfit_tiny}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("run", "status"))
+    p.add_argument("action", choices=("run", "status"), help="run: submit the stages not yet done; status: each stage's state")
     p.add_argument("pipeline", nargs="?", help="PIPELINE.yaml (status also accepts --dir alone)")
     p.add_argument("--recipe", choices=sorted(PIPELINES), help="a built-in pipeline instead of a file")
     p.add_argument("--data", help="recipe: the training images")

@@ -372,25 +372,32 @@ def parse_time(text: str) -> int:
     return max(1, int(days or 0) * 1440 + h * 60 + mi + (1 if s else 0))
 
 
+def _doc(key: str) -> str:
+    """SubmitConfig's doc of ``key`` as option help, with its default (the option itself defaults to unset)."""
+    doc = configlib.field_docs(SubmitConfig)[key].rstrip(".")
+    default = getattr(SubmitConfig(), key)
+    return doc if default in ("", None) or isinstance(default, bool) else f"{doc} (default {default})"
+
+
 def add_resource_arguments(p: argparse.ArgumentParser) -> None:
     """The SubmitConfig options shared by `seerlike submit` and `seerlike pipeline run`."""
     p.add_argument("--cluster", choices=("auto", "slurm", "local"), help="where to run (default auto)")
-    p.add_argument("--nodes", type=int)
+    p.add_argument("--nodes", type=int, help=_doc("nodes"))
     p.add_argument("--tasks-per-node", type=int, help="ranks per node (one per GPU)")
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--gpus-per-node", type=int, help=_doc("gpus_per_node"))
+    p.add_argument("--cpus-per-task", type=int, help=_doc("cpus_per_task"))
     p.add_argument("--mem", help="memory per node, e.g. 64G")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
+    p.add_argument("--partition", help=_doc("partition"))
+    p.add_argument("--account", help=_doc("account"))
+    p.add_argument("--qos", help=_doc("qos"))
     p.add_argument("--time", help="time limit: minutes or [D-]HH:MM:SS")
-    p.add_argument("--constraint")
-    p.add_argument("--exclusive", action="store_true", default=None)
-    p.add_argument("--max-requeues", type=int)
+    p.add_argument("--constraint", help=_doc("constraint"))
+    p.add_argument("--exclusive", action="store_true", default=None, help=_doc("exclusive"))
+    p.add_argument("--max-requeues", type=int, help=_doc("max_requeues"))
     p.add_argument("--signal-delay-s", type=int, help="USR2 this many seconds before the time limit")
     p.add_argument("--log-dir", help="submitit folder + job index (shared on a cluster); default ./jobs "
                    "or $SEERLIKE_JOBS_DIR")
-    p.add_argument("--job-name")
+    p.add_argument("--job-name", help=_doc("job_name"))
     p.add_argument("--setup", action="append", help="shell line run before the tasks (repeatable)")
     p.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment variable for the tasks (repeatable)")
     p.add_argument("--python", help="command that runs Python in the job (containers)")

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("sharding.cli", "ingest images into WebDataset shards + a parquet manifest"),
     "ingest-stats": ("sharding.stats", "inspect an ingested dataset (manifest, summary, shards)"),
     "train": ("seerlike.commands.train", "pretrain with any method (SwAV, BYOL, ...), retrain (ClusterFit)"),
-    "extract": ("seerlike.commands.extract", "extract features over shards"),
+    "extract": ("seerlike.commands.extract", "frozen-backbone features of a data set (shards, dataset, folder or CSV)"),
     "cluster": ("seerlike.commands.cluster", "faiss k-means on features -> pseudo-labels"),
     "distill": ("seerlike.commands.distill", "distill a teacher into a student backbone"),
     "eval": ("seerlike.commands.evaluate", "kNN / linear / low-shot evaluation"),

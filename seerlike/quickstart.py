@@ -397,7 +397,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusterfit-steps", type=int, help="override the ClusterFit steps")
     p.add_argument("--distill-steps", type=int, help="override the distillation steps")
     p.add_argument("--k", type=int, default=K, help=f"k-means clusters (ClusterFit classes; default {K})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--nproc", type=int, default=2, help="ranks of each training stage")
     p.add_argument("--quiet", action="store_true", help="no stage log lines, only stage changes and the results")
 

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--niter", type=int, default=KMeansConfig.niter, help="k-means iterations")
     p.add_argument("--sample", type=int, default=None, help="rows to train the centroids on (default k x 256)")
     p.add_argument("--no-normalize", action="store_true", help="cluster raw features instead of L2-normalised ones")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="k-means initialisation and sample seed")
     p.add_argument("--threads", type=int, default=None, help="faiss CPU threads")
     p.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto", help="faiss GPU indexes")
     p.add_argument("--contact-sheets", type=int, default=0, metavar="N",

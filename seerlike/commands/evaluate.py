@@ -15,23 +15,23 @@ from seerlike.eval.linear import LinearConfig, LowShotConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=KINDS)
+    p.add_argument("kind", choices=KINDS, help="kNN on frozen features, a linear probe, or low-shot linear probes")
     p.add_argument("--model", help="checkpoint dir, run dir, export dir, or random:ARCH (not needed when "
                    "--train and --val are features dirs)")
     p.add_argument("--train", required=True, help="labelled training images (path,label CSV or class folders) or features dir")
     p.add_argument("--val", required=True, help="labelled validation images or features dir")
     p.add_argument("--out", help="where to write eval_KIND.json and confusion_KIND.png (default: MODEL/eval)")
-    p.add_argument("--layer", default="pool", choices=LAYERS)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--layer", default="pool", choices=LAYERS, help="feature layer (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=224, help="centre-crop side (default %(default)s)")
     p.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default size/0.875)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward (default %(default)s)")
     p.add_argument("--k", type=int, default=KNNConfig.k, help="kNN neighbours")
     p.add_argument("--temperature", type=float, default=KNNConfig.temperature, help="kNN vote temperature")
     p.add_argument("--epochs", type=int, default=None, help="linear probe epochs (default 100, low-shot 200)")
     p.add_argument("--lr", type=float, default=LinearConfig.lr, help="linear probe learning rate")
     p.add_argument("--shots", default="1,5,10", help="low-shot examples per class")
     p.add_argument("--draws", type=int, default=LowShotConfig.draws, help="low-shot subsets per shot count")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe and the low-shot draws")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
 
 

@@ -11,13 +11,18 @@ from seerlike.eval.extract import LAYERS, ExtractConfig
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir, export dir or random:ARCH")
     p.add_argument("--data", required=True, help="dataset dir / shard pattern / s3 prefix, or a path,label CSV / image folder")
-    p.add_argument("--layer", default=ExtractConfig.layer, choices=LAYERS)
+    p.add_argument("--layer", default=ExtractConfig.layer, choices=LAYERS,
+                   help="res2-res5: average-pooled stage maps; pool: the trunk output; head: classifier logits "
+                   "(default %(default)s)")
     p.add_argument("--out", required=True, help="features directory (rerun to resume)")
-    p.add_argument("--image-size", type=int, default=ExtractConfig.image_size)
+    p.add_argument("--image-size", type=int, default=ExtractConfig.image_size,
+                   help="centre-crop side fed to the network (default %(default)s)")
     p.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default size/0.875)")
-    p.add_argument("--batch-size", type=int, default=ExtractConfig.batch_size)
-    p.add_argument("--chunk-size", type=int, default=ExtractConfig.chunk_size)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--batch-size", type=int, default=ExtractConfig.batch_size,
+                   help="images per forward (default %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=ExtractConfig.chunk_size,
+                   help="rows per chunk of a CSV / folder source; a shard is one chunk (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored feature dtype")
     p.add_argument("--workers", type=int, default=ExtractConfig.workers, help="decoding threads per rank")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="forward under bf16 autocast")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")

@@ -42,7 +42,7 @@ def markdown_reference() -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe name (see --list)")
     p.add_argument("--list", action="store_true", help="list the recipes")
-    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml", help="how the config is printed")
     p.add_argument("--reference", action="store_true", help="print every key of the recipe with its type, value and doc")
     p.add_argument("--reference-md", metavar="PATH", help="write the full configuration reference (Markdown) to PATH")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")

@@ -1,4 +1,5 @@
-"""Rules of the codebase that a grep can keep (HELPERS.md / STYLE.md): one home per idea, no history.
+"""Rules of the codebase that a grep can keep (HELPERS.md / STYLE.md): one home per idea, no history,
+every command option explained.
 
 Constants with one definition (REQUEUE_EXIT_CODE, IMAGENET_MEAN) are checked in
 test_launchers.py; the import layers in test_layers.py.
@@ -75,3 +76,19 @@ def test_the_rules_see_what_they_forbid(tmp_path):
     sample.write_text('os.replace(tmp, path)\n# see Session 4 and FACTS.md, issue 20\nif torch.__version__ < "2.13":\n')
     assert len(_hits(RENAMES, [sample])) == 1 and len(_hits(TORCH_BRANCH, [sample])) == 1
     assert len(_hits(HISTORY, [sample])) == 3 and HISTORY.search("session4_swav.txt")
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+    import importlib
+
+    from seerlike.cli import COMMANDS
+
+    silent = []
+    for name, (module, _) in COMMANDS.items():
+        parser = argparse.ArgumentParser(prog=f"seerlike {name}")
+        importlib.import_module(module).add_arguments(parser)
+        assert parser.format_help().startswith(f"usage: seerlike {name}")  # every %(default)s renders
+        silent += [f"{name} {a.option_strings[-1] if a.option_strings else a.dest}" for a in parser._actions
+                   if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert silent == []
