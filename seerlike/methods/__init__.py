@@ -15,6 +15,7 @@ from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
 from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
+from seerlike.methods.jigsaw import Jigsaw
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
 from seerlike.methods.rotnet import RotNet
@@ -36,6 +37,7 @@ METHODS: dict[str, type[Method]] = {
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
     "rotnet": RotNet,
+    "jigsaw": Jigsaw,
 }
 MethodConfig.registry = METHODS
 

@@ -21,6 +21,7 @@ import functools
 import itertools
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -154,7 +155,9 @@ CENTRE = 4
 
 @functools.lru_cache(maxsize=2)
 def _all_permutations(k: int) -> Tensor:
-    return torch.tensor(list(itertools.permutations(range(k))), dtype=torch.int8)
+    flat = np.fromiter(itertools.chain.from_iterable(itertools.permutations(range(k))), dtype=np.int8,
+                       count=k * math.factorial(k))
+    return torch.from_numpy(flat.reshape(-1, k))
 
 
 def all_permutations(k: int) -> Tensor:
@@ -172,16 +175,16 @@ def hamming(perms: Tensor, p: Tensor) -> Tensor:
 @functools.lru_cache(maxsize=8)
 def _maximal_hamming(n: int, k: int, seed: int) -> Tensor:
     pool = all_permutations(k)
+    by_position = pool.t().contiguous()  # (k, k!): the comparisons run along contiguous memory
     first = int(torch.randint(len(pool), (), generator=torch.Generator().manual_seed(seed)))
-    total = hamming(pool, pool[first])  # summed distance of every candidate to the chosen set
-    taken = torch.zeros(len(pool), dtype=torch.bool)
-    chosen = [first]
-    taken[first] = True
-    for _ in range(n - 1):
-        j = int(total.masked_fill(taken, -1).argmax())  # the first maximum: lexicographic tie-break
+    total = torch.zeros(len(pool), dtype=torch.int32)  # summed distance of every candidate to the chosen set
+    chosen = []
+    j = first
+    for _ in range(n):
         chosen.append(j)
-        taken[j] = True
-        total += hamming(pool, pool[j])
+        total += (by_position != pool[j][:, None]).sum(dim=0, dtype=torch.int32)
+        total[j] = -(2**30)  # taken: never the maximum again
+        j = int(total.argmax())  # the first maximum: ties go to the lexicographically first
     return pool[chosen].long()
 
 
