@@ -18,6 +18,7 @@ from seerlike.methods.distill import Distill
 from seerlike.methods.jigsaw import Jigsaw
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.relative_position import RelativePosition
 from seerlike.methods.rotnet import RotNet
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
@@ -38,6 +39,7 @@ METHODS: dict[str, type[Method]] = {
     "vicreg": VICReg,
     "rotnet": RotNet,
     "jigsaw": Jigsaw,
+    "relative_position": RelativePosition,
 }
 MethodConfig.registry = METHODS
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import (barlow_twins, byol, clusterfit, dino, distill, jigsaw, moco_v2, moco_v3, rotnet, seer,
-                              simclr, simsiam, swav, tiny, vicreg)
+from seerlike.recipes import (barlow_twins, byol, clusterfit, dino, distill, jigsaw, moco_v2, moco_v3, relative_position,
+                              rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -24,6 +24,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **vicreg.RECIPES,
     **rotnet.RECIPES,
     **jigsaw.RECIPES,
+    **relative_position.RECIPES,
 }
 
 
