@@ -150,7 +150,8 @@ class Colorization(MethodBase):
     def __init__(self, cfg: Config, backbone: nn.Module) -> None:
         super().__init__()
         dims = getattr(backbone, "feature_dims", None)
-        if not (hasattr(backbone, "forward_features") and hasattr(backbone, "set_in_channels") and dims and "res5" in dims):
+        spatial = hasattr(backbone, "forward_features") and bool(dims) and "res5" in dims
+        if not (spatial and hasattr(backbone, "set_in_channels")):
             raise ValueError("colorization needs a seerlike backbone (forward_features with res5, feature_dims, "
                              "set_in_channels): it predicts colours on the last spatial map from the lightness alone")
         self.cfg = cfg

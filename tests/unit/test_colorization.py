@@ -207,6 +207,7 @@ def test_a_normalisation_mismatch_shows_in_the_stats():
 
 
 def test_a_seerlike_trunk_gets_one_input_channel():
+    assert METHODS["colorization"] is Colorization
     m = _colorization(backbone=models.build("resnet10_cifar_w16"))
     assert m.backbone.in_channels == 1 and m.backbone.conv1.weight.shape == (16, 1, 3, 3)
     loss, _ = m([normalise(_images(1, n=2))])
