@@ -13,10 +13,14 @@ from seerlike.methods.barlow_twins import BarlowTwins
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
+from seerlike.methods.colorization import Colorization
 from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
+from seerlike.methods.jigsaw import Jigsaw
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.relative_position import RelativePosition
+from seerlike.methods.rotnet import RotNet
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
@@ -34,6 +38,10 @@ METHODS: dict[str, type[Method]] = {
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
+    "rotnet": RotNet,
+    "jigsaw": Jigsaw,
+    "relative_position": RelativePosition,
+    "colorization": Colorization,
 }
 MethodConfig.registry = METHODS
 
