@@ -46,12 +46,21 @@ def method_class(name: str) -> type[Method]:
         raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
-def build(cfg: MethodConfig, backbone: nn.Module) -> nn.Module:
-    """The method ``cfg.name`` around ``backbone`` (on CPU, fp32)."""
+def build(cfg: MethodConfig, backbone: nn.Module, *, num_samples: int | None = None) -> nn.Module:
+    """The method ``cfg.name`` around ``backbone`` (on CPU, fp32).
+
+    ``num_samples``, the size of the training data, is passed on (``num_samples=``) to methods that
+    declare ``needs_indices`` (their memory holds every sample) and required for them only.
+    """
     cls = method_class(cfg.name)
     if not isinstance(cfg, cls.Config):
         raise ConfigError(f"method.name={cfg.name!r} needs a {cls.__name__}.Config, got {type(cfg).__qualname__}")
-    return cls(cfg, backbone)
+    if not getattr(cls, "needs_indices", False):
+        return cls(cfg, backbone)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"method {cfg.name!r} keeps a memory of every training sample and needs the size of the "
+                          f"training data (num_samples), got {num_samples!r}")
+    return cls(cfg, backbone, num_samples=num_samples)
 
 
 def pretraining_methods() -> list[str]:
