@@ -13,10 +13,12 @@ from seerlike.methods.barlow_twins import BarlowTwins
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
+from seerlike.methods.deepcluster_v2 import DeepClusterV2
 from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.sela import SeLa
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
@@ -34,6 +36,8 @@ METHODS: dict[str, type[Method]] = {
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
+    "deepcluster_v2": DeepClusterV2,
+    "sela": SeLa,
 }
 MethodConfig.registry = METHODS
 
