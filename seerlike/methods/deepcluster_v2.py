@@ -164,7 +164,7 @@ class DeepClusterV2(MethodBase):
                 indices: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         bs = check_batch("DeepCluster-v2", views, indices, cfg.crops_for_assign)
-        if self.memory.due(bs):
+        if self.memory.begin(indices):
             self.cluster()
         z = F.normalize(self.projection(forward_views(self.backbone, views)), dim=1)
         targets = self.assignments[:, indices]  # (heads, B)

@@ -45,6 +45,7 @@ class PassMemory(nn.Module):
         self.register_buffer("stamp", torch.full((capacity,), -1, dtype=torch.long), persistent=False)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
         """Forward calls written so far (the ring position and the pass count follow from it)."""
+        self._call: int | None = None  # ``calls`` as read by begin, for the push of the same call
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -62,23 +63,27 @@ class PassMemory(nn.Module):
                              "samples); lower data.batch_size")
         return calls
 
-    def due(self, batch: int, every: int = 0) -> bool:
-        """Whether the memory should be used before this call: every ``every`` calls (0: at the end of each pass)."""
-        calls = int(self.calls)  # one host sync per step, as SwAV's queue counter
-        return calls > 0 and calls % (every or self.period(batch)) == 0
+    def begin(self, indices: Tensor, every: int = 0) -> bool:
+        """Check a call's sample indices; whether the memory is due before it: every ``every`` calls
+        (0: at the end of each pass). One host sync per call (SwAV's queue reads its counter too)."""
+        calls, lo, hi = torch.stack([self.calls, indices.min(), indices.max()]).tolist()
+        if not 0 <= lo <= hi < self.num_samples:
+            raise ValueError(f"sample indices must lie in [0, {self.num_samples}), got {lo}..{hi}; "
+                             "the data source changed since the method was built")
+        self._call = calls
+        return calls > 0 and calls % (every or self.period(indices.shape[0])) == 0
 
     @torch.no_grad()
     def push(self, indices: Tensor, emb: Tensor) -> None:
-        """Write this call's rows: ``indices`` (B,) and ``emb`` (views, B, dim)."""
+        """Write the rows of the call ``begin`` checked: ``indices`` (B,) and ``emb`` (views, B, dim)."""
         world, rank = world_and_rank()
         b = indices.shape[0]
         if emb.shape[:2] != (self.emb.shape[0], b) or emb.shape[2] != self.emb.shape[2]:
             raise ValueError(f"memory rows of shape {tuple(emb.shape)}, expected ({self.emb.shape[0]}, {b}, "
                              f"{self.emb.shape[2]})")
-        if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < self.num_samples):
-            raise ValueError(f"sample indices must lie in [0, {self.num_samples}), got {int(indices.min())}.."
-                             f"{int(indices.max())}; the data source changed since the method was built")
-        calls = int(self.calls)
+        calls, self._call = self._call, None
+        if calls is None:
+            raise RuntimeError("PassMemory.push without begin: call begin(indices) first in the forward")
         start = (calls % self.period(b)) * b
         rows = slice(start, start + b)
         self.emb[:, rows] = emb.to(self.emb.dtype)

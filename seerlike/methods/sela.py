@@ -137,7 +137,7 @@ class SeLa(MethodBase):
                 indices: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         bs = check_batch("SeLa", views, indices, cfg.crops_for_assign)
-        if self.memory.due(bs, cfg.label_every):
+        if self.memory.begin(indices, cfg.label_every):
             self.relabel()
         z = self.embed(views)
         targets = self.labels[:, indices]

@@ -129,13 +129,13 @@ def test_the_first_pass_fills_the_memory_with_zero_loss_then_every_sample_is_clu
     for step in range(4):
         idx = torch.arange(4 * step, 4 * step + 4)
         loss, stats = m(_views(step), indices=idx)
-        assert float(loss) == 0.0 and float(stats["assigned"]) == 0.0 and int(m.clusterings) == 0
+        assert float(loss.detach()) == 0.0 and float(stats["assigned"]) == 0.0 and int(m.clusterings) == 0
         loss.backward()
         assert all(p.grad is None or not p.grad.any() for p in m.parameters())
     assert sorted(m.memory.index.tolist()) == list(range(16))
     memory = m.memory.emb[:, torch.argsort(m.memory.index)].clone()  # (views, sample, dim)
     loss, stats = m(_views(4), indices=torch.tensor([5, 1, 12, 8]))  # the 5th call clusters first
-    assert int(m.clusterings) == 1 and float(stats["assigned"]) == 1.0 and float(loss) > 0
+    assert int(m.clusterings) == 1 and float(stats["assigned"]) == 1.0 and float(loss.detach()) > 0
     for h, k in enumerate((4, 3)):
         protos = m.prototypes(h)
         torch.testing.assert_close(protos.norm(dim=1), torch.ones(k))
@@ -147,13 +147,15 @@ def test_the_first_pass_fills_the_memory_with_zero_loss_then_every_sample_is_clu
     assert m.memory.index[:4].tolist() == [5, 1, 12, 8] and int(m.memory.calls) == 5
 
 
-def test_too_few_samples_for_the_clusters_fail_naming_the_fix():
+def test_bad_settings_and_inputs_fail_naming_the_fix():
     with pytest.raises(ValueError, match="fewer than the 4 clusters of method.num_prototypes"):
         _method(n=3)
     with pytest.raises(ValueError, match="crops_for_assign=\\[0, 2\\] names view 2"):
         DeepClusterV2.check_views(DeepClusterV2.Config(crops_for_assign=(0, 2)), [24, 24])
     with pytest.raises(ValueError, match="needs the batch's sample indices"):
         _method()(_views(0))
+    with pytest.raises(ValueError, match=r"sample indices must lie in \[0, 16\), got 0..99; the data source changed"):
+        _method()(_views(0), indices=torch.tensor([0, 1, 2, 99]))
 
 
 # ------------------------------------------------------------------ state and training
