@@ -17,11 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def micro_batch(views: list[torch.Tensor], labels: torch.Tensor | None = None):
-    """A training-step input (``.views``, ``.labels``) from plain tensors, for tests of ``train_step``."""
+def micro_batch(views: list[torch.Tensor], labels: torch.Tensor | None = None, indices: torch.Tensor | None = None):
+    """A training-step input (``.views``, ``.labels``, ``.indices``) from plain tensors, for tests of ``train_step``."""
     from seerlike.data.pipeline import Batch
 
-    return Batch(views=list(views), keys=[str(i) for i in range(views[0].shape[0])], labels=labels)
+    return Batch(views=list(views), keys=[str(i) for i in range(views[0].shape[0])], labels=labels, indices=indices)
 
 
 class RankFailed(RuntimeError):

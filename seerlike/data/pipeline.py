@@ -112,6 +112,9 @@ class Batch:
     """Sample keys, in batch order."""
     labels: torch.Tensor | None
     """Class indices (int64) when the source has labels for every sample, else None."""
+    indices: torch.Tensor | None = None
+    """Training batches: each sample's global index (int64) in [0, num_samples), its position in the
+    source's listing (``FileSource`` / ``ShardSource``): the same in every epoch, run and world size."""
 
 
 # ---------------------------------------------------------------- bad samples
@@ -259,7 +262,7 @@ class _TrainStream(IterableDataset):
         # pseudo-label says nothing about the samples after it
         since_good, bad_in_a_row, failed_shards = 0, 0, set()
         while batches < plan.quota:
-            keys, labels, crops, corrupt = [], [], [], []
+            keys, labels, indices, crops, corrupt = [], [], [], [], []
             while len(keys) < B:
                 rec = next(stream)
                 records += 1
@@ -288,6 +291,7 @@ class _TrainStream(IterableDataset):
                 since_good, bad_in_a_row = 0, 0
                 keys.append(rec.key)
                 labels.append(rec.label)
+                indices.append(rec.index)
                 crops.append(views)
             batches += 1
             if batches == plan.quota:  # the worker's last batch of the epoch: report the skips not yet logged
@@ -297,6 +301,7 @@ class _TrainStream(IterableDataset):
                 "views": views,
                 "keys": keys,
                 "labels": torch.tensor(labels, dtype=torch.long) if labelled else None,
+                "indices": torch.tensor(indices, dtype=torch.long),
                 "worker": worker,
                 "position": {"records": records, "batches": batches,
                              **_read_position(self.source, plan, records, cfg.shuffle_buffer)},
@@ -412,7 +417,8 @@ class TrainData:
                     views = [v.to(self.device, non_blocking=True) for v in item["views"]]
                     views = self.photometric(views, seed=self.seed, epoch=self.epoch, step=step, rank=self.rank)
                     labels = item["labels"].to(self.device) if item["labels"] is not None else None
-                    yield Batch(views=views, keys=item["keys"], labels=labels)
+                    yield Batch(views=views, keys=item["keys"], labels=labels,
+                                indices=item["indices"].to(self.device, non_blocking=True))
                 if self.step_in_epoch != plan.steps:
                     raise RuntimeError(f"rank {self.rank} epoch {self.epoch}: the workers made {self.step_in_epoch} "
                                        f"batches, the plan says {plan.steps}")

@@ -45,6 +45,8 @@ class Record(NamedTuple):
     """The shard's URL when the record stands in for a sample of a shard that could not be read."""
     meta: bytes | None = None
     """The sample's ``.json`` member when its shard has one (ingest writes key, source and any label there)."""
+    index: int = -1
+    """Global sample index in the source (see ``FileSource`` / ``ShardSource``); -1 if unknown."""
 
 
 @dataclass
@@ -183,8 +185,15 @@ def _image_of(parts: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def shard_records(url: str, count: int, skip: int, opts: ShardReaderOptions) -> Iterator[Record]:
-    """Exactly ``count - skip`` records of one shard, from record ``skip`` on."""
+def shard_records(url: str, count: int, skip: int, opts: ShardReaderOptions, first_index: int | None = None) -> Iterator[Record]:
+    """Exactly ``count - skip`` records of one shard, from record ``skip`` on.
+
+    Record ``i`` of the shard has global index ``first_index + i`` (``ShardSource.starts``);
+    without ``first_index`` every record's index is -1 (readers that need no indices).
+    """
+    def index(i: int) -> int:
+        return -1 if first_index is None else first_index + i
+
     emitted = 0
     try:
         f = open_shard(url, endpoint_url=opts.endpoint_url, retries=opts.retries, backoff_s=opts.backoff_s)
@@ -197,7 +206,7 @@ def shard_records(url: str, count: int, skip: int, opts: ShardReaderOptions) -> 
                     continue
                 data = _image_of(parts)
                 yield Record(key, data, None, None if data is not None else f"no image member in {url}",
-                             meta=parts.get("json"))
+                             meta=parts.get("json"), index=index(i))
                 emitted += 1
     except (ShardReadError, tarfile.TarError, OSError, EOFError) as e:
         if opts.on_shard_error == "fatal":
@@ -214,7 +223,7 @@ def shard_records(url: str, count: int, skip: int, opts: ShardReaderOptions) -> 
                                      "(data.on_shard_error=skip would skip the missing ones and go on)")
             log.warning("shard %s holds %d samples, its count says %d", url, skip + emitted, count)
     for j in range(skip + emitted, count):
-        yield Record(f"{url}#missing{j}", None, None, reason, failed_shard=url)
+        yield Record(f"{url}#missing{j}", None, None, reason, failed_shard=url, index=index(j))
 
 
 def raw_shard_stream(source: ShardSource, shards: list[int], start: int, opts: ShardReaderOptions) -> Iterator[Record]:
@@ -225,7 +234,7 @@ def raw_shard_stream(source: ShardSource, shards: list[int], start: int, opts: S
         if pos + n <= start:
             pos += n
             continue
-        yield from shard_records(source.urls[s], n, max(0, start - pos), opts)
+        yield from shard_records(source.urls[s], n, max(0, start - pos), opts, source.starts[s])
         pos += n
 
 
@@ -236,7 +245,7 @@ def raw_file_stream(source: FileSource, files: list[int], start: int) -> Iterato
                 data, err = f.read(), None
         except OSError as e:
             data, err = None, f"cannot read {source.paths[i]}: {e}"
-        yield Record(source.keys[i], data, source.labels[i], err)
+        yield Record(source.keys[i], data, source.labels[i], err, index=i)
 
 
 def block_shuffled(raw_from, start: int, block: int, seed_parts: tuple) -> Iterator[Record]:

@@ -17,7 +17,8 @@ import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 from seerlike import storage
@@ -31,7 +32,11 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 @dataclass
 class FileSource:
-    """Image files; ``labels[i]`` indexes ``classes`` (all None when the source has no labels)."""
+    """Image files; ``labels[i]`` indexes ``classes`` (all None when the source has no labels).
+
+    A sample's global index (``Batch.indices``) is its position ``i`` in ``paths`` (the sorted
+    folder listing, or the CSV's row order).
+    """
 
     paths: list[str]
     keys: list[str]
@@ -44,10 +49,20 @@ class FileSource:
 
 @dataclass
 class ShardSource:
-    """Tar shards (local paths or s3:// URLs) and the number of samples in each."""
+    """Tar shards (local paths or s3:// URLs) and the number of samples in each.
+
+    A sample's global index (``Batch.indices``) is ``starts[s]`` plus its position in shard
+    ``s``: the samples numbered in the order of ``urls`` (the manifest's shard-name order or the
+    brace pattern's), then in tar order.
+    """
 
     urls: list[str]
     counts: list[int]
+    starts: list[int] = field(init=False, repr=False)
+    """Global index of the first sample of each shard."""
+
+    def __post_init__(self) -> None:
+        self.starts = list(accumulate([0, *self.counts[:-1]])) if self.counts else []
 
     def __len__(self) -> int:
         return sum(self.counts)

@@ -42,11 +42,14 @@ REQUEUE_EXIT_CODE = 75
 """Exit status after a SIGUSR1/SIGTERM checkpoint-and-stop (EX_TEMPFAIL: 'try again'); launchers requeue on it."""
 
 
-def build_method(cfg: TrainConfig) -> nn.Module:
-    """The backbone wrapped by the configured method, on CPU, in fp32."""
+def build_method(cfg: TrainConfig, num_samples: int | None = None) -> nn.Module:
+    """The backbone wrapped by the configured method, on CPU, in fp32.
+
+    ``num_samples`` (the training data's size) is passed to methods that declare ``needs_indices``.
+    """
     backbone = models.build(cfg.model.name, zero_init_residual=cfg.model.zero_init_residual,
                             drop_path=cfg.model.drop_path)
-    return methods.build(cfg.method, backbone)
+    return methods.build(cfg.method, backbone, num_samples=num_samples)
 
 
 class StopRequest:
@@ -106,9 +109,14 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     if rank == 0:
         configlib.dump(to_record, run_dir / "config.yaml")
 
+    if data is None:  # before the method: methods with a dataset-wide memory are sized by it
+        from seerlike.data.pipeline import build_train_data
+
+        data = build_train_data(cfg.data, rank=rank, world_size=world, seed=loop.seed, device=device)
+
     # ---------------------------------------------------------------- model, optimizer
     torch.manual_seed(loop.seed)  # identical init everywhere: FSDP2 shards local copies
-    method = build_method(cfg)
+    method = build_method(cfg, num_samples=getattr(data, "num_samples", None))
     if cfg.model.channels_last and cfg.parallel.strategy != "fsdp":  # FSDP2 shards contiguous params only
         method.to(memory_format=torch.channels_last)
     model = parallelize(method, cfg.parallel, compute_dtype=cfg.precision.torch_dtype, device=device)
@@ -127,10 +135,6 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     if not exact:  # fresh start (or a different world size): seeded per-rank RNG
         torch.manual_seed(loop.seed + 100_003 * (rank + 1))
         random.seed(loop.seed + 100_003 * (rank + 1))
-    if data is None:
-        from seerlike.data.pipeline import build_train_data
-
-        data = build_train_data(cfg.data, rank=rank, world_size=world, seed=loop.seed, device=device)
     if data_state is not None:
         data.load_state_dict(data_state)
     budget = None

@@ -39,7 +39,7 @@ def train_step(model: nn.Module, method: nn.Module, optimizer: torch.optim.Optim
                scaler: torch.amp.GradScaler | None, micro_batches: Iterable, *, step: int, max_steps: int,
                precision: PrecisionConfig, device: torch.device, skip_nonfinite: bool = False,
                channels_last: bool = False, stop: Callable[[], bool] = lambda: False, num_micro: int | None = None) -> StepResult:
-    """Train one step on ``micro_batches`` (objects with ``.views`` and ``.labels``).
+    """Train one step on ``micro_batches`` (objects with ``.views``, ``.labels`` and ``.indices``).
 
     ``micro_batches`` is read lazily when ``num_micro`` (their number) is given, so a caller can
     time the wait for each; otherwise it is read into a list first.
@@ -64,8 +64,10 @@ def train_step(model: nn.Module, method: nn.Module, optimizer: torch.optim.Optim
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         images += views[0].shape[0] * world
         labels = batch.labels if method.needs_labels else None
+        args = (views, labels) if labels is not None else (views,)
+        kwargs = {"indices": _indices(method, batch)} if getattr(method, "needs_indices", False) else {}
         with _grad_sync(model, i == n - 1), autocast(precision, device):
-            loss, stats = model(views, labels) if labels is not None else model(views)
+            loss, stats = model(*args, **kwargs)
         scaled = loss / n
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
@@ -94,6 +96,15 @@ def train_step(model: nn.Module, method: nn.Module, optimizer: torch.optim.Optim
     optimizer.zero_grad(set_to_none=True)
     method.on_step_end(step, max_steps)
     return result
+
+
+def _indices(method: nn.Module, batch) -> Tensor:
+    """The batch's global sample indices, for a method that declares ``needs_indices``."""
+    indices = getattr(batch, "indices", None)
+    if indices is None:
+        raise ValueError(f"{type(method).__name__} needs each sample's dataset index (needs_indices) but the batch "
+                         "carries none; train it on the data pipeline's batches (seerlike.data.build_train_data)")
+    return indices
 
 
 def _grad_sync(model: nn.Module, sync: bool):

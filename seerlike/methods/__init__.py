@@ -14,6 +14,7 @@ from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
 from seerlike.methods.colorization import Colorization
+from seerlike.methods.deepcluster_v2 import DeepClusterV2
 from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
 from seerlike.methods.jigsaw import Jigsaw
@@ -21,6 +22,7 @@ from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
 from seerlike.methods.relative_position import RelativePosition
 from seerlike.methods.rotnet import RotNet
+from seerlike.methods.sela import SeLa
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
@@ -42,6 +44,8 @@ METHODS: dict[str, type[Method]] = {
     "jigsaw": Jigsaw,
     "relative_position": RelativePosition,
     "colorization": Colorization,
+    "deepcluster_v2": DeepClusterV2,
+    "sela": SeLa,
 }
 MethodConfig.registry = METHODS
 
@@ -54,12 +58,21 @@ def method_class(name: str) -> type[Method]:
         raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
-def build(cfg: MethodConfig, backbone: nn.Module) -> nn.Module:
-    """The method ``cfg.name`` around ``backbone`` (on CPU, fp32)."""
+def build(cfg: MethodConfig, backbone: nn.Module, *, num_samples: int | None = None) -> nn.Module:
+    """The method ``cfg.name`` around ``backbone`` (on CPU, fp32).
+
+    ``num_samples``, the size of the training data, is passed on (``num_samples=``) to methods that
+    declare ``needs_indices`` (their memory holds every sample) and required for them only.
+    """
     cls = method_class(cfg.name)
     if not isinstance(cfg, cls.Config):
         raise ConfigError(f"method.name={cfg.name!r} needs a {cls.__name__}.Config, got {type(cfg).__qualname__}")
-    return cls(cfg, backbone)
+    if not getattr(cls, "needs_indices", False):
+        return cls(cfg, backbone)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"method {cfg.name!r} keeps a memory of every training sample and needs the size of the "
+                          f"training data (num_samples), got {num_samples!r}")
+    return cls(cfg, backbone, num_samples=num_samples)
 
 
 def pretraining_methods() -> list[str]:

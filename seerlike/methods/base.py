@@ -8,11 +8,28 @@ carry them) and its collectives. The engine knows nothing else about it:
   ``Literal["<registry name>"]``; it is the ``method`` section of the training config.
 - ``__init__(cfg, backbone)``: ``backbone`` is the trunk (pooled features of width
   ``backbone.out_dim``); the method keeps it as ``self.backbone``, where extraction and export
-  find it (checkpoint keys ``backbone.*``).
+  find it (checkpoint keys ``backbone.*``). A method with ``needs_indices`` is built as
+  ``__init__(cfg, backbone, *, num_samples)``: the number of samples of the training data.
 - ``forward(views, labels=None) -> (loss, stats)``: ``views`` are the batch's views in the data
   config's order (one tensor per view, same batch size); ``labels`` are the batch's (pseudo-)
   labels, passed only when ``needs_labels``. ``loss`` is a scalar to minimise, ``stats`` a few
   scalar tensors for the metrics log (keep them tensors: converting syncs the device).
+- ``needs_indices`` (default False): the method keeps a memory over the whole dataset (memory
+  banks, per-sample cluster assignments). It is then called as
+  ``forward(views, labels=None, indices=indices)``: ``indices`` is an int64 tensor ``(B,)`` on the
+  views' device, each sample's global index in ``[0, num_samples)``: its position in the source's
+  listing (sorted image files or CSV rows; for shards, the samples numbered shard after shard in
+  the manifest's / brace pattern's order, in tar order inside a shard). An index names the same
+  sample in every epoch, after a restart and on any world size (as long as the source is not
+  changed). In an exact-mode epoch (``data.resampled=false``) no index appears twice over all
+  ranks, and every one appears once when no sample is skipped and ``num_samples`` is a multiple
+  of the global batch (the rest is dropped); ``resampled`` epochs draw with replacement.
+  Samples that cannot be decoded never reach a batch, so their indices never appear.
+- Per-rank state: a non-persistent buffer (``register_buffer(..., persistent=False)``) is left out
+  of ``state_dict()`` but is saved by the engine's checkpoints in each rank's own file and
+  restored when the run resumes on the same world size (on another world size it keeps the value
+  ``__init__``/``reset_state`` gave it). Use it for state that differs between ranks (a rank's
+  share of a memory bank); persistent buffers are for state every rank agrees on.
 - ``on_after_backward(step)``: after the backward of the step's last micro-batch, before the
   optimizer (e.g. drop the gradient of frozen prototypes).
 - ``on_step_end(step, max_steps)``: after the optimizer step (EMA updates, re-normalisation).
@@ -74,9 +91,11 @@ class Method(Protocol):
     Config: ClassVar[type[MethodConfig]]
     stage: ClassVar[Literal["pretrain", "followup"]]
     needs_labels: ClassVar[bool]
+    needs_indices: ClassVar[bool]
     backbone: nn.Module
 
-    def forward(self, views: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def forward(self, views: list[Tensor], labels: Tensor | None = None,
+                indices: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def on_after_backward(self, step: int) -> None: ...
 
@@ -93,6 +112,8 @@ class MethodBase(nn.Module):
 
     stage: ClassVar[Literal["pretrain", "followup"]] = "pretrain"
     needs_labels: ClassVar[bool] = False
+    needs_indices: ClassVar[bool] = False
+    """True: built with ``num_samples=`` and given each batch's global sample ``indices`` (module docstring)."""
 
     def on_after_backward(self, step: int) -> None:
         pass

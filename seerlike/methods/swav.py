@@ -37,11 +37,13 @@ def _world(group: dist.ProcessGroup | None = None) -> int:
 
 
 @torch.no_grad()
-def sinkhorn(scores: Tensor, epsilon: float, iters: int, group: dist.ProcessGroup | None = None) -> Tensor:
+def sinkhorn(scores: Tensor, epsilon: float, iters: int, group: dist.ProcessGroup | None = None,
+             dtype: torch.dtype = torch.float32) -> Tensor:
     """Sinkhorn-Knopp soft assignments ``Q`` (B_local, K) of the rows of ``scores`` to K prototypes.
 
     Runs across all ranks of ``group`` (sums all-reduced), so it equals the single-process
-    result on the concatenated batch. Always in fp32. The shift before ``exp`` is the
+    result on the concatenated batch. In fp32 unless ``dtype`` says otherwise (float64 keeps
+    ``exp`` of logits far below the maximum from vanishing, as SeLa needs). The shift before ``exp`` is the
     GLOBAL max: a per-rank max would scale each rank's columns differently.
     As returned, every row (sample) sums to 1; the prototype totals over the global batch
     approach B/K as ``iters`` grows (exactly B/K before the last column normalisation).
@@ -49,18 +51,18 @@ def sinkhorn(scores: Tensor, epsilon: float, iters: int, group: dist.ProcessGrou
     if scores.ndim != 2:
         raise ValueError(f"sinkhorn expects scores of shape (batch, prototypes), got {tuple(scores.shape)}")
     world = _world(group)
-    scores = scores.float()
+    scores = scores.to(dtype)
     shift = scores.max()
     if world > 1:
         dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
     q = torch.exp((scores - shift) / epsilon).t()  # K x B_local
     k = q.shape[0]
-    totals = torch.stack([q.sum(), torch.tensor(float(q.shape[1]), device=q.device)])
+    totals = torch.stack([q.sum(), torch.tensor(float(q.shape[1]), device=q.device, dtype=dtype)])
     if world > 1:
         dist.all_reduce(totals, group=group)
     q /= totals[0]
     b = totals[1]
-    tiny = torch.finfo(torch.float32).tiny  # a prototype with no mass stays 0 instead of 0/0
+    tiny = torch.finfo(dtype).tiny  # a prototype with no mass stays 0 instead of 0/0
     for _ in range(iters):
         rows = q.sum(dim=1, keepdim=True)
         if world > 1:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import (barlow_twins, byol, clusterfit, colorization, dino, distill, jigsaw, moco_v2, moco_v3,
-                              relative_position, rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
+from seerlike.recipes import (barlow_twins, byol, clusterfit, colorization, deepcluster_v2, dino, distill, jigsaw,
+                              moco_v2, moco_v3, relative_position, rotnet, seer, sela, simclr, simsiam, swav, tiny,
+                              vicreg)
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -26,6 +27,8 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **jigsaw.RECIPES,
     **relative_position.RECIPES,
     **colorization.RECIPES,
+    **deepcluster_v2.RECIPES,
+    **sela.RECIPES,
 }
 
 

@@ -1,4 +1,4 @@
-"""Exact mid-epoch resume of the training data on 2 real ranks x 2 workers."""
+"""Exact mid-epoch resume of the training data (keys and global sample indices) on 2 real ranks x 2 workers."""
 
 from __future__ import annotations
 
@@ -31,14 +31,14 @@ def _run(rank: int, world: int, source: str, stop: int, extra: int) -> dict:
     steps = clean.steps_per_epoch
     clean_keys, clean_views = [], []
     for i, batch in enumerate(clean):
-        clean_keys.append(batch.keys)
+        clean_keys.append(list(zip(batch.keys, batch.indices.tolist())))
         clean_views.append(_digest(batch.views))
         if i + 1 == steps + extra:  # into the next epoch too
             break
     first = build_train_data(cfg, rank=rank, world_size=world, seed=7)
     got_keys = []
     for i, batch in enumerate(first):
-        got_keys.append(batch.keys)
+        got_keys.append(list(zip(batch.keys, batch.indices.tolist())))
         if i + 1 == stop:
             break
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
@@ -47,7 +47,7 @@ def _run(rank: int, world: int, source: str, stop: int, extra: int) -> dict:
     resumed.load_state_dict(state)
     resumed_views = []
     for i, batch in enumerate(resumed, start=stop):
-        got_keys.append(batch.keys)
+        got_keys.append(list(zip(batch.keys, batch.indices.tolist())))
         resumed_views.append(_digest(batch.views))
         if i + 1 == steps + extra:
             break

@@ -88,6 +88,19 @@ def test_training_and_extraction_over_faulty_s3_lose_and_double_nothing(s3_datas
     assert proxy.counts["503"] >= 2 and proxy.counts["reset"] >= 2
 
 
+def test_sample_indices_over_s3_are_the_local_datasets(s3_dataset) -> None:
+    endpoint, url, local, _ = s3_dataset
+    base = dict(batch_size=8, num_workers=2, shuffle_buffer=16, augment=SMALL)
+
+    def epoch(cfg):
+        data = build_train_data(cfg, seed=5)
+        return [(k, i) for _, b in zip(range(data.steps_per_epoch), data) for k, i in zip(b.keys, b.indices.tolist())]
+
+    remote = epoch(DataConfig(source=url, s3_endpoint_url=endpoint, **base))
+    assert remote == epoch(DataConfig(source=str(local), **base))
+    assert all(int(k[1:]) == i for k, i in remote) and len({i for _, i in remote}) == len(remote) >= 100
+
+
 def test_a_dead_shard_is_skipped_by_training_and_stops_extraction(s3_dataset, tmp_path, monkeypatch) -> None:
     endpoint, url, _, classes = s3_dataset
     shard2 = {f"s{i:06d}" for i in range(45, 60)}

@@ -27,6 +27,8 @@ DINO_SMALL = [
     "method.out_dim=256", "method.hidden_dim=128", "method.bottleneck_dim=32", "method.freeze_last_layer_steps=4",
     "method.warmup_teacher_temp_steps=10", "method.teacher_temp=0.06"]
 
+CLUSTERING_SMALL = ("method.num_prototypes=[10, 10]", "method.head_dims=[64, 16]")
+
 
 def _subset_csv(cifar_dir: Path, out: Path, n: int = 96) -> Path:
     """n real CIFAR images: 96 / (8 x 2 ranks) = 6 steps per epoch, so the run crosses epochs."""
@@ -69,10 +71,13 @@ def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
 # the tiny recipes' own set-up (DDP, data read in the rank) for the methods, and FSDP2 (sharded
 # DCP state) with a DataLoader worker once; MoCo v2 with a queue of 64 keys (16 a step: it wraps
 # around, and the shuffled-BN permutations continue from the checkpointed key-batch counter);
-# DINO with local crops, a temperature warm-up and a last layer that unfreezes mid-run
+# DINO with local crops, a temperature warm-up and a last layer that unfreezes mid-run;
+# DeepCluster-v2 and SeLa killed after the first clustering / labelling (a pass is 6 steps), their
+# per-rank memories restored from the ranks' own checkpoint files
 @pytest.mark.parametrize("recipe,kill_after,strategy,workers,extra", [
     ("tiny_swav", 7, "ddp", 0, ()), ("tiny_byol", 5, "ddp", 0, ()), ("tiny_swav", 7, "fsdp", 1, ()),
-    ("tiny_moco_v2", 5, "ddp", 0, ("method.queue_length=64",)), ("tiny_dino", 6, "ddp", 0, tuple(DINO_SMALL))])
+    ("tiny_moco_v2", 5, "ddp", 0, ("method.queue_length=64",)), ("tiny_dino", 6, "ddp", 0, tuple(DINO_SMALL)),
+    ("tiny_deepcluster_v2", 7, "ddp", 0, CLUSTERING_SMALL), ("tiny_sela", 7, "ddp", 0, CLUSTERING_SMALL)])
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, cifar_dir, recipe, kill_after, strategy, workers, extra):
     data = _subset_csv(cifar_dir, tmp_path / "sub.csv")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"

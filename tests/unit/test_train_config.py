@@ -11,7 +11,8 @@ from seerlike.commands.train import add_arguments, build_config
 from seerlike.engine.config import TrainConfig
 
 TRAIN_RECIPES = ["swav_resnet50", "byol_resnet50", "seer_regnet_y_256gf", "seer_regnet_y_10b", "tiny_swav", "tiny_byol",
-                 "simclr_resnet50", "tiny_simclr", "moco_v2_resnet50", "tiny_moco_v2", "moco_v3_resnet50", "tiny_moco_v3"]
+                 "simclr_resnet50", "tiny_simclr", "moco_v2_resnet50", "tiny_moco_v2", "moco_v3_resnet50", "tiny_moco_v3",
+                 "deepcluster_v2_resnet50", "tiny_deepcluster_v2", "sela_resnet50", "tiny_sela"]
 
 
 def _args(*argv: str) -> argparse.Namespace:
