@@ -17,6 +17,7 @@ from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.npid import NPID
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
+    "npid": NPID,
 }
 MethodConfig.registry = METHODS
 
