@@ -34,8 +34,9 @@ micro-batch's update is applied in turn.
 K negatives as noise: ``-(log P+ / (P+ + K/N) + sum_k log (K/N) / (P_k + K/N))`` averaged over
 the batch. ``Z`` is estimated once, on the first batch, as N times the mean of
 ``exp(s / T)`` over every score of the global batch (the official code's estimate), and kept
-(a persistent buffer) once that step is taken (a skipped first step's estimate is dropped). Computed in log space, so no temperature overflows; the official
-``eps = 1e-7`` only guards a log of 0, which log space cannot meet.
+(a persistent buffer) once that step is taken (a skipped first step's estimate is dropped).
+Computed in log space, so no temperature overflows; the official ``eps = 1e-7`` only guards a
+log of 0, which log space cannot meet.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ class MemoryBank(nn.Module):
     def _local(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """(which entries this rank owns, their row in ``rows``; the scratch row for the others)."""
         if world_and_rank() != (self.world, self.rank):
+            world, rank = world_and_rank()
             raise RuntimeError(f"the memory bank was built for rank {self.rank} of {self.world} but runs as rank "
-                               f"{world_and_rank()[1]} of {world_and_rank()[0]}; build the method after the process group")
+                               f"{rank} of {world}; build the method after the process group is initialised")
         mine = (idx >= self.lo) & (idx < self.hi)
         return mine, torch.where(mine, idx - self.lo, self.owned)
 
@@ -184,7 +186,8 @@ class BankContrast(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if loss not in ("nce", "softmax"):
             raise ValueError(f"loss must be 'nce' or 'softmax', got {loss!r}")
-        self.num_samples, self.num_negatives, self.temperature, self.kind = num_samples, num_negatives, temperature, loss
+        self.num_samples, self.num_negatives = num_samples, num_negatives
+        self.temperature, self.kind = temperature, loss
         self.bank = MemoryBank(num_samples, dim, momentum=momentum, normalize_init=normalize_init)
         # drawn from the global RNG, which the engine seeds identically on every rank before building
         self._initial_seed = int(torch.randint(2**62, (), device="cpu"))
