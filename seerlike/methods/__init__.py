@@ -15,9 +15,11 @@ from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
 from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
+from seerlike.methods.jigsaw import Jigsaw
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
 from seerlike.methods.npid import NPID
+from seerlike.methods.rotnet import RotNet
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
@@ -35,6 +37,8 @@ METHODS: dict[str, type[Method]] = {
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
+    "rotnet": RotNet,
+    "jigsaw": Jigsaw,
     "npid": NPID,
 }
 MethodConfig.registry = METHODS
