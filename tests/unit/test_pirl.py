@@ -108,7 +108,8 @@ def test_steps_are_finite_and_the_state_round_trips():
                        step=step, max_steps=4, precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu"))
         assert math.isfinite(r.loss)
     state = m.state_dict()
-    assert {"image_head.weight", "tile_head.weight", "transformed_head.weight", "memory.draws", "memory.log_z"} <= set(state)
+    assert {"image_head.weight", "tile_head.weight", "transformed_head.weight", "memory.draws",
+            "memory.log_z"} <= set(state)
     fresh = _pirl()
     fresh.load_state_dict(state)
     fresh.memory.bank.rows.copy_(m.memory.bank.rows)  # per-rank state: the engine's rank files carry it
