@@ -20,6 +20,7 @@ from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
 from seerlike.methods.npid import NPID
 from seerlike.methods.pirl import PIRL
+from seerlike.methods.relative_position import RelativePosition
 from seerlike.methods.rotnet import RotNet
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
@@ -40,6 +41,7 @@ METHODS: dict[str, type[Method]] = {
     "vicreg": VICReg,
     "rotnet": RotNet,
     "jigsaw": Jigsaw,
+    "relative_position": RelativePosition,
     "npid": NPID,
     "pirl": PIRL,
 }

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from seerlike.config import ConfigError
 from seerlike.recipes import (barlow_twins, byol, clusterfit, dino, distill, jigsaw, moco_v2, moco_v3, npid, pirl,
-                              rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
+                              relative_position, rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -24,6 +24,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **vicreg.RECIPES,
     **rotnet.RECIPES,
     **jigsaw.RECIPES,
+    **relative_position.RECIPES,
     **npid.RECIPES,
     **pirl.RECIPES,
 }

@@ -1,0 +1,146 @@
+"""Relative patch position: neighbour labels on a synthetic image, the loss by hand, state, steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from seerlike.engine.optim import LRSchedule, OptimConfig, build_optimizer
+from seerlike.engine.precision import PrecisionConfig
+from seerlike.engine.step import train_step
+from seerlike.methods import METHODS
+from seerlike.methods.relative_position import RelativePosition, patch_geometry
+from seerlike.recipes import relative_position as recipes
+from seerlike.testing import micro_batch
+from tests.unit.test_pretext_ops import _coords
+from tests.unit.test_swav import TinyNet, _views
+
+torch.set_num_threads(1)
+SIZE = 30  # cells of 10 px, patches of round(10 / 1.5) = 7 px, jitter round(0.073 * 7) = 1 px
+# (row, column) step from the centre cell to the neighbour of each label
+OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def _relpos(seed: int = 0, **kw) -> RelativePosition:
+    torch.manual_seed(seed)
+    base = dict(patch_dims=(8,), pair_dims=(12,))
+    return RelativePosition(RelativePosition.Config(**{**base, **kw}), TinyNet())
+
+
+def _where(patch: torch.Tensor) -> tuple[int, int, int, int]:
+    """(cell row, cell column, row offset, column offset) of a patch of a coordinate image."""
+    r0, c0 = int(patch[0, 0, 0]), int(patch[1, 0, 0])
+    return r0 // 10, c0 // 10, r0 % 10, c0 % 10
+
+
+def test_registered_heads_and_geometry():
+    assert METHODS["relative_position"] is RelativePosition
+    assert patch_geometry(432, 0.5, 0.073) == (96, 7)  # the paper's 96 px patches, 48 px apart, 7 px jitter
+    m = _relpos()
+    assert [(l.in_features, l.out_features) for l in m.classifier if isinstance(l, nn.Linear)] == [(16, 12), (12, 8)]
+
+
+def test_one_pair_per_image_labels_say_where_the_neighbour_is():
+    m = _relpos(colour_drop=False)
+    x = _coords(32, SIZE)
+    torch.manual_seed(4)
+    patches, labels = m.patches(x)
+    assert patches.shape == (32, 2, 3, 7, 7) and labels.shape == (32,)
+    assert set(labels.tolist()) == set(range(8))
+    for b in range(32):
+        cr, cc, orow, ocol = _where(patches[b, 0])
+        assert (cr, cc) == (1, 1) and abs(orow - 1) <= 1 and abs(ocol - 1) <= 1  # centred (1 px) +- 1 px
+        nr, nc, _, _ = _where(patches[b, 1])
+        assert (nr - 1, nc - 1) == OFFSETS[int(labels[b])]
+        r0, c0 = int(patches[b, 1, 0, 0, 0]), int(patches[b, 1, 1, 0, 0])
+        assert torch.equal(patches[b, 1], x[b, :, r0:r0 + 7, c0:c0 + 7])
+
+
+def test_all_pairs_give_the_centre_then_the_8_neighbours_in_label_order():
+    m = _relpos(colour_drop=False, all_pairs=True)
+    patches, labels = m.patches(_coords(3, SIZE))
+    assert patches.shape == (3, 9, 3, 7, 7) and labels.tolist() == [list(range(8))] * 3
+    for b in range(3):
+        assert _where(patches[b, 0])[:2] == (1, 1)
+        assert [(_where(patches[b, k + 1])[0] - 1, _where(patches[b, k + 1])[1] - 1) for k in range(8)] == OFFSETS
+
+
+def test_colour_dropping_keeps_one_channel_of_each_patch():
+    m = _relpos(all_pairs=True)
+    x = _views(0, n=1, bs=2, sizes=[SIZE])[0]
+    torch.manual_seed(0)
+    dropped, _ = m.patches(x)
+    m.cfg.colour_drop = False
+    torch.manual_seed(0)
+    clean, _ = m.patches(x)
+    same = (dropped == clean).flatten(3).all(dim=3)  # (B, 9, 3): which channels were kept
+    assert same.sum(dim=2).eq(1).all()
+
+
+def test_loss_is_the_cross_entropy_over_centre_neighbour_pairs():
+    for all_pairs in (False, True):
+        m = _relpos(all_pairs=all_pairs)
+        x = _views(1, n=1, sizes=[SIZE])[0]
+        torch.manual_seed(2)
+        loss, stats = m([x])
+        torch.manual_seed(2)
+        with torch.no_grad():
+            patches, labels = m.patches(x)
+            p = patches.shape[1]
+            feats = m.patch_head(m.backbone(patches.flatten(0, 1)))
+            rows, targets = [], []
+            for b in range(x.shape[0]):
+                for k in range(1, p):
+                    rows.append(torch.cat([feats[b * p], feats[b * p + k]]))
+                    targets.append(int(labels[b, k - 1]) if all_pairs else int(labels[b]))
+            logits = m.classifier(torch.stack(rows)).tolist()
+        total = sum(math.log(sum(math.exp(v) for v in row)) - row[t] for row, t in zip(logits, targets))
+        assert loss.item() == pytest.approx(total / len(targets), abs=1e-5), all_pairs
+        hits = sum(max(range(8), key=lambda c: row[c]) == t for row, t in zip(logits, targets))
+        assert stats["acc"].item() == pytest.approx(hits / len(targets))
+
+
+def test_state_round_trips_into_a_fresh_instance():
+    m = _relpos(seed=0)
+    m(_views(0, n=1, sizes=[SIZE]))
+    fresh = _relpos(seed=1)
+    fresh.load_state_dict(m.state_dict())
+    for k, v in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    torch.manual_seed(3)
+    a = m(_views(2, n=1, sizes=[SIZE]))[0]
+    torch.manual_seed(3)
+    torch.testing.assert_close(fresh(_views(2, n=1, sizes=[SIZE]))[0], a)
+
+
+def test_train_steps_lower_the_loss_and_stay_finite():
+    m = _relpos(all_pairs=True, colour_drop=False)  # coordinate images: a patch's values say where it is
+    optim = OptimConfig(name="sgd", lr=12.8, weight_decay=1e-4)
+    opt = build_optimizer(optim, m)
+    sched = LRSchedule(optim, 4, 8)
+    views = [_coords(4, SIZE) / SIZE]
+    losses = []
+    for step in range(8):
+        sched.apply(opt, step)
+        result = train_step(m, m, opt, None, [micro_batch(views)], step=step, max_steps=8,
+                            precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu"))
+        losses.append(result.loss)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_views_recipes_and_bad_config():
+    RelativePosition.check_views(RelativePosition.Config(), [24, 24])
+    with pytest.raises(ValueError, match="patches of 1 px"):
+        RelativePosition.check_views(RelativePosition.Config(), [5])
+    with pytest.raises(ValueError, match="gap and jitter"):
+        RelativePosition.Config(gap=-0.1)
+    with pytest.raises(ValueError, match="square"):
+        _relpos()([torch.zeros(2, 3, 30, 24)])
+    paper = recipes.relative_position_resnet50()
+    assert paper.data.augment.views[0].size == 432 and not paper.method.all_pairs and paper.method.colour_drop
+    tiny = recipes.tiny_relative_position()
+    assert patch_geometry(tiny.data.augment.views[0].size, tiny.method.gap, tiny.method.jitter) == (13, 1)
