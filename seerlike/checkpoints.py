@@ -118,9 +118,16 @@ def _build(arch: str) -> nn.Module:
 
 
 def _with_state(arch: str, state: dict[str, Tensor]) -> nn.Module:
-    """The named trunk holding ``state`` (strict), built on the meta device: no second copy in memory."""
+    """The named trunk holding ``state`` (strict), built on the meta device: no second copy in memory.
+
+    A trunk trained on other inputs than RGB (colorization's lightness) has a first convolution
+    with other input channels; its shape in ``state`` says how many.
+    """
     with torch.device("meta"):
         model = _build(arch)
+    stem = state.get(f"{getattr(model, 'stem_conv_name', '')}.weight")
+    if isinstance(stem, Tensor) and stem.ndim == 4 and stem.shape[1] != model.in_channels:
+        model.set_in_channels(int(stem.shape[1]))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

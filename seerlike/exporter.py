@@ -22,7 +22,9 @@ Export directory (``--out DIR``; several formats can share one directory):
 - ``backbone.torchscript.pt`` / ``backbone.onnx``: ``images (N, 3, H, W)`` -> ``features
   (N, out_dim)``, or ``logits (N, K)`` with a head; batch, height and width are dynamic (the
   trunks pool globally); checked against eager on export at two batch sizes and two image
-  sizes (max abs difference recorded in ``export.json``).
+  sizes (max abs difference recorded in ``export.json``). A trunk trained on the lightness
+  alone (colorization) takes ``(N, 1, H, W)``; ``export.json``'s ``build.in_channels`` and the
+  model card say so, and ``seerlike.models.build(**build)`` makes its first convolution.
 - ``export.json``: arch, build kwargs, out_dim, input size and normalisation, files, checks,
   evaluations; ``config.yaml``: the resolved training config; ``MODEL_CARD.md``: recipe,
   config, data manifest hash, steps, evaluation results.
@@ -93,7 +95,7 @@ def probes(example: Tensor) -> list[Tensor]:
     A graph that baked in the traced batch or spatial size fails (or differs) on one of them.
     """
     side = example.shape[-1]
-    other = torch.randn(3, 3, side + 16, side + 8, generator=torch.Generator().manual_seed(1))
+    other = torch.randn(3, example.shape[1], side + 16, side + 8, generator=torch.Generator().manual_seed(1))
     return [torch.cat([example, example.flip(0)]), other]
 
 
@@ -181,12 +183,19 @@ def model_card(meta: dict, train_cfg: dict | None) -> str:
     recipe = cfg.get("recipe") or (f"method {method}, backbone {arch}" if method else "(no training config)")
     inp = meta["input"]
     k = meta["build"].get("num_classes")
+    channels = meta["build"].get("in_channels", 3)
     tv = f"torchvision.models.{arch}({f'num_classes={k}' if k else ''})"
     load = (f"`m = {tv}; m.load_state_dict(torch.load('backbone.pth'), strict=True)`" if k else
             f"`m = {tv}; m.fc = torch.nn.Identity(); m.load_state_dict(torch.load('backbone.pth'), strict=True)`")
     if not meta.get("torchvision_compatible"):
-        load = (f"`m = seerlike.models.build('{arch}'{f', num_classes={k}' if k else ''}); "
-                "m.load_state_dict(torch.load('backbone.pth'), strict=True)` (not a torchvision architecture)")
+        kwargs = f"{f', num_classes={k}' if k else ''}{f', in_channels={channels}' if channels != 3 else ''}"
+        load = (f"`m = seerlike.models.build('{arch}'{kwargs}); m.load_state_dict(torch.load('backbone.pth'), strict=True)` "
+                f"({'not a torchvision architecture' if channels == 3 else f'{channels} input channel(s)'})")
+    if channels == 1:
+        what = ("lightness float (N, 1, H, W): CIE L* of the sRGB image as (L* - 50) / 100 "
+                "(`seerlike.methods.pretext_ops.lightness_input`)")
+    else:
+        what = f"RGB float (N, 3, H, W), normalised with mean {list(inp['mean'])}, std {list(inp['std'])}"
     classifier = f"fc {tuple(meta['fc_shape'])} ({k} classes)" if meta.get("fc_shape") else "none (trunk only)"
     lines = [
         f"# {arch} — seerlike export", "",
@@ -197,8 +206,7 @@ def model_card(meta: dict, train_cfg: dict | None) -> str:
         f"- recipe: {recipe}",
         f"- training steps: {meta['step'] if meta.get('step') is not None else '(unknown)'}",
         f"- data manifest: {meta.get('data_manifest_hash') or '(not available)'}",
-        f"- input: RGB float (N, 3, H, W), {inp['size']} px {inp['size_from']}; other sizes run too (the trunk "
-        f"pools globally); normalised with mean {list(inp['mean'])}, std {list(inp['std'])}", "",
+        f"- input: {what}; {inp['size']} px {inp['size_from']}; other sizes run too (the trunk pools globally)", "",
         "## Files", "",
         *[f"- `{f}` ({fmt}){'; max |export - eager| = %.2e' % meta['checks'][fmt] if fmt in meta.get('checks', {}) else ''}"
           for fmt, f in meta["files"].items()],
@@ -290,9 +298,11 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
     size_from = ("as given (--image-size)" if image_size else "as trained (its largest training view)" if trained["size"]
                  else "by default (no training config)")
     k = int(state["fc.weight"].shape[0]) if with_head else None
+    channels = int(getattr(loaded.model, "in_channels", 3))
+    build = {"name": loaded.arch, "num_classes": k, **({"in_channels": channels} if channels != 3 else {})}
     meta = {
-        "arch": loaded.arch, "build": {"name": loaded.arch, "num_classes": k},
-        "torchvision_compatible": torchvision_name(loaded.arch),
+        "arch": loaded.arch, "build": build,
+        "torchvision_compatible": torchvision_name(loaded.arch) and channels == 3,
         "out_dim": int(loaded.model.out_dim), "num_params": sum(p.numel() for p in loaded.model.parameters()),
         "fc_shape": list(state["fc.weight"].shape) if with_head else None,
         "outputs": "logits" if with_head else "features",
@@ -305,7 +315,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: list[str]
         "data_manifest_hash": data_manifest_hash(loaded.train_config),
         "files": dict(old.get("files") or {}), "checks": dict(old.get("checks") or {}),
     }
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     graph = _graph_module(loaded, with_head)
     bar = Progress(len(formats), f"export {loaded.arch}", unit="file", enabled=progress)
     for fmt in formats:

@@ -108,8 +108,14 @@ def eval_batch(datas: list[bytes], size: int, resize: int) -> Tensor:
 
 
 def feature_fn(loaded, layer: str, precision: str = "fp32") -> Callable[[Tensor], Tensor]:
-    """images -> (N, D) features of ``layer`` (spatial maps average-pooled)."""
+    """images -> (N, D) features of ``layer`` (spatial maps average-pooled).
+
+    A trunk that takes the lightness alone (``in_channels`` 1: colorization) gets the images'
+    lightness, as it was trained on (``seerlike.methods.pretext_ops.lightness_input``).
+    """
     fn = _layer_fn(loaded, layer)
+    if getattr(loaded.model, "in_channels", 3) == 1:
+        fn = _on_lightness(fn)
     if precision == "fp32":
         return fn
 
@@ -118,6 +124,13 @@ def feature_fn(loaded, layer: str, precision: str = "fp32") -> Callable[[Tensor]
             return fn(x)
 
     return autocast_fn
+
+
+def _on_lightness(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from seerlike.methods.pretext_ops import lightness_input, srgb_to_lab, unnormalise
+
+    return lambda x: fn(lightness_input(srgb_to_lab(unnormalise(x, IMAGENET_MEAN, IMAGENET_STD))))
 
 
 def _layer_fn(loaded, layer: str) -> Callable[[Tensor], Tensor]:

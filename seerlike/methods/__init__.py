@@ -13,6 +13,7 @@ from seerlike.methods.barlow_twins import BarlowTwins
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
 from seerlike.methods.clusterfit import ClusterFit
+from seerlike.methods.colorization import Colorization
 from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
 from seerlike.methods.jigsaw import Jigsaw
@@ -42,6 +43,7 @@ METHODS: dict[str, type[Method]] = {
     "rotnet": RotNet,
     "jigsaw": Jigsaw,
     "relative_position": RelativePosition,
+    "colorization": Colorization,
     "npid": NPID,
     "pirl": PIRL,
 }

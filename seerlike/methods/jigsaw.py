@@ -78,7 +78,8 @@ class Jigsaw(MethodBase):
             if not 0.0 <= self.gap < 1.0:
                 raise ValueError(f"gap must be in [0, 1) (a fraction of the cell), got {self.gap}")
             if any(d < 1 for d in (*self.tile_dims, *self.hidden_dims)):
-                raise ValueError(f"tile_dims and hidden_dims must be positive, got {self.tile_dims}, {self.hidden_dims}")
+                raise ValueError(f"tile_dims and hidden_dims must be positive, got {self.tile_dims}, "
+                                 f"{self.hidden_dims}")
 
     @classmethod
     def check_views(cls, cfg: Config, sizes: list[int]) -> None:
@@ -87,8 +88,8 @@ class Jigsaw(MethodBase):
         for size in sizes:
             cell, _ = grid_origin(size, cfg.grid)
             if tile_side(cell, cfg.gap) < MIN_TILE:
-                raise ValueError(f"jigsaw: a {size} px view gives {cfg.grid}x{cfg.grid} cells of {cell} px and tiles of "
-                                 f"{tile_side(cell, cfg.gap)} px (method.gap={cfg.gap}); use larger views "
+                raise ValueError(f"jigsaw: a {size} px view gives {cfg.grid}x{cfg.grid} cells of {cell} px and "
+                                 f"tiles of {tile_side(cell, cfg.gap)} px (method.gap={cfg.gap}); use larger views "
                                  f"(data.augment.views[*].size) or a smaller method.gap")
 
     def __init__(self, cfg: Config, backbone: nn.Module) -> None:

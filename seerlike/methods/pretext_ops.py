@@ -139,7 +139,8 @@ def drop_colour_channels(patches: Tensor, noise: float = 0.01, *, generator: tor
     if generator is None:
         z = torch.randn(patches.shape, device=patches.device, dtype=patches.dtype)
     else:
-        z = torch.randn(patches.shape, generator=generator, device=generator.device, dtype=patches.dtype).to(patches.device)
+        z = torch.randn(patches.shape, generator=generator, device=generator.device, dtype=patches.dtype)
+        z = z.to(patches.device)
     mask = torch.nn.functional.one_hot(keep, c).to(patches.dtype).view(n, c, 1, 1)
     return patches * mask + noise * std * z * (1 - mask)
 

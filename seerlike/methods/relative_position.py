@@ -76,8 +76,9 @@ class RelativePosition(MethodBase):
         for size in sizes:
             patch, _ = patch_geometry(size, cfg.gap, cfg.jitter)
             if patch < MIN_TILE:
-                raise ValueError(f"relative_position: a {size} px view gives patches of {patch} px (method.gap={cfg.gap}); "
-                                 "use larger views (data.augment.views[*].size) or a smaller method.gap")
+                raise ValueError(f"relative_position: a {size} px view gives patches of {patch} px "
+                                 f"(method.gap={cfg.gap}); use larger views (data.augment.views[*].size) or a "
+                                 "smaller method.gap")
 
     def __init__(self, cfg: Config, backbone: nn.Module) -> None:
         super().__init__()

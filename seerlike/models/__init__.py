@@ -2,10 +2,12 @@
 
 The contract every backbone keeps:
 
-- ``build(name, num_classes=None, zero_init_residual=False, drop_path=0.0)`` returns the
-  module; ``.out_dim`` is the pooled width; ``forward(x)`` gives pooled features (N, out_dim)
-  when ``num_classes`` is None, else logits; ``forward_features(x)`` gives ``res2..res5`` and
-  ``pool``; ``.blocks()`` and ``.stages()`` list the modules to checkpoint / shard one by one.
+- ``build(name, num_classes=None, zero_init_residual=False, drop_path=0.0, in_channels=3)``
+  returns the module; ``.out_dim`` is the pooled width; ``.in_channels`` the image channels
+  (1: lightness alone, as ``seerlike.methods.pretext_ops.lightness_input`` makes it);
+  ``forward(x)`` gives pooled features (N, out_dim) when ``num_classes`` is None, else logits;
+  ``forward_features(x)`` gives ``res2..res5`` and ``pool``; ``.blocks()`` and ``.stages()``
+  list the modules to checkpoint / shard one by one.
 - Parameter and buffer names and initialisation are torchvision's, so a trunk's state dict
   loads into the torchvision model of the same name with ``strict=True`` (plus ``fc.*``).
 - ``complexity(name, resolution, num_classes)`` counts params / FLOPs / activations
@@ -71,14 +73,18 @@ def source(name: str) -> str:
     return _regnet.CONFIGS[name].source if name in _regnet.CONFIGS else _resnet.CONFIGS[name][1]
 
 
-def build(name: str, num_classes: int | None = None, zero_init_residual: bool = False, drop_path: float = 0.0) -> Backbone:
+def build(name: str, num_classes: int | None = None, zero_init_residual: bool = False, drop_path: float = 0.0,
+          in_channels: int = 3) -> Backbone:
     """Build a named backbone; a trunk (no ``fc``) unless ``num_classes`` is given.
+
+    ``in_channels`` other than 3 replaces the first convolution (``Backbone.set_in_channels``).
 
     Build huge ones without allocating memory under ``with torch.device("meta"):``.
     """
     if num_classes is not None and num_classes < 1:
         raise ConfigError(f"num_classes={num_classes} must be a positive int, or None for a trunk")
-    return spec(name).build(num_classes).apply_options(zero_init_residual, drop_path)
+    model = spec(name).build(num_classes).apply_options(zero_init_residual, drop_path)
+    return model.set_in_channels(in_channels) if in_channels != 3 else model
 
 
 def complexity(name: str, resolution: int = 224, num_classes: int | None = 1000) -> dict:

@@ -54,6 +54,10 @@ class Backbone(nn.Module):
     feature_strides: dict[str, int]
     """Input-to-feature-map stride of each stage output (res2..res5)."""
     num_classes: int | None
+    stem_conv_name: str
+    """Dotted name of the first convolution, the one that sees the images (``conv1``, ``stem.0``)."""
+    in_channels: int = 3
+    """Channels of the input images: 3 (RGB), or 1 for a trunk trained on lightness alone (colorization)."""
 
     def stem_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -102,6 +106,26 @@ class Backbone(nn.Module):
         blocks = self.blocks()
         for i, block in enumerate(blocks, start=1):
             block.drop_path_rate = rate * i / len(blocks)
+
+    def set_in_channels(self, channels: int) -> Backbone:
+        """Replace the first convolution by a freshly initialised one taking ``channels`` input
+        channels (width, kernel, stride, device and dtype kept); returns self.
+
+        For methods that feed the trunk something other than RGB (colorization feeds the
+        lightness channel): the engine builds RGB trunks and such a method adapts its own. The
+        init is torchvision's for both families (normal, std sqrt(2 / fan_out)).
+        """
+        if channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {channels}")
+        old = self.get_submodule(self.stem_conv_name)
+        if old.in_channels != channels:
+            new = nn.Conv2d(channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+                            bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+            parent, _, child = self.stem_conv_name.rpartition(".")
+            setattr(self.get_submodule(parent), child, new)
+        self.in_channels = channels
+        return self
 
     def apply_options(self, zero_init_residual: bool = False, drop_path: float = 0.0) -> Backbone:
         """The build-time options every builder takes; returns self."""

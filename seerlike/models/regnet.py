@@ -242,6 +242,8 @@ class AnyStage(nn.Sequential):
 class RegNet(Backbone):
     """torchvision's RegNet: ``stem``, ``trunk_output.block1..block4``, ``avgpool``, ``fc``."""
 
+    stem_conv_name = "stem.0"
+
     def __init__(self, spec: RegNetSpec, num_classes: int | None = None) -> None:
         super().__init__()
         self.spec = spec

@@ -157,6 +157,8 @@ class Bottleneck(ResidualBlock):
 class ResNet(Backbone):
     """torchvision's ResNet: ``conv1``, ``bn1``, ``maxpool``, ``layer1..layer4``, ``avgpool``, ``fc``."""
 
+    stem_conv_name = "conv1"
+
     def __init__(self, spec: ResNetSpec, num_classes: int | None = None) -> None:
         super().__init__()
         self.spec = spec

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import (barlow_twins, byol, clusterfit, dino, distill, jigsaw, moco_v2, moco_v3, npid, pirl,
-                              relative_position, rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
+from seerlike.recipes import (barlow_twins, byol, clusterfit, colorization, dino, distill, jigsaw, moco_v2, moco_v3,
+                              npid, pirl, relative_position, rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -25,6 +25,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **rotnet.RECIPES,
     **jigsaw.RECIPES,
     **relative_position.RECIPES,
+    **colorization.RECIPES,
     **npid.RECIPES,
     **pirl.RECIPES,
 }
