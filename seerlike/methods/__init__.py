@@ -19,6 +19,7 @@ from seerlike.methods.distill import Distill
 from seerlike.methods.jigsaw import Jigsaw
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.multitask import MultiTask
 from seerlike.methods.npid import NPID
 from seerlike.methods.pirl import PIRL
 from seerlike.methods.relative_position import RelativePosition
@@ -46,6 +47,7 @@ METHODS: dict[str, type[Method]] = {
     "colorization": Colorization,
     "npid": NPID,
     "pirl": PIRL,
+    "multitask": MultiTask,
 }
 MethodConfig.registry = METHODS
 

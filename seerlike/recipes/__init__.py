@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from seerlike.config import ConfigError
 from seerlike.recipes import (barlow_twins, byol, clusterfit, colorization, dino, distill, jigsaw, moco_v2, moco_v3,
-                              npid, pirl, relative_position, rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
+                              multitask, npid, pirl, relative_position, rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -28,6 +28,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **colorization.RECIPES,
     **npid.RECIPES,
     **pirl.RECIPES,
+    **multitask.RECIPES,
 }
 
 
