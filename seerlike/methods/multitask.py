@@ -130,7 +130,8 @@ class MultiTask(MethodBase):
             if not self.tasks or len(set(self.tasks)) != len(self.tasks):
                 raise ValueError(f"tasks must name at least one task, each once, got {list(self.tasks)}")
             if self.weights and (len(self.weights) != len(self.tasks) or any(w < 0 for w in self.weights)):
-                raise ValueError(f"weights must give one value >= 0 per task ({len(self.tasks)}), got {list(self.weights)}")
+                raise ValueError(f"weights must give one value >= 0 per task ({len(self.tasks)}), "
+                                 f"got {list(self.weights)}")
             if self.views and len(self.views) != len(self.tasks):
                 raise ValueError(f"views must give one tuple of view indices per task ({len(self.tasks)}), "
                                  f"got {len(self.views)}")
