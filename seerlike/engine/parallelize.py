@@ -172,11 +172,22 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, *, compute_dtype: torch.d
         # per-rank buffers (unsynchronised BN stats) must not be overwritten by rank 0's on every
         # forward; syncing them once at init is harmless (every rank built the same model)
         # (forward_sync_buffers is torch 2.13's name; the pin is ==2.13.0, and it deprecates broadcast_buffers)
+        keep_rank_buffers_out_of_ddp(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                    forward_sync_buffers=False)
     if world > 1:
         raise ValueError(f"parallel.strategy=none cannot train on {world} ranks; use fsdp or ddp")
     return model
+
+
+def keep_rank_buffers_out_of_ddp(model: nn.Module) -> None:
+    """Mark the non-persistent buffers (per-rank state in the Method contract: a rank's share of a
+    memory bank) DDP-ignored: DDP broadcasts rank 0's buffers when it wraps a module, which would
+    overwrite every rank's share, or fail when the shares differ in size."""
+    names = [f"{prefix}.{b}" if prefix else b for prefix, m in model.named_modules()
+             for b in m._non_persistent_buffers_set]
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignored))
 
 
 def _fully_shard(model: nn.Module, cfg: ParallelConfig, compute_dtype: torch.dtype) -> None:

@@ -20,6 +20,9 @@ from seerlike.methods.distill import Distill
 from seerlike.methods.jigsaw import Jigsaw
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.multitask import MultiTask
+from seerlike.methods.npid import NPID
+from seerlike.methods.pirl import PIRL
 from seerlike.methods.relative_position import RelativePosition
 from seerlike.methods.rotnet import RotNet
 from seerlike.methods.sela import SeLa
@@ -46,6 +49,9 @@ METHODS: dict[str, type[Method]] = {
     "colorization": Colorization,
     "deepcluster_v2": DeepClusterV2,
     "sela": SeLa,
+    "npid": NPID,
+    "pirl": PIRL,
+    "multitask": MultiTask,
 }
 MethodConfig.registry = METHODS
 
