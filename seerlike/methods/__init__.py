@@ -12,11 +12,14 @@ from seerlike.config import ConfigError
 from seerlike.methods.barlow_twins import BarlowTwins
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
+from seerlike.methods.classifier import Finetune
 from seerlike.methods.clusterfit import ClusterFit
 from seerlike.methods.dino import DINO
 from seerlike.methods.distill import Distill
+from seerlike.methods.fixmatch import FixMatch
 from seerlike.methods.moco_v2 import MoCoV2
 from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.noisy_student import NoisyStudent
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
@@ -34,6 +37,9 @@ METHODS: dict[str, type[Method]] = {
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
+    "finetune": Finetune,
+    "fixmatch": FixMatch,
+    "noisy_student": NoisyStudent,
 }
 MethodConfig.registry = METHODS
 
