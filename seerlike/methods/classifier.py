@@ -6,9 +6,9 @@ Noisy Student teacher labels with), optionally followed by an exponential moving
 both (``ema``: keys ``ema.backbone.*`` / ``ema.head.*``; ``seerlike.checkpoints.load_backbone``
 then returns the average, the model that is evaluated). ``Finetune`` trains it with
 cross-entropy on labeled images; FixMatch and the Noisy Student student (their own files)
-add the unlabeled images. Backbone-versus-head learning rates and layer-wise decay become
-``optim.lr_multipliers`` (:func:`lr_multipliers`), which the optimizer already reads.
-docs/semisup.md describes the stages.
+add the unlabeled images. Backbone-versus-head learning rates and layer-wise decay are
+``optim.lr_multipliers`` entries (:func:`lr_multipliers` computes them for ``--backbone-lr`` and
+``--layer-decay``), so the saved config shows every LR. docs/semisup.md describes the stages.
 """
 
 from __future__ import annotations
@@ -43,10 +43,6 @@ class ClassifierConfig(MethodConfig):
     """Cross-entropy label smoothing on labeled images (0.1: EfficientNet / Noisy Student's code)."""
     dropout: float = 0.0
     """Dropout on the pooled features before the head."""
-    backbone_lr: float = 1.0
-    """LR multiplier of the trunk relative to the head (1: one LR; 0.1 is a common fine-tuning choice)."""
-    layer_decay: float = 1.0
-    """Layer-wise LR decay: each residual block, from the last down to the stem, gets this times the LR of the one above (1: off)."""
     ema_decay: float = 0.0
     """Exponential moving average of trunk and head kept for evaluation (0: none); export and eval use it."""
 
@@ -57,9 +53,6 @@ class ClassifierConfig(MethodConfig):
             raise ValueError(f"{self.name}.classes names {len(self.classes)} classes but num_classes is {self.num_classes}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"{self.name}.label_smoothing, dropout and ema_decay must be in [0, 1)")
-        if not self.backbone_lr > 0 or not 0 < self.layer_decay <= 1:
-            raise ValueError(f"{self.name}.backbone_lr must be > 0 and layer_decay in (0, 1], got "
-                             f"{self.backbone_lr}, {self.layer_decay}")
 
 
 class Classifier(MethodBase):
@@ -168,20 +161,24 @@ class Finetune(Classifier):
 # ---------------------------------------------------------------- learning rates per layer
 
 
-def lr_multipliers(cfg: ClassifierConfig, backbone: nn.Module) -> dict[str, float]:
-    """``optim.lr_multipliers`` entries (method parameter-name prefixes) for ``backbone_lr`` and ``layer_decay``.
+def lr_multipliers(backbone: nn.Module, backbone_lr: float = 1.0, layer_decay: float = 1.0) -> dict[str, float]:
+    """``optim.lr_multipliers`` entries (method parameter-name prefixes) for a trunk LR and layer-wise decay.
 
-    The head keeps the base LR. With ``layer_decay`` d < 1, the last residual block gets
-    ``backbone_lr``, the one before ``backbone_lr x d``, ..., the stem (and anything else of the
-    trunk) ``backbone_lr x d^L`` for L blocks (BEiT's rule, per residual block). Empty when both are 1.
+    The head keeps the base LR. The trunk gets ``backbone_lr`` times it; with ``layer_decay``
+    d < 1 the last residual block gets ``backbone_lr``, the one before ``backbone_lr x d``, ...,
+    the stem (and anything else of the trunk) ``backbone_lr x d^L`` for L blocks (BEiT's rule,
+    with residual blocks as layers). Empty when both are 1.
     """
-    if cfg.backbone_lr == 1.0 and cfg.layer_decay == 1.0:
+    if not backbone_lr > 0 or not 0 < layer_decay <= 1:
+        raise ConfigError(f"the backbone LR multiplier must be > 0 and the layer decay in (0, 1], got "
+                          f"{backbone_lr}, {layer_decay}")
+    if backbone_lr == 1.0 and layer_decay == 1.0:
         return {}
-    if cfg.layer_decay == 1.0:
-        return {"backbone": cfg.backbone_lr}
+    if layer_decay == 1.0:
+        return {"backbone": backbone_lr}
     names = {id(m): n for n, m in backbone.named_modules()}
     blocks = backbone.blocks()
-    out = {"backbone": cfg.backbone_lr * cfg.layer_decay ** len(blocks)}
+    out = {"backbone": backbone_lr * layer_decay ** len(blocks)}
     for depth, block in enumerate(reversed(blocks)):
-        out[f"backbone.{names[id(block)]}"] = cfg.backbone_lr * cfg.layer_decay ** depth
+        out[f"backbone.{names[id(block)]}"] = backbone_lr * layer_decay ** depth
     return out

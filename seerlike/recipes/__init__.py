@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from seerlike.config import ConfigError
-from seerlike.recipes import (barlow_twins, byol, clusterfit, dino, distill, moco_v2, moco_v3, seer, simclr, simsiam,
-                              swav, tiny, vicreg)
+from seerlike.recipes import (barlow_twins, byol, clusterfit, dino, distill, moco_v2, moco_v3, seer, semisup, simclr,
+                              simsiam, swav, tiny, vicreg)
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -22,6 +22,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **simsiam.RECIPES,
     **barlow_twins.RECIPES,
     **vicreg.RECIPES,
+    **semisup.RECIPES,
 }
 
 

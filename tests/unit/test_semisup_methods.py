@@ -172,8 +172,8 @@ def test_finetune_is_smoothed_cross_entropy_over_views_and_starts_from_init(tmp_
 
 
 def test_backbone_lr_and_layer_decay_become_optimizer_multipliers():
-    m = Finetune(Finetune.Config(num_classes=3, backbone_lr=0.5, layer_decay=0.5), models.build(ARCH))
-    mult = lr_multipliers(m.cfg, m.backbone)
+    m = Finetune(Finetune.Config(num_classes=3), models.build(ARCH))
+    mult = lr_multipliers(m.backbone, backbone_lr=0.5, layer_decay=0.5)
     assert mult == {"backbone": 0.5 * 0.5 ** 4, "backbone.layer4.0": 0.5, "backbone.layer3.0": 0.25,
                     "backbone.layer2.0": 0.125, "backbone.layer1.0": 0.0625}
     groups = param_groups(OptimConfig(name="sgd", lr_multipliers=mult), m)
@@ -182,10 +182,10 @@ def test_backbone_lr_and_layer_decay_become_optimizer_multipliers():
     assert by_param[id(m.backbone.layer1[0].conv1.weight)] == 0.0625
     assert by_param[id(m.backbone.layer4[0].bn2.weight)] == 0.5
     assert by_param[id(m.head.weight)] == by_param[id(m.head.bias)] == 1.0
-    assert lr_multipliers(Finetune.Config(num_classes=3), m.backbone) == {}
-    assert lr_multipliers(Finetune.Config(num_classes=3, backbone_lr=0.1), m.backbone) == {"backbone": 0.1}
-    with pytest.raises(ValueError, match="layer_decay"):
-        Finetune.Config(num_classes=3, layer_decay=1.5)
+    assert lr_multipliers(m.backbone) == {}
+    assert lr_multipliers(m.backbone, backbone_lr=0.1) == {"backbone": 0.1}
+    with pytest.raises(ConfigError, match="layer decay"):
+        lr_multipliers(m.backbone, layer_decay=1.5)
 
 
 def test_checkpoints_of_a_method_with_an_average_load_the_average(tmp_path):
