@@ -98,8 +98,11 @@ def build_mixed_data(cfg, *, rank: int = 0, world_size: int = 1, device: torch.d
             keep = [i for i, k in enumerate(source.keys) if k in pseudo.row_of]
             source = FileSource([source.paths[i] for i in keep], [source.keys[i] for i in keep],
                                 [None] * len(keep), [])
-        if not len(source):
-            raise ConfigError(f"none of the images of {method.unlabeled} has a pseudo-label in {method.pseudo_labels}")
+        if len(pseudo) < u_cfg.batch_size * world_size or not len(source):
+            raise ConfigError(f"only {len(pseudo)} images kept a pseudo-label in {method.pseudo_labels} (threshold "
+                              f"{method.threshold}, per_class {method.per_class}), fewer than one unlabeled batch "
+                              f"({world_size} ranks x {u_cfg.batch_size}); lower method.threshold, raise "
+                              "method.per_class, or train the teacher longer")
         table_bytes = len(pseudo) * 4 * (method.num_classes if pseudo.probs is not None else 2)
         pseudo.to(device if table_bytes <= MAX_DEVICE_TABLE_BYTES else torch.device("cpu"))
 

@@ -92,9 +92,11 @@ def default_path(unlabeled: str, run_dir: str | os.PathLike, tag: str) -> Path:
     return Path(os.path.abspath(run_dir)) / "pseudo_labels" / f"{tag}.parquet"
 
 
-def teacher_tag(source: str, step: int | None, settings: LabelSettings) -> str:
-    """A name for the pseudo-labels of one teacher checkpoint and one set of settings."""
-    text = json.dumps({"teacher": source, "step": step, **asdict(settings)}, sort_keys=True)
+def teacher_tag(source: str, step: int | None, settings: LabelSettings, *, predictions_only: bool = False) -> str:
+    """A name for the pseudo-labels of one teacher checkpoint and one set of settings (``predictions_only``:
+    of its predictions, which threshold and balancing do not change: their parts are shared)."""
+    fields = settings.prediction_key() if predictions_only else asdict(settings)
+    text = json.dumps({"teacher": source, "step": step, **fields}, sort_keys=True)
     return f"step{step if step is not None else 0}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -140,10 +142,6 @@ def select(keys: list[str], probs: np.ndarray, settings: LabelSettings) -> pa.Ta
 # ---------------------------------------------------------------- prediction and merge
 
 
-def _parts_dir(out: Path) -> Path:
-    return out.with_name(out.stem + ".parts")
-
-
 def _write_part(path: Path, keys: list[str], probs: np.ndarray) -> None:
     k = probs.shape[1] if probs.ndim == 2 else 0
     table = pa.table({"key": pa.array(keys, pa.string()),
@@ -178,12 +176,15 @@ def _check_parts_meta(parts: Path, meta: dict, rank: int) -> None:
 def label_unlabeled(teacher: str, unlabeled: str, out: str | os.PathLike, settings: LabelSettings, *,
                     rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"),
                     barrier: Callable[[], None] | None = None, progress: bool = True,
+                    parts: str | os.PathLike | None = None,
                     after_unit: Callable[[str], None] | None = None) -> dict | None:
     """Write the pseudo-labels of ``unlabeled`` by ``teacher`` to ``out`` (see the module docstring).
 
     Every rank calls it; rank 0 returns the summary (also written to ``out`` with suffix
     ``.json``), the others None. When ``out`` exists already it is kept (the labels of an
-    earlier run of this iteration). ``after_unit(name)`` runs after each unit is written (tests).
+    earlier run of this iteration). ``parts`` is the folder of per-unit predictions (default
+    ``OUT_STEM.parts`` beside ``out``; predictions of the same teacher at other thresholds can
+    share one). ``after_unit(name)`` runs after each unit is written (tests).
     """
     from seerlike.checkpoints import load_backbone
     from seerlike.eval.extract import feature_fn, list_units, unit_features
@@ -203,7 +204,7 @@ def label_unlabeled(teacher: str, unlabeled: str, out: str | os.PathLike, settin
     fn = feature_fn(loaded, "head")
     units = list_units(unlabeled, settings.chunk_size)
     names = [u.name for u in units]
-    parts = _parts_dir(out)
+    parts = Path(os.path.abspath(parts)) if parts else out.with_name(out.stem + ".parts")
     with storage.reporting_disk_full(parts):
         parts.mkdir(parents=True, exist_ok=True)
     meta = {"teacher": loaded.source, "step": loaded.step, "data": storage.absolute(unlabeled),

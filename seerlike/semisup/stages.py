@@ -260,10 +260,11 @@ def _noisy_student(cfg, run_dir: Path, info, layer_lr: LayerLR, progress: bool) 
     for k in range(1, cfg.method.iterations + 1):
         source, step = teacher_identity(teacher)
         out = default_path(cfg.method.unlabeled, run_dir, teacher_tag(source, step, settings))
+        parts = out.with_name(teacher_tag(source, step, settings, predictions_only=True) + ".parts")
         log.info("Noisy Student iteration %d of %d: teacher %s (step %s) labels %s -> %s", k, cfg.method.iterations,
                  source, step, cfg.method.unlabeled, out)
         label_unlabeled(teacher, cfg.method.unlabeled, out, settings, rank=info.rank, world_size=info.world_size,
-                        device=info.device, barrier=barrier, progress=progress and cfg.loop.progress)
+                        device=info.device, barrier=barrier, progress=progress and cfg.loop.progress, parts=parts)
         student = student_config(cfg, k, teacher, str(out), layer_lr)
         data = build_mixed_data(student, rank=info.rank, world_size=info.world_size, device=info.device)
         rc = train(student, iteration_dir(run_dir, k), data=data)
