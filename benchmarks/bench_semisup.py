@@ -43,6 +43,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -113,7 +115,8 @@ def _run(argv: list[str], log: Path) -> float:
 
 
 def _budget(seconds: float, seed: int) -> list[str]:
-    return [f"loop.time_budget_s={seconds:.0f}", "loop.budget_clock=cpu", f"--max-steps={MAX_STEPS}",
+    """Options and overrides of a CPU-budgeted run (the option first: argparse takes no option after the overrides)."""
+    return [f"--max-steps={MAX_STEPS}", f"loop.time_budget_s={seconds:.0f}", "loop.budget_clock=cpu",
             f"loop.seed={seed}", "loop.progress=false", "loop.tensorboard=false", "checkpoint.every_steps=500",
             "checkpoint.keep_last=1", "loop.log_every=20"]
 
@@ -153,12 +156,12 @@ def run_arm(arm: str, work: Path, backbone: str, labeled: Path, unlabeled: Path,
             per_class = args.per_class or _rows(unlabeled) // 10
             argv = ["selftrain", "--method", "noisy_student", "--labeled", str(labeled), "--unlabeled", str(unlabeled),
                     "--teacher", str(work / "finetune"), "--init", init, "--run-dir", str(out),
-                    "--iterations", str(args.iterations), f"method.per_class={per_class}",
-                    *_budget(args.arm_seconds / args.iterations, seed)]
+                    "--iterations", str(args.iterations), *_budget(args.arm_seconds / args.iterations, seed),
+                    f"method.per_class={per_class}"]
         cpu = _run(argv, log)
         final = out / f"iter{args.iterations}" if arm == "noisy_student" else out
         top1 = _accuracy(final, log)
-        steps = json.loads((final / "config.yaml").read_text().split("max_steps:")[1].split("\n")[0])
+        steps = yaml.safe_load((final / "config.yaml").read_text())["loop"]["max_steps"]  # as calibrated
         row = {"arm": arm, "top1": top1, "cpu_s": round(cpu), "steps": steps}
     row["wall_s"] = round(time.monotonic() - t0)
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +176,7 @@ def pretrained_backbone(root: Path, args) -> str:
     log = root / "pretrain.log"
     if not (run / "DONE").is_file():
         _run(["train", "--recipe", "tiny_swav", "--data", str(CIFAR / "train"), "--run-dir", str(run),
-              *_budget(args.pretrain_seconds, 0), "optim.warmup_steps=13"], log)
+              *_budget(args.pretrain_seconds, 0)], log)
         (run / "DONE").write_text("")
     return str(run)
 
