@@ -20,7 +20,7 @@ takes a seeded subset). Each arm runs as its own process; the table reports its 
 measured (training, labelling, start-up; not the evaluation), so a budget overrun shows.
 
     python benchmarks/bench_semisup.py --backbone runs/quickstart/pretrain          # 250 and 1,000 labels, seed 0
-    python benchmarks/bench_semisup.py --backbone B --seeds 0,1,2 --arm-seconds 900  # the docs table: 15 CPU-minutes an arm
+    python benchmarks/bench_semisup.py --backbone B --seeds 0,1,2 --arm-seconds 900  # 15 CPU-minutes an arm
     python benchmarks/bench_semisup.py --labels 250 --arm-seconds 20 --unlabeled-limit 2000 --pretrain-seconds 20
                                                                                      # a check that everything runs
 
@@ -195,7 +195,8 @@ def table(rows: list[dict], labels: list[int], arm_seconds: float) -> str:
             spread = f" +- {statistics.stdev(acc):.1f}" if len(acc) > 1 else ""
             cells.append(f"{statistics.mean(acc):.1f}{spread} ({statistics.mean(r['cpu_s'] for r in mine):.0f})")
         lines.append(f"| {arm} | {' | '.join(cells)} |")
-    lines.append(f"\nBudget {arm_seconds:.0f} CPU-s an arm; seeds {sorted({r['seed'] for r in rows})}; mean +- std over seeds.")
+    seeds = sorted({r["seed"] for r in rows})
+    lines.append(f"\nBudget {arm_seconds:.0f} CPU-s an arm; seeds {seeds}; mean +- std over seeds.")
     return "\n".join(lines)
 
 
@@ -218,7 +219,8 @@ def main() -> None:
     arms = [a for a in args.arms.split(",") if a]
     unknown = set(arms) - set(ARMS)
     if unknown or ("noisy_student" in arms and "finetune" not in arms):
-        raise SystemExit(f"--arms: unknown {sorted(unknown)} (choose from {ARMS}); noisy_student needs finetune (its teacher)")
+        raise SystemExit(f"--arms: unknown {sorted(unknown)} (choose from {ARMS}); noisy_student needs finetune "
+                         "(its teacher)")
     backbone = pretrained_backbone(root, args)
     rows = []
     for n in labels:

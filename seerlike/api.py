@@ -392,13 +392,6 @@ class SelfTrainResult(PretrainResult):
     """Noisy Student: each iteration's pseudo-label parquet."""
 
 
-def _layer_lr(backbone_lr: float | None, layer_decay: float | None):
-    from seerlike.semisup.stages import LayerLR
-
-    return LayerLR(backbone_lr=1.0 if backbone_lr is None else backbone_lr,
-                   layer_decay=1.0 if layer_decay is None else layer_decay)
-
-
 def _lr_argv(backbone_lr: float | None, layer_decay: float | None) -> list[str]:
     return ((["--backbone-lr", str(backbone_lr)] if backbone_lr is not None else [])
             + (["--layer-decay", str(layer_decay)] if layer_decay is not None else []))
@@ -430,7 +423,7 @@ def finetune(data: PathLike, out: PathLike = "runs/finetune", *, init: PathLike 
     out = Path(os.path.abspath(out))
     extra = _overrides(overrides)
     cfg = stages.finetune_config(data=str(data), init=str(init), recipe=recipe, overrides=extra,
-                                 layer_lr=_layer_lr(backbone_lr, layer_decay))
+                                 layer_lr=stages.LayerLR.of(backbone_lr, layer_decay))
     if int(os.environ.get("RANK", "0")) == 0:
         stages.check_inputs(cfg)
     argv = ["finetune", "--data", str(data), "--run-dir", str(out), *(["--init", str(init)] if init else []),
@@ -455,7 +448,7 @@ def selftrain(method: str, labeled: PathLike, unlabeled: PathLike, out: PathLike
 
     out = Path(os.path.abspath(out))
     extra = _overrides(overrides)
-    layer_lr = _layer_lr(backbone_lr, layer_decay)
+    layer_lr = stages.LayerLR.of(backbone_lr, layer_decay)
     cfg = stages.selftrain_config(method, labeled=str(labeled), unlabeled=str(unlabeled), init=str(init),
                                   teacher=str(teacher), recipe=recipe, overrides=extra, layer_lr=layer_lr)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_lr_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-lr", type=float, help="LR multiplier of the trunk against the head (e.g. 0.1)")
-    p.add_argument("--layer-decay", type=float, help="layer-wise LR decay per residual block towards the stem (e.g. 0.75)")
+    p.add_argument("--layer-decay", type=float,
+                   help="layer-wise LR decay per residual block towards the stem (e.g. 0.75)")
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -36,9 +37,9 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 
 def layer_lr(args: argparse.Namespace):
-    from seerlike.api import _layer_lr
+    from seerlike.semisup.stages import LayerLR
 
-    return _layer_lr(args.backbone_lr, args.layer_decay)
+    return LayerLR.of(args.backbone_lr, args.layer_decay)
 
 
 def build_config(args: argparse.Namespace):

@@ -102,7 +102,8 @@ class RandAugmentParams:
     centre: torch.Tensor  # (n, 2) int64: Cutout centre (y, x), uniform over the pixels
 
 
-def sample_randaugment(cfg: RandAugmentConfig, n: int, size: tuple[int, int], gen: torch.Generator) -> RandAugmentParams:
+def sample_randaugment(cfg: RandAugmentConfig, n: int, size: tuple[int, int],
+                       gen: torch.Generator) -> RandAugmentParams:
     """Parameters of ``n`` rows of ``size`` (H, W) from one draw of ``gen``: an (n, 4N + 4) block of uniforms."""
     N = cfg.num_ops
     u = torch.rand(n, 4 * N + 4, generator=gen, dtype=torch.float64)
@@ -117,7 +118,8 @@ def sample_randaugment(cfg: RandAugmentConfig, n: int, size: tuple[int, int], ge
     t = _shift_pixels(cfg, size)
     shift = (u[:, 4 * N:4 * N + 2] * (2 * t + 1)).long().clamp_(max=2 * t) - t
     h, w = size
-    centre = torch.stack([(u[:, 4 * N + 2] * h).long().clamp_(max=h - 1), (u[:, 4 * N + 3] * w).long().clamp_(max=w - 1)], 1)
+    centre = torch.stack([(u[:, 4 * N + 2] * h).long().clamp_(max=h - 1),
+                          (u[:, 4 * N + 3] * w).long().clamp_(max=w - 1)], 1)
     return RandAugmentParams(op=op, on=u[:, N:2 * N] < cfg.op_p, level=level, sign=sign, shift=shift, centre=centre)
 
 
@@ -139,9 +141,14 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
     return torch.floor((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536)
 
 
+def _rows(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-row parameter (computed on the host) as (r, 1, 1, 1) on ``x``'s device and dtype."""
+    return t.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Pillow's ``Image.blend(degenerate, x, factor)``: clip to [0, 255], then truncate."""
-    f = factor.to(x.dtype).view(-1, 1, 1, 1)
+    f = _rows(factor, x)
     return torch.floor((degenerate + f * (x - degenerate)).clamp_(0, 255))
 
 
@@ -154,7 +161,7 @@ def color(x, level, sign):
 
 
 def contrast(x, level, sign):
-    mean = torch.floor(_luma(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5)
+    mean = torch.floor(_luma(x).double().mean(dim=(1, 2, 3), keepdim=True) + 0.5).to(x.dtype)  # exact sums
     return _blend(mean.expand_as(x), x, _enhance_factor(level))
 
 
@@ -163,25 +170,28 @@ def brightness(x, level, sign):
 
 
 def sharpness(x, level, sign):
-    """Blend with Pillow's SMOOTH filter (3x3, centre 5, the rest 1, / 13; border pixels kept)."""
-    kernel = torch.ones(3, 3, dtype=x.dtype, device=x.device)
-    kernel[1, 1] = 5
-    r, c, h, w = x.shape
+    """Blend with Pillow's SMOOTH filter (3x3, centre 5, the rest 1, / 13; border pixels kept).
+
+    The 3x3 sum is nine shifted adds of whole pixel levels (exact in float32; a convolution
+    may run in TF32 on a GPU and round differently from the CPU)."""
+    _, _, h, w = x.shape
     smooth = x.clone()
     if h > 2 and w > 2:
-        inner = F.conv2d(x.reshape(r * c, 1, h, w), (kernel / 13)[None, None]).reshape(r, c, h - 2, w - 2)
-        smooth[:, :, 1:-1, 1:-1] = torch.floor(inner + 0.5).clamp_(0, 255)
+        total = 4 * x[:, :, 1:-1, 1:-1]
+        for dy in range(3):
+            for dx in range(3):
+                total = total + x[:, :, dy:h - 2 + dy, dx:w - 2 + dx]
+        smooth[:, :, 1:-1, 1:-1] = torch.floor(total / 13 + 0.5).clamp_(0, 255)
     return _blend(smooth, x, _enhance_factor(level))
 
 
 def solarize(x, level, sign):
-    threshold = (256 * (1 - level / 10)).clamp(min=0).floor().to(x.dtype).view(-1, 1, 1, 1)
+    threshold = _rows((256 * (1 - level / 10)).clamp(min=0).floor(), x)
     return torch.where(x >= threshold, 255 - x, x)
 
 
 def posterize(x, level, sign):
-    bits = (8 - torch.round(4 * level / 10)).clamp(1, 8).to(x.dtype).view(-1, 1, 1, 1)
-    step = torch.pow(2.0, 8 - bits)
+    step = _rows(torch.pow(2.0, torch.round(4 * level / 10).clamp(0, 7)), x)  # 2^(8 - bits), bits in 1..8
     return torch.floor(x / step) * step
 
 
@@ -223,18 +233,22 @@ def _affine(x: torch.Tensor, m: torch.Tensor, *, fixed: bool) -> torch.Tensor:
     round differently in the two, so both are reproduced.
     """
     r, c, h, w = x.shape
-    m = m.to(torch.float64)
+    m = m.to(torch.float64)  # computed on the host: the device sees exact integers (fixed) or IEEE sums
     xs = torch.arange(w, dtype=torch.float64, device=x.device)[None, None, :]
     ys = torch.arange(h, dtype=torch.float64, device=x.device)[None, :, None]
-    col = lambda i: m[:, i, None, None]  # noqa: E731
     if fixed:
         q = torch.floor(m * 65536 + 0.5).long()
         q2 = torch.floor((m[:, 2] + m[:, 0] * 0.5 + m[:, 1] * 0.5) * 65536 + 0.5).long()
         q5 = torch.floor((m[:, 5] + m[:, 3] * 0.5 + m[:, 4] * 0.5) * 65536 + 0.5).long()
+        q, q2, q5 = (t.to(x.device) for t in (q, q2, q5))
         xl, yl = xs.long(), ys.long()
-        ix = torch.div(q2[:, None, None] + yl * q[:, 1, None, None] + xl * q[:, 0, None, None], 65536, rounding_mode="floor")
-        iy = torch.div(q5[:, None, None] + yl * q[:, 4, None, None] + xl * q[:, 3, None, None], 65536, rounding_mode="floor")
+        ix = torch.div(q2[:, None, None] + yl * q[:, 1, None, None] + xl * q[:, 0, None, None], 65536,
+                       rounding_mode="floor")  # Pillow's >> 16
+        iy = torch.div(q5[:, None, None] + yl * q[:, 4, None, None] + xl * q[:, 3, None, None], 65536,
+                       rounding_mode="floor")
     else:
+        m = m.to(x.device)
+        col = lambda i: m[:, i, None, None]  # noqa: E731
         ix = torch.floor(col(0) * (xs + 0.5) + col(1) * (ys + 0.5) + col(2)).long()
         iy = torch.floor(col(3) * (xs + 0.5) + col(4) * (ys + 0.5) + col(5)).long()
     inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
@@ -285,7 +299,8 @@ OP_FUNCTIONS = {"identity": identity, "autocontrast": autocontrast, "equalize": 
                 "solarize": solarize, "color": color, "posterize": posterize, "contrast": contrast,
                 "brightness": brightness, "sharpness": sharpness, "shear_x": shear_x, "shear_y": shear_y,
                 "translate_x": translate_x, "translate_y": translate_y}
-"""op name -> f(x (r, 3, H, W) integer-valued float in [0, 255], level (r,), sign (r,)) -> the same."""
+"""op name -> f(x (r, 3, H, W) integer-valued float in [0, 255] on any device, level (r,), sign (r,) float64 on
+the host) -> the same; parameters are turned into per-row numbers on the host, so every device gets the same result."""
 
 
 def shift(x: torch.Tensor, d: torch.Tensor, t: int) -> torch.Tensor:
@@ -334,8 +349,7 @@ def apply_randaugment(x: torch.Tensor, cfg: RandAugmentConfig, p: RandAugmentPar
             if len(rows) == 0:
                 continue
             idx = torch.from_numpy(rows).to(y.device)
-            level = p.level[rows, slot].to(y.device)
-            sign = p.sign[rows, slot].to(y.device)
+            level, sign = p.level[rows, slot], p.sign[rows, slot]
             y.index_copy_(0, idx, OP_FUNCTIONS[name](y.index_select(0, idx), level, sign).to(y.dtype))
     y = cutout(y, p.centre, cutout_side(cfg, (h, w)))
     return y.to(torch.uint8) if x.dtype == torch.uint8 else y.div_(255)

@@ -50,7 +50,8 @@ class ClassifierConfig(MethodConfig):
         if self.num_classes < 2:
             raise ValueError(f"{self.name}.num_classes must be >= 2, got {self.num_classes}")
         if self.classes and len(self.classes) != self.num_classes:
-            raise ValueError(f"{self.name}.classes names {len(self.classes)} classes but num_classes is {self.num_classes}")
+            raise ValueError(f"{self.name}.classes names {len(self.classes)} classes but num_classes is "
+                             f"{self.num_classes}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"{self.name}.label_smoothing, dropout and ema_decay must be in [0, 1)")
 

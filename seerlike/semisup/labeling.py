@@ -87,7 +87,8 @@ def default_path(unlabeled: str, run_dir: str | os.PathLike, tag: str) -> Path:
     from seerlike.data.sources import is_dataset
 
     local = unlabeled.removeprefix("file://")
-    if not storage.is_s3_url(unlabeled) and is_dataset(unlabeled) and os.path.isfile(os.path.join(local, "manifest.parquet")):
+    local_dataset = not storage.is_s3_url(unlabeled) and is_dataset(unlabeled)
+    if local_dataset and os.path.isfile(os.path.join(local, "manifest.parquet")):
         return Path(os.path.abspath(local)) / "pseudo_labels" / f"{tag}.parquet"
     return Path(os.path.abspath(run_dir)) / "pseudo_labels" / f"{tag}.parquet"
 
@@ -229,7 +230,8 @@ def label_unlabeled(teacher: str, unlabeled: str, out: str | os.PathLike, settin
         return None
     missing = [n for n in names if not (parts / f"{n}.parquet").exists()]
     if missing:
-        raise RuntimeError(f"{len(missing)} pseudo-label units missing after labelling (e.g. {missing[:3]}); rerun to resume")
+        raise RuntimeError(f"{len(missing)} pseudo-label units missing after labelling (e.g. {missing[:3]}); "
+                           "rerun to resume")
     keys, probs = _read_parts(parts, names)
     if len(set(keys)) != len(keys):
         raise ConfigError(f"duplicate sample keys in {unlabeled}: pseudo-labels are joined by key")

@@ -45,6 +45,11 @@ class LayerLR:
     backbone_lr: float = 1.0
     layer_decay: float = 1.0
 
+    @classmethod
+    def of(cls, backbone_lr: float | None, layer_decay: float | None) -> LayerLR:
+        """From the optional ``--backbone-lr`` / ``--layer-decay`` values (None: unchanged)."""
+        return cls(1.0 if backbone_lr is None else backbone_lr, 1.0 if layer_decay is None else layer_decay)
+
 
 # ---------------------------------------------------------------- configs
 
@@ -95,7 +100,8 @@ def _with_labeled(cfg, labeled: str, overrides: Sequence[str]):
 
 def finetune_config(*, data: str, init: str = "", recipe: str | None = None, overrides: Sequence[str] = (),
                     layer_lr: LayerLR = LayerLR()):
-    """The TrainConfig of `seerlike finetune`: ``data`` labeled (class folders or a path,label CSV), ``init`` the pretrained model."""
+    """The TrainConfig of `seerlike finetune`: ``data`` labeled (class folders or a path,label CSV), ``init`` the
+    pretrained model."""
     cfg = _recipe(recipe or DEFAULT_RECIPES["finetune"], "finetune")
     if init:
         cfg = configlib.apply_override(cfg, "method.init", _absolute(init))
@@ -118,7 +124,8 @@ def selftrain_config(method: str, *, labeled: str, unlabeled: str, init: str = "
         cfg = configlib.apply_override(cfg, "method.teacher", _absolute(teacher))
     cfg = _with_labeled(cfg, _absolute(labeled), overrides)
     if method == "noisy_student" and not cfg.method.teacher:
-        raise ConfigError("Noisy Student needs a teacher: --teacher (a `seerlike finetune` run, or an export --with-head)")
+        raise ConfigError("Noisy Student needs a teacher: --teacher (a `seerlike finetune` run, or an export "
+                          "--with-head)")
     if not cfg.method.unlabeled:
         raise ConfigError(f"{method} needs unlabeled images: --unlabeled")
     return with_layer_lr(cfg, layer_lr)

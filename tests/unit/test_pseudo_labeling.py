@@ -187,5 +187,6 @@ def test_pseudo_labels_go_beside_an_ingested_datasets_manifest(tmp_path):
     ds.mkdir()
     (ds / "manifest.parquet").write_bytes(b"")
     assert default_path(str(ds), tmp_path / "run", "t") == ds / "pseudo_labels" / "t.parquet"
-    assert default_path(str(tmp_path / "folder"), tmp_path / "run", "t") == tmp_path / "run" / "pseudo_labels" / "t.parquet"
-    assert default_path("s3://b/ds", tmp_path / "run", "t") == tmp_path / "run" / "pseudo_labels" / "t.parquet"
+    in_run = tmp_path / "run" / "pseudo_labels" / "t.parquet"
+    assert default_path(str(tmp_path / "folder"), tmp_path / "run", "t") == in_run
+    assert default_path("s3://b/ds", tmp_path / "run", "t") == in_run

@@ -83,7 +83,8 @@ def _reference_row(img: np.ndarray, cfg: RandAugmentConfig, p: ra.RandAugmentPar
     if side:
         cy, cx = (int(v) for v in p.centre[i])
         out = out.copy()
-        out[max(0, cy - side // 2):max(0, cy - side // 2 + side), max(0, cx - side // 2):max(0, cx - side // 2 + side)] = 128
+        y0, x0 = cy - side // 2, cx - side // 2
+        out[max(0, y0):max(0, y0 + side), max(0, x0):max(0, x0 + side)] = 128
     return out
 
 
@@ -178,6 +179,7 @@ def test_photometric_runs_randaugment_first_and_keeps_other_views_unchanged(imag
     gen = torch.Generator().manual_seed(aug.stable_seed("randaugment", 1, 0, 5, 0, 1))
     p = sample_randaugment(strong, x.shape[0], (32, 32), gen)
     mean, std = torch.tensor(aug.IMAGENET_MEAN)[:, None, None], torch.tensor(aug.IMAGENET_STD)[:, None, None]
-    torch.testing.assert_close(out[1], (apply_randaugment(x, strong, p).float() / 255 - mean) / std, rtol=1e-6, atol=1e-6)
+    want = (apply_randaugment(x, strong, p).float() / 255 - mean) / std
+    torch.testing.assert_close(out[1], want, rtol=1e-6, atol=1e-6)
     again = aug.Photometric(cfg)([x, x.clone()], seed=1, epoch=0, step=6, rank=0)
     assert not torch.equal(again[1], out[1]) and torch.equal(again[0], out[0])
