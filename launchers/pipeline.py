@@ -285,7 +285,34 @@ def clusterfit_tiny(data: str, dir: str, *, pretrain_steps: int = 200, k: int = 
     }, source="recipe clusterfit_tiny")
 
 
-PIPELINES = {"clusterfit_tiny": clusterfit_tiny}
+def semisup_tiny(data: str, dir: str, *, pretrain_steps: int = 200, finetune_steps: int = 200,
+                 student_steps: int = 200, fixmatch_steps: int = 200) -> Pipeline:
+    """SwAV pretrain on {data} -> fine-tune on {labeled} -> Noisy Student and FixMatch on {labeled} + {unlabeled}.
+
+    ``--var labeled=CSV`` (a path,label CSV or class folders) is required; ``--var unlabeled=...``
+    defaults to the pretraining images. Each semi-supervised stage starts from the pretrained trunk.
+    """
+    return pipeline_from_dict({
+        "name": "semisup-tiny", "dir": dir, "vars": {"data": data, "labeled": "", "unlabeled": data},
+        "stages": [
+            {"name": "pretrain", "command": "train",
+             "args": ["--recipe", "tiny_swav", "--data", "{data}", "--run-dir", "{out}", "--max-steps",
+                      str(pretrain_steps)]},
+            {"name": "finetune", "command": "finetune",
+             "args": ["--init", "{pretrain}", "--data", "{labeled}", "--run-dir", "{out}", "--max-steps",
+                      str(finetune_steps)]},
+            {"name": "noisy_student", "command": "selftrain",
+             "args": ["--method", "noisy_student", "--teacher", "{finetune}", "--init", "{pretrain}", "--labeled",
+                      "{labeled}", "--unlabeled", "{unlabeled}", "--run-dir", "{out}", "--max-steps",
+                      str(student_steps)]},
+            {"name": "fixmatch", "command": "selftrain",
+             "args": ["--method", "fixmatch", "--init", "{pretrain}", "--labeled", "{labeled}", "--unlabeled",
+                      "{unlabeled}", "--run-dir", "{out}", "--max-steps", str(fixmatch_steps)]},
+        ],
+    }, source="recipe semisup_tiny")
+
+
+PIPELINES = {"clusterfit_tiny": clusterfit_tiny, "semisup_tiny": semisup_tiny}
 """Pipeline recipes: functions (data, dir, **options) -> Pipeline."""
 
 

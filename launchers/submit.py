@@ -40,7 +40,7 @@ from launchers.checkpointable import StageJob
 log = logging.getLogger(__name__)
 
 #: Stages `seerlike submit` accepts (each a `seerlike` subcommand).
-STAGES = ("train", "ingest", "extract", "cluster", "distill", "eval", "export")
+STAGES = ("train", "ingest", "extract", "cluster", "distill", "eval", "export", "finetune", "selftrain")
 
 #: Stage options that name the stage's output folder, in the order they are looked for.
 RUN_DIR_OPTIONS = ("--run-dir", "--out", "--output", "--out-dir")

@@ -9,12 +9,15 @@ The Python API (seerlike.api, docs/api.md)::
     seerlike.evaluate(kind, model, train=..., val=...)
                                                  -> EvalResult     (metrics, files)
     seerlike.export(model, out, formats=[...])   -> ExportResult   (files, export.json)
+    seerlike.finetune(data, out, init=...)       -> PretrainResult (a fine-tuned classifier)
+    seerlike.selftrain(method, labeled, unlabeled, out, init=..., teacher=...)
+                                                 -> SelfTrainResult (FixMatch / Noisy Student)
 """
 
 __version__ = "0.1.0"
 
-_API = ("ingest", "pretrain", "extract", "evaluate", "export",
-        "IngestResult", "PretrainResult", "ExtractResult", "EvalResult", "ExportResult")
+_API = ("ingest", "pretrain", "extract", "evaluate", "export", "finetune", "selftrain",
+        "IngestResult", "PretrainResult", "ExtractResult", "EvalResult", "ExportResult", "SelfTrainResult")
 
 
 def __getattr__(name: str):

@@ -8,7 +8,8 @@
     knn = seerlike.evaluate("knn", run.checkpoint, train="labelled/train.csv", val="labelled/val.csv")
     exp = seerlike.export(run.checkpoint, out="exports/swav", formats=["torchvision", "onnx"])
 
-Each function is what its command (`seerlike ingest | train | extract | eval | export`) runs.
+Each function is what its command (`seerlike ingest | train | extract | eval | export | finetune |
+selftrain`) runs; ``finetune`` and ``selftrain`` are the semi-supervised stages (docs/semisup.md).
 Bad input raises :class:`seerlike.config.ConfigError` with the message the command prints
 (the command exits with status 2), before anything is written. Paths in the results are
 absolute. docs/api.md walks through a whole session.
@@ -29,8 +30,8 @@ from seerlike import storage
 from seerlike.config import ConfigError
 from seerlike.preflight import check_train_inputs, with_absolute_paths
 
-__all__ = ["ingest", "pretrain", "extract", "evaluate", "export",
-           "IngestResult", "PretrainResult", "ExtractResult", "EvalResult", "ExportResult"]
+__all__ = ["ingest", "pretrain", "extract", "evaluate", "export", "finetune", "selftrain",
+           "IngestResult", "PretrainResult", "ExtractResult", "EvalResult", "ExportResult", "SelfTrainResult"]
 
 PathLike = str | os.PathLike
 
@@ -176,9 +177,6 @@ def pretrain(data: PathLike | None = None, out: PathLike = "runs/pretrain", *,
     The configuration and the inputs (data, pseudo-labels, a distillation teacher) are checked
     before the run folder is created.
     """
-    from seerlike.engine import checkpoint
-    from seerlike.engine.loop import REQUEUE_EXIT_CODE
-
     if nproc < 1:
         raise ConfigError(f"nproc must be >= 1, got {nproc}")
     extra = ([f"data.source={storage.absolute(data)}"] if data is not None else []) + _overrides(overrides)
@@ -194,6 +192,14 @@ def pretrain(data: PathLike | None = None, out: PathLike = "runs/pretrain", *,
         from seerlike.engine.loop import train
 
         rc = train(cfg, out)
+    return _run_result(out, cfg, rc)
+
+
+def _run_result(out: Path, cfg: Any, rc: int) -> PretrainResult:
+    """What the training run in ``out`` left behind, once it returned ``rc``."""
+    from seerlike.engine import checkpoint
+    from seerlike.engine.loop import REQUEUE_EXIT_CODE
+
     if rc not in (0, REQUEUE_EXIT_CODE):
         raise RuntimeError(f"training in {out} failed with exit status {rc}; see its log")
     latest = checkpoint.latest(out)
@@ -369,3 +375,102 @@ def export(model: PathLike, out: PathLike, *, formats: str | Sequence[str] = ("t
     out = Path(os.path.abspath(out))
     return ExportResult(out=out, files={fmt: out / name for fmt, name in meta["files"].items()}, arch=meta["arch"],
                         checks=dict(meta["checks"]), meta=meta)
+
+
+# ---------------------------------------------------------------- semi-supervised stages
+
+
+@dataclass
+class SelfTrainResult(PretrainResult):
+    """A semi-supervised run: ``run_dir`` / ``checkpoint`` hold its final model (Noisy Student: the last student)."""
+
+    method: str = ""
+    """fixmatch or noisy_student."""
+    iterations: list[Path] = field(default_factory=list)
+    """Noisy Student: each iteration's student run (the teacher of the next)."""
+    pseudo_labels: list[Path] = field(default_factory=list)
+    """Noisy Student: each iteration's pseudo-label parquet."""
+
+
+def _lr_argv(backbone_lr: float | None, layer_decay: float | None) -> list[str]:
+    return ((["--backbone-lr", str(backbone_lr)] if backbone_lr is not None else [])
+            + (["--layer-decay", str(layer_decay)] if layer_decay is not None else []))
+
+
+def _stage_ranks(argv: list[str], nproc: int, run_local) -> int:
+    """``run_local()`` in this process, or ``seerlike ARGV`` on ``nproc`` local ranks."""
+    if nproc < 1:
+        raise ConfigError(f"nproc must be >= 1, got {nproc}")
+    if nproc > 1 and "RANK" not in os.environ:
+        from seerlike.commands.ranks import launch
+
+        return launch([sys.executable, "-m", "seerlike", *argv], nproc)
+    return run_local()
+
+
+def finetune(data: PathLike, out: PathLike = "runs/finetune", *, init: PathLike | str = "",
+             recipe: str | None = None, overrides: dict[str, Any] | Sequence[str] | None = None,
+             backbone_lr: float | None = None, layer_decay: float | None = None, nproc: int = 1) -> PretrainResult:
+    """Fine-tune ``init`` (a checkpoint, run or export dir, or ``random:ARCH``) on labeled ``data``.
+
+    ``data``: class folders or a ``path,label`` CSV (its classes set ``method.num_classes``).
+    ``backbone_lr`` scales the trunk's LR against the head's; ``layer_decay`` < 1 lowers it block by
+    block towards the stem (both become ``optim.lr_multipliers``). Rerunning continues the run.
+    Equivalent to ``seerlike finetune``; the recipe defaults to ``finetune_tiny``.
+    """
+    from seerlike.semisup import stages
+
+    out = Path(os.path.abspath(out))
+    extra = _overrides(overrides)
+    cfg = stages.finetune_config(data=str(data), init=str(init), recipe=recipe, overrides=extra,
+                                 layer_lr=stages.LayerLR.of(backbone_lr, layer_decay))
+    if int(os.environ.get("RANK", "0")) == 0:
+        stages.check_inputs(cfg)
+    argv = ["finetune", "--data", str(data), "--run-dir", str(out), *(["--init", str(init)] if init else []),
+            *(["--recipe", recipe] if recipe else []), *_lr_argv(backbone_lr, layer_decay), *extra]
+    rc = _stage_ranks(argv, nproc, lambda: stages.run(cfg, out))
+    return _run_result(out, cfg, rc)
+
+
+def selftrain(method: str, labeled: PathLike, unlabeled: PathLike, out: PathLike = "runs/selftrain", *,
+              init: PathLike | str = "", teacher: PathLike | str = "", recipe: str | None = None,
+              overrides: dict[str, Any] | Sequence[str] | None = None, backbone_lr: float | None = None,
+              layer_decay: float | None = None, nproc: int = 1, progress: bool = True) -> SelfTrainResult:
+    """Semi-supervised training on ``labeled`` + ``unlabeled`` images: ``method`` fixmatch or noisy_student.
+
+    FixMatch starts from ``init`` (a pretrained model); Noisy Student needs a ``teacher`` (a
+    fine-tuned classifier, e.g. :func:`finetune`'s run) and starts each student from ``init`` when the
+    architectures match. ``overrides`` set any key (``method.iterations``, ``method.students``,
+    ``method.threshold``, ...). Rerunning continues where it stopped. Equivalent to
+    ``seerlike selftrain --method METHOD``; the recipe defaults to ``METHOD_tiny``.
+    """
+    from seerlike.semisup import stages
+
+    out = Path(os.path.abspath(out))
+    extra = _overrides(overrides)
+    layer_lr = stages.LayerLR.of(backbone_lr, layer_decay)
+    cfg = stages.selftrain_config(method, labeled=str(labeled), unlabeled=str(unlabeled), init=str(init),
+                                  teacher=str(teacher), recipe=recipe, overrides=extra, layer_lr=layer_lr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        stages.check_inputs(cfg)
+    argv = ["selftrain", "--method", method, "--labeled", str(labeled), "--unlabeled", str(unlabeled),
+            "--run-dir", str(out), *(["--init", str(init)] if init else []),
+            *(["--teacher", str(teacher)] if teacher else []), *(["--recipe", recipe] if recipe else []),
+            *_lr_argv(backbone_lr, layer_decay), *extra]
+    rc = _stage_ranks(argv, nproc, lambda: stages.run(cfg, out, layer_lr=layer_lr, progress=progress))
+    final = _run_result(stages.final_model(cfg, out), cfg, rc)
+    iterations, labels = [], []
+    if method == "noisy_student":
+        iterations = [stages.iteration_dir(out, k) for k in range(1, cfg.method.iterations + 1)
+                      if stages.iteration_dir(out, k).is_dir()]
+        labels = [Path(c.method.pseudo_labels) for c in (_saved_config(d) for d in iterations) if c is not None]
+    return SelfTrainResult(**{f.name: getattr(final, f.name) for f in dataclasses.fields(PretrainResult)},
+                           method=method, iterations=iterations, pseudo_labels=labels)
+
+
+def _saved_config(run_dir: Path):
+    from seerlike import config as configlib
+    from seerlike.engine.config import TrainConfig
+
+    path = run_dir / "config.yaml"
+    return configlib.load(path, TrainConfig) if path.is_file() else None

@@ -94,6 +94,16 @@ def split_state(full: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, T
     return trunk, rest
 
 
+def evaluated_state(full: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state to evaluate: a method's moving average (``ema.backbone.*``, ``ema.head.*``: FixMatch)
+    in place of its online trunk and head when it keeps one, else ``full`` itself."""
+    ema = {k[len("ema."):]: v for k, v in full.items() if k.startswith("ema.backbone.")}
+    if not ema:
+        return full
+    ema.update({k[len("ema."):]: v for k, v in full.items() if k.startswith("ema.head.")})
+    return {**{k: v for k, v in full.items() if not k.startswith(("backbone.", "head.", "ema."))}, **ema}
+
+
 def _head_from(rest: dict[str, Tensor]) -> nn.Linear | None:
     """A classifier on pooled features, when the method state has one (ClusterFit ``head``)."""
     if "head.weight" not in rest:
@@ -146,7 +156,7 @@ def load_checkpoint(path: str | os.PathLike) -> Loaded:
         raise ConfigError(f"no config.yaml in {ckpt} or its run dir; cannot tell which backbone it holds")
     train_cfg = yaml.safe_load(cfg_path.read_text())
     arch = arch_of_config(train_cfg)
-    trunk, rest = split_state(full)
+    trunk, rest = split_state(evaluated_state(full))
     return Loaded(_with_state(arch, trunk), arch, str(ckpt), _head_from(rest), step_of(ckpt), train_cfg, rest)
 
 

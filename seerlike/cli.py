@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("seerlike.commands.extract", "frozen-backbone features of a data set (shards, dataset, folder or CSV)"),
     "cluster": ("seerlike.commands.cluster", "faiss k-means on features -> pseudo-labels"),
     "distill": ("seerlike.commands.distill", "distill a teacher into a student backbone"),
+    "finetune": ("seerlike.commands.finetune", "fine-tune a pretrained backbone on labeled images"),
+    "selftrain": ("seerlike.commands.selftrain", "semi-supervised training: FixMatch or Noisy Student"),
     "eval": ("seerlike.commands.evaluate", "kNN / linear / low-shot evaluation"),
     "export": ("seerlike.commands.export", "export a backbone (torchvision, safetensors, torchscript, onnx)"),
     "submit": ("launchers.submit", "submit a stage to Slurm or the local executor"),

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from seerlike.data.randaugment import RandAugmentConfig, randaugment_group
 from sharding.process import jpeg_orientation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,6 +80,8 @@ class ViewConfig:
     """Probability of solarizing (invert pixels at or above the threshold)."""
     solarize_threshold: float = 0.5
     """Solarize threshold on the [0, 1] scale."""
+    randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
+    """RandAugment, Cutout and pixel shifts before the ops above (seerlike.data.randaugment; off by default)."""
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.size < 1:
@@ -872,8 +875,10 @@ class Photometric:
         """Normalised float32 (B,3,S,S) per view, in AugmentConfig view order."""
         gen = torch.Generator().manual_seed(stable_seed("photometric", seed, epoch, step, rank))
         out = []
-        for x, v in zip(self.groups(views), self.cfg.views):
+        for group, (x, v) in enumerate(zip(self.groups(views), self.cfg.views)):
             p = sample_photometric(v, x.shape[0], gen, self.cfg.jitter_order == "random")
+            # its own generator: views without RandAugment draw exactly what they drew before
+            x = randaugment_group(x, v.randaugment, stable_seed("randaugment", seed, epoch, step, rank, group))
             out.extend(self.apply_group(x, v, p))
         return out
 

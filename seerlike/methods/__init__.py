@@ -12,6 +12,7 @@ from seerlike.config import ConfigError
 from seerlike.methods.barlow_twins import BarlowTwins
 from seerlike.methods.base import Method, MethodConfig
 from seerlike.methods.byol import BYOL
+from seerlike.methods.classifier import Finetune
 from seerlike.methods.clusterfit import ClusterFit
 from seerlike.methods.colorization import Colorization
 from seerlike.methods.deepcluster_v2 import DeepClusterV2
@@ -26,6 +27,10 @@ from seerlike.methods.pirl import PIRL
 from seerlike.methods.relative_position import RelativePosition
 from seerlike.methods.rotnet import RotNet
 from seerlike.methods.sela import SeLa
+from seerlike.methods.fixmatch import FixMatch
+from seerlike.methods.moco_v2 import MoCoV2
+from seerlike.methods.moco_v3 import MoCoV3
+from seerlike.methods.noisy_student import NoisyStudent
 from seerlike.methods.simclr import SimCLR
 from seerlike.methods.simsiam import SimSiam
 from seerlike.methods.swav import SwAV
@@ -52,6 +57,9 @@ METHODS: dict[str, type[Method]] = {
     "npid": NPID,
     "pirl": PIRL,
     "multitask": MultiTask,
+    "finetune": Finetune,
+    "fixmatch": FixMatch,
+    "noisy_student": NoisyStudent,
 }
 MethodConfig.registry = METHODS
 

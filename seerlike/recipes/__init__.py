@@ -6,10 +6,8 @@ from typing import Any, Callable
 
 from seerlike.config import ConfigError
 from seerlike.recipes import (barlow_twins, byol, clusterfit, colorization, deepcluster_v2, dino, distill, jigsaw,
-                              moco_v2, moco_v3, relative_position, rotnet, seer, sela, simclr, simsiam, swav, tiny,
-                              vicreg)
-from seerlike.recipes import (barlow_twins, byol, clusterfit, colorization, dino, distill, jigsaw, moco_v2, moco_v3,
-                              multitask, npid, pirl, relative_position, rotnet, seer, simclr, simsiam, swav, tiny, vicreg)
+                              moco_v2, moco_v3, multitask, npid, pirl, relative_position, rotnet, seer, sela, semisup,
+                              simclr, simsiam, swav, tiny, vicreg)
 
 RECIPES: dict[str, Callable[[], Any]] = {
     **swav.RECIPES,
@@ -34,6 +32,7 @@ RECIPES: dict[str, Callable[[], Any]] = {
     **npid.RECIPES,
     **pirl.RECIPES,
     **multitask.RECIPES,
+    **semisup.RECIPES,
 }
 
 

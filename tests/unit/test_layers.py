@@ -18,12 +18,12 @@ LAYERS: list[tuple[str, int]] = [
     # 6: entry points: the API, the commands, the quickstart, the launchers
     ("seerlike.api", 6), ("seerlike.preflight", 6), ("seerlike.cli", 6), ("seerlike.__main__", 6), ("seerlike.commands", 6),
     ("seerlike.quickstart", 6), ("seerlike.recipes.cli", 6), ("seerlike.models.info", 6),
-    ("seerlike.testing", 6), ("sharding.cli", 6), ("sharding.stats", 6), ("launchers", 6),
+    ("seerlike.testing", 6), ("sharding.cli", 6), ("sharding.stats", 6), ("launchers", 6), ("seerlike.semisup.stages", 6),
     ("seerlike", 6),  # the package itself: its __getattr__ is the API
     # 5: writing exports, drawing
     ("seerlike.exporter", 5), ("seerlike.plots", 5),
-    # 4: evaluation
-    ("seerlike.eval", 4),
+    # 4: evaluation; the semi-supervised stages' labelling, data streams and scoring (they run trained models)
+    ("seerlike.eval", 4), ("seerlike.semisup", 4),
     # 3: the engine, the recipes it runs, reading trained models back
     ("seerlike.engine", 3), ("seerlike.recipes", 3), ("seerlike.checkpoints", 3),
     # 2: methods
@@ -39,6 +39,8 @@ LAYERS: list[tuple[str, int]] = [
 ALLOWED_UP: dict[tuple[str, str], str] = {
     ("seerlike.methods.distill", "seerlike.checkpoints"):
         "a distillation teacher is a trained model read back from a checkpoint or an export",
+    ("seerlike.methods.classifier", "seerlike.checkpoints"):
+        "a classifier's method.init is a pretrained trunk read back from a checkpoint or an export",
 }
 
 

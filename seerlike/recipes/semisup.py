@@ -1,0 +1,124 @@
+"""Recipes of the semi-supervised stages: fine-tuning, FixMatch, the Noisy Student student.
+
+`seerlike finetune --init PRETRAINED --data LABELED --run-dir R` and `seerlike selftrain
+--method fixmatch|noisy_student ...` fill in the data, the classes and the models.
+
+The ``*_tiny`` recipes are CPU-sized for cifar10-dev (``resnet10_cifar``, the quickstart's
+backbone, on the whole 32 px images): the paper's augmentation, losses and thresholds with
+smaller batches. They are starting points, not tuned (docs/benchmarks.md, "Semi-supervised
+stages", says what was measured). The ResNet-50 recipes carry the published ImageNet settings
+(sources in each docstring) for GPU clusters.
+"""
+
+from __future__ import annotations
+
+from seerlike.data.augment import AugmentConfig, ViewConfig
+from seerlike.data.pipeline import DataConfig
+from seerlike.data.randaugment import RandAugmentConfig
+from seerlike.engine.checkpoint import CheckpointConfig
+from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
+from seerlike.engine.optim import OptimConfig
+from seerlike.engine.parallelize import ParallelConfig
+from seerlike.engine.precision import PrecisionConfig
+from seerlike.methods.classifier import Finetune
+from seerlike.methods.fixmatch import FixMatch, strong_view, weak_view
+from seerlike.methods.noisy_student import NoisyStudent
+
+CIFAR_SIZE = 32
+"""The semi-supervised tiny recipes train on whole 32 px images, as they are evaluated (FixMatch's CIFAR setting)."""
+
+
+def _tiny(method, view: ViewConfig, *, batch_size: int, lr: float, drop_path: float = 0.0) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(name="resnet10_cifar", channels_last=True, drop_path=drop_path),
+        method=method,
+        data=DataConfig(batch_size=batch_size, num_workers=0, augment=AugmentConfig(views=[view]),
+                        eval_size=CIFAR_SIZE, eval_resize=CIFAR_SIZE),
+        # FixMatch's optimizer: SGD, Nesterov momentum 0.9, weight decay 5e-4 (CIFAR-10)
+        optim=OptimConfig(name="sgd", lr=lr, final_lr=0.0, warmup_steps=0, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4),
+        parallel=ParallelConfig(strategy="ddp"),
+        precision=PrecisionConfig(dtype="bf16"),
+        checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
+        loop=LoopConfig(max_steps=1000, log_every=10),
+    )
+
+
+def finetune_tiny() -> TrainConfig:
+    """Fine-tuning on CIFAR-sized labels: FixMatch's weak augmentation (flip + 12.5% shift), batch 64, SGD 0.12 per 256
+    (FixMatch's 0.03 at batch 64), label smoothing 0.1; the baseline both semi-supervised stages must beat."""
+    return _tiny(Finetune.Config(label_smoothing=0.1), weak_view(CIFAR_SIZE), batch_size=64, lr=0.12)
+
+
+def fixmatch_tiny() -> TrainConfig:
+    """FixMatch with the paper's CIFAR-10 settings (mu 7, tau 0.95, lambda_u 1, EMA 0.999, SGD 0.03 at batch 64 =
+    0.12 per 256, Nesterov, weight decay 5e-4; RandAugment with random magnitude + Cutout) and a labeled batch of 16
+    instead of 64, so that one step (16 + 2 x 112 images) fits a CPU budget. The paper's LR decays as
+    cos(7 pi k / 16 K); here the engine's cosine to 0."""
+    return _tiny(FixMatch.Config(strong=strong_view(CIFAR_SIZE)), weak_view(CIFAR_SIZE), batch_size=16, lr=0.12)
+
+
+def noisy_student_tiny() -> TrainConfig:
+    """The Noisy Student student on CIFAR-sized data: RandAugment N 2 at M 6 (the official EfficientNet-B2 setting),
+    dropout 0.5, stochastic depth 0.2 at the last block, threshold 0.3, soft labels, 3 pseudo-labeled images per
+    labeled one; batch 32 labeled, SGD as fine-tuning (the official code uses RMSProp at EfficientNet scale)."""
+    noised = weak_view(CIFAR_SIZE)
+    noised.randaugment = RandAugmentConfig(num_ops=2, magnitude=6, translate=0.125)
+    return _tiny(NoisyStudent.Config(), noised, batch_size=32, lr=0.12, drop_path=0.2)
+
+
+# ---------------------------------------------------------------- ImageNet-scale
+
+
+def _standard_view(size: int, randaugment: RandAugmentConfig | None = None) -> ViewConfig:
+    """The supervised ImageNet view: random resized crop (0.08-1) + flip, no colour jitter."""
+    return ViewConfig(count=1, size=size, scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+                      randaugment=randaugment or RandAugmentConfig())
+
+
+def _resnet50(method, view: ViewConfig, *, batch_size: int, lr: float, weight_decay: float, warmup: int,
+              max_steps: int, drop_path: float = 0.0) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(name="resnet50", drop_path=drop_path),
+        method=method,
+        data=DataConfig(batch_size=batch_size, num_workers=8, augment=AugmentConfig(views=[view])),
+        optim=OptimConfig(name="sgd", lr=lr, final_lr=0.0, warmup_steps=warmup, momentum=0.9, nesterov=True,
+                          weight_decay=weight_decay),
+        parallel=ParallelConfig(strategy="ddp"),
+        precision=PrecisionConfig(dtype="bf16"),
+        checkpoint=CheckpointConfig(every_steps=2500, keep_last=3),
+        loop=LoopConfig(max_steps=max_steps, log_every=100),
+    )
+
+
+def finetune_resnet50() -> TrainConfig:
+    """Fine-tuning a self-supervised ResNet-50 on (a fraction of) ImageNet's labels: batch 32 per rank, SGD 0.05 per
+    256 with Nesterov, no weight decay, label smoothing 0.1 (SimCLR / SwAV semi-supervised fine-tuning use small LRs
+    and no decay; `--backbone-lr` sets a slower trunk)."""
+    return _resnet50(Finetune.Config(num_classes=1000, label_smoothing=0.1), _standard_view(224), batch_size=32,
+                     lr=0.05, weight_decay=0.0, warmup=0, max_steps=50_000)
+
+
+def fixmatch_resnet50() -> TrainConfig:
+    """FixMatch on ImageNet with RandAugment, from google-research/fixmatch imagenet/: mu 5, lambda_u 10, tau 0.7,
+    EMA 0.999, SGD 0.1 per 256 with Nesterov, weight decay 3e-4, warmup; labeled batch 32 per rank."""
+    strong = _standard_view(224, RandAugmentConfig(num_ops=2, magnitude=9, random_magnitude=True, op_p=0.5,
+                                                   cutout=0.5))
+    method = FixMatch.Config(num_classes=1000, unlabeled_ratio=5, lambda_u=10.0, threshold=0.7, strong=strong)
+    return _resnet50(method, _standard_view(224), batch_size=32, lr=0.1, weight_decay=3e-4, warmup=5000,
+                     max_steps=300_000)
+
+
+def noisy_student_resnet50() -> TrainConfig:
+    """The Noisy Student student at ImageNet scale: RandAugment N 2, M 9 (the official code uses up to 27 for its
+    largest students), dropout 0.5, stochastic depth 0.2, threshold 0.3, soft labels, unlabeled ratio 3,
+    130,000 images per class after balancing (Xie et al. 2020); SGD instead of RMSProp for a ResNet."""
+    noised = _standard_view(224, RandAugmentConfig(num_ops=2, magnitude=9))
+    method = NoisyStudent.Config(num_classes=1000, per_class=130_000)
+    return _resnet50(method, noised, batch_size=32, lr=0.1, weight_decay=1e-4, warmup=2500, max_steps=350_000,
+                     drop_path=0.2)
+
+
+RECIPES: dict = {"finetune_tiny": finetune_tiny, "fixmatch_tiny": fixmatch_tiny,
+                 "noisy_student_tiny": noisy_student_tiny, "finetune_resnet50": finetune_resnet50,
+                 "fixmatch_resnet50": fixmatch_resnet50, "noisy_student_resnet50": noisy_student_resnet50}
