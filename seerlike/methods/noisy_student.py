@@ -56,6 +56,10 @@ class NoisyStudent(Classifier):
         """Class balancing: images per class after it (paper: 130,000 on JFT; 0 = no balancing)."""
         soft: bool = True
         """Soft pseudo-labels (the teacher's distribution) or hard ones (its top class); the paper's default is soft."""
+        label_image_size: int = 224
+        """The teacher labels the centre crop of this side (as `seerlike extract --image-size`)."""
+        label_resize: int = 256
+        """Shorter side the images are resized to before that crop (as `seerlike extract --resize`)."""
         pseudo_labels: str = ""
         """The pseudo-label parquet of this iteration (`selftrain` sets it; docs/semisup.md says where it goes)."""
         dropout: float = 0.5

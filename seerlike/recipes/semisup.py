@@ -32,8 +32,7 @@ def _tiny(method, view: ViewConfig, *, batch_size: int, lr: float, drop_path: fl
     return TrainConfig(
         model=ModelConfig(name="resnet10_cifar", channels_last=True, drop_path=drop_path),
         method=method,
-        data=DataConfig(batch_size=batch_size, num_workers=0, augment=AugmentConfig(views=[view]),
-                        eval_size=CIFAR_SIZE, eval_resize=CIFAR_SIZE),
+        data=DataConfig(batch_size=batch_size, num_workers=0, augment=AugmentConfig(views=[view])),
         # FixMatch's optimizer: SGD, Nesterov momentum 0.9, weight decay 5e-4 (CIFAR-10)
         optim=OptimConfig(name="sgd", lr=lr, final_lr=0.0, warmup_steps=0, momentum=0.9, nesterov=True,
                           weight_decay=5e-4),
@@ -64,7 +63,7 @@ def noisy_student_tiny() -> TrainConfig:
     labeled one; batch 32 labeled, SGD as fine-tuning (the official code uses RMSProp at EfficientNet scale)."""
     noised = weak_view(CIFAR_SIZE)
     noised.randaugment = RandAugmentConfig(num_ops=2, magnitude=6, translate=0.125)
-    return _tiny(NoisyStudent.Config(), noised, batch_size=32, lr=0.12, drop_path=0.2)
+    return _tiny(NoisyStudent.Config(label_image_size=CIFAR_SIZE, label_resize=CIFAR_SIZE), noised, batch_size=32, lr=0.12, drop_path=0.2)
 
 
 # ---------------------------------------------------------------- ImageNet-scale

@@ -1,7 +1,7 @@
 """A teacher labels unlabeled images: resumable work units, a confidence threshold, class balancing.
 
 Noisy Student's first step (docs/semisup.md). The teacher is not noised: every image gets the
-evaluation transform (``data.eval_size`` / ``eval_resize``) and the teacher's classifier in eval
+evaluation transform (``method.label_image_size`` / ``label_resize``) and the teacher's classifier in eval
 mode. Work units are extraction's (one per shard, or ``chunk_size`` files of a folder / CSV;
 :func:`seerlike.eval.extract.list_units`): rank r of W predicts units ``u % W == r`` into
 ``PARTS/unit.parquet`` (atomically; a rerun, with any number of ranks, skips finished units), then

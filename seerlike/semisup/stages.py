@@ -204,12 +204,12 @@ def iteration_dir(run_dir: str | os.PathLike, k: int) -> Path:
 
 
 def label_settings(cfg):
-    """The labelling settings of a Noisy Student config (the teacher sees the data's evaluation crop)."""
+    """The labelling settings of a Noisy Student config (the teacher sees a centre crop, no noise)."""
     from seerlike.semisup.labeling import LabelSettings
 
     m = cfg.method
     return LabelSettings(threshold=m.threshold, per_class=m.per_class, soft=m.soft, seed=cfg.loop.seed,
-                         image_size=cfg.data.eval_size, resize=cfg.data.eval_resize)
+                         image_size=m.label_image_size, resize=m.label_resize)
 
 
 def teacher_identity(spec: str) -> tuple[str, int | None]:

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 # small and quick: 16 px crops of the 32 px images, a few images per step
 SMALL = ["loop.progress=false", "loop.tensorboard=false", "loop.log_every=1", "checkpoint.every_steps=2",
-         "data.batch_size=4", "data.eval_size=16", "data.eval_resize=16", "precision.dtype=fp32"]
+         "data.batch_size=4", "precision.dtype=fp32"]
 
 
 def _csv(cifar_dir: Path, out: Path, rows: list[dict], labels: bool = True) -> Path:
@@ -68,7 +68,7 @@ def test_noisy_student_iterates_with_each_student_teaching_the_next(data, teache
     result = seerlike.selftrain("noisy_student", data["labeled"], data["unlabeled"], run, teacher=teacher,
                                 init=teacher, progress=False,
                                 overrides=[*SMALL, "loop.max_steps=2", "method.iterations=2", "method.threshold=0.0",
-                                           "method.per_class=20", "method.unlabeled_ratio=2",
+                                           "method.label_image_size=16", "method.label_resize=16", "method.per_class=20", "method.unlabeled_ratio=2",
                                            "method.students=[resnet10_cifar, resnet10_cifar_w16]"])
     assert result.method == "noisy_student" and result.step == 2
     assert result.iterations == [run / "iter1", run / "iter2"] and result.run_dir == run / "iter2"
@@ -85,7 +85,7 @@ def test_noisy_student_iterates_with_each_student_teaching_the_next(data, teache
     again = seerlike.selftrain("noisy_student", data["labeled"], data["unlabeled"], run, teacher=teacher,
                                init=teacher, progress=False,
                                overrides=[*SMALL, "loop.max_steps=2", "method.iterations=2", "method.threshold=0.0",
-                                          "method.per_class=20", "method.unlabeled_ratio=2",
+                                          "method.label_image_size=16", "method.label_resize=16", "method.per_class=20", "method.unlabeled_ratio=2",
                                           "method.students=[resnet10_cifar, resnet10_cifar_w16]"])
     assert again.checkpoint == result.checkpoint and again.pseudo_labels == result.pseudo_labels
 
