@@ -88,7 +88,8 @@ class MetricsLogger:
                 continue  # a line cut by a kill
         write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
 
-    def log(self, step: int, values: dict[str, float]) -> None:
+    def log(self, step: int, values: dict[str, float], *, group: str = "train") -> None:
+        """One metrics.jsonl line; numbers also go to TensorBoard as ``{group}/{key}``."""
         if not self.enabled:
             return
         row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in values.items()}}
@@ -97,8 +98,8 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"train/{k}", v, step)
-        if self._bar is not None:
+                    self._tb.add_scalar(f"{group}/{k}", v, step)
+        if self._bar is not None and "loss" in row:
             self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
                                   ips=f"{row.get('images_per_s', 0.0):.0f}", refresh=False)
 
