@@ -119,3 +119,15 @@ def test_bad_monitor_settings_fail_naming_the_key(split, tmp_path):
     with pytest.raises(ConfigError, match="eval.train .*expected labeled images"):
         KNNMonitor(cfg, models.build("resnet10_cifar"), root=None, metrics=None, device=torch.device("cpu"),
                    start_step=0)
+
+
+def test_preflight_checks_the_split_and_stores_it_absolute(split, tmp_path, monkeypatch, cifar_dir):
+    from seerlike.preflight import check_train_inputs, with_absolute_paths
+
+    base = config.apply_overrides(recipes.get("tiny_swav"), [f"data.source={cifar_dir / 'train'}"])
+    with pytest.raises(ConfigError, match="eval.train .*nope.csv does not exist"):
+        check_train_inputs(config.apply_overrides(base, [f"eval.train={tmp_path / 'nope.csv'}", f"eval.val={split[1]}"]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val.csv").write_text("path,label\n")
+    cfg = with_absolute_paths(config.apply_overrides(base, [f"eval.train={split[0]}", "eval.val=val.csv"]))
+    assert cfg.eval.val == str(tmp_path / "val.csv") and cfg.eval.train == split[0]
