@@ -439,19 +439,25 @@ def report_stage(argv: list[str]) -> int:
 
 
 def metrics_line(stage_dir: Path) -> str:
-    """The newest training metrics row of a stage, shortened (training stages write one every few steps)."""
+    """The newest training metrics row of a stage, shortened, and its newest kNN monitor reading."""
     path = stage_dir / "metrics.jsonl"
     if not path.is_file():
         return ""
-    lines = path.read_text().strip().splitlines()
-    try:
-        row = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        return ""
-    if not row or "step" not in row:
-        return ""
-    return (f"step {row['step']}: loss {row.get('loss', float('nan')):.4f}, lr {row.get('lr', 0):.4f}, "
-            f"{row.get('images_per_s', 0):.0f} img/s")
+    rows = []
+    for line in path.read_text().strip().splitlines()[-50:]:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written
+    row = next((r for r in reversed(rows) if isinstance(r, dict) and "loss" in r and "step" in r), None)
+    knn = next((r for r in reversed(rows) if isinstance(r, dict) and "knn_top1" in r), None)
+    parts = []
+    if row:
+        parts.append(f"step {row['step']}: loss {row['loss']:.4f}, lr {row.get('lr', 0):.4f}, "
+                     f"{row.get('images_per_s', 0):.0f} img/s")
+    if knn:
+        parts.append(f"kNN top-1 {knn['knn_top1']:.1f} at step {knn.get('step')}")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- command line

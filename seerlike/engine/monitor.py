@@ -25,7 +25,9 @@ with ``method.backbone`` and score it with the same weighted kNN as `seerlike ev
 - **Cost**: the split is listed, capped at ``max_per_class`` images per class and decoded once
   (each rank its slice, kept as uint8); an evaluation is then forward passes and one matrix
   product. The wall seconds spent (set-up included) are logged as ``monitor_s`` and
-  ``monitor_frac``; ``max_fraction`` (5 %) holds the share, the first and last evaluation excepted.
+  ``monitor_frac``. ``max_fraction`` (5 %) holds the share: a reading between the first and the
+  last waits until it and the last fit under it; with a time budget the split is also cut (from a
+  timed probe of a few images) so that READINGS_PLANNED readings and the decoding fit in it.
 - **Time budget**: monitor time does not count against ``loop.time_budget_s``: the loop pauses
   the budget's clock while the monitor runs, so switching the monitor on changes neither the
   calibrated step time nor the number of steps (the run trains exactly as without it); its cost
@@ -53,6 +55,12 @@ from seerlike.eval.knn import KNNConfig, knn_eval
 log = logging.getLogger(__name__)
 
 MONITOR_LAYERS = ("pool", "res4", "res5")
+READINGS_PLANNED = 4
+"""With a time budget, the split is cut so that this many readings (first, last, two between) fit in max_fraction of it."""
+MIN_PER_CLASS = 5
+"""Fewest images per class the budget may cut the split to."""
+PROBE_IMAGES = 16
+"""Images decoded and embedded (after a 2-image warm-up) to estimate a reading's cost."""
 
 
 @dataclass(kw_only=True)
@@ -153,23 +161,41 @@ def rank_slice(n: int, rank: int, world: int) -> tuple[range, int]:
     return range(min(rank * per, n), min((rank + 1) * per, n)), per
 
 
-def load_split(path: str, what: str, cfg: MonitorConfig, rank: int, world: int) -> Split:
-    """List ``path``, keep ``max_per_class`` per class, decode this rank's slice (undecodable images drop out)."""
+def per_class_within(label_lists: list[list], cap: int, images: float) -> int:
+    """The largest per-class cap (<= ``cap``; 0 = none) whose subsets of all lists hold at most ``images`` rows.
+
+    Never below ``MIN_PER_CLASS``: a smaller memory bank says little (the share may then exceed its cap).
+    """
+    counts = [list(Counter(labels).values()) for labels in label_lists]
+    most = max(max(c) for c in counts)
+    hi = min(cap, most) if cap else most
+    total = lambda c: sum(min(n, c) for cs in counts for n in cs)  # noqa: E731
+    lo = min(MIN_PER_CLASS, hi)
+    while lo < hi:  # the largest c in [lo, hi] with total(c) <= images (total grows with c)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= images else (lo, mid - 1)
+    return lo
+
+
+def decode_rows(src, rows: list[int], size: int, resize: int, out: np.ndarray, ok: np.ndarray) -> None:
+    """Centre views of ``src``'s ``rows`` into ``out`` / ``ok`` (undecodable images are logged and stay False)."""
     from seerlike.data.shards import raw_file_stream
     from seerlike.eval.extract import Sample, decode_view
 
-    src = labeled_files(path, what)
-    chosen = first_per_class(src.labels, cfg.max_per_class)
-    mine, per = rank_slice(len(chosen), rank, world)
-    size, resize = cfg.image_size, cfg.resize_side
-    images = np.zeros((per, size, size, 3), np.uint8)
-    ok = np.zeros(per, bool)
-    files = [chosen[i] for i in mine]
     with ThreadPoolExecutor(2) as pool:
-        samples = (Sample(rec.key, rec.data, None, rec.error) for rec in raw_file_stream(src, files, 0))
+        samples = (Sample(rec.key, rec.data, None, rec.error) for rec in raw_file_stream(src, rows, 0))
         for j, view in enumerate(pool.map(lambda s: decode_view(s, size, resize), samples)):
             if view is not None:
-                images[j], ok[j] = view, True
+                out[j], ok[j] = view, True
+
+
+def load_split(src, per_class: int, cfg: MonitorConfig, rank: int, world: int) -> Split:
+    """Keep ``per_class`` images per class of ``src`` and decode this rank's slice."""
+    chosen = first_per_class(src.labels, per_class)
+    mine, per = rank_slice(len(chosen), rank, world)
+    images = np.zeros((per, cfg.image_size, cfg.image_size, 3), np.uint8)
+    ok = np.zeros(per, bool)
+    decode_rows(src, [chosen[i] for i in mine], cfg.image_size, cfg.resize_side, images, ok)
     return Split(images, ok, [src.classes[src.labels[i]] for i in chosen])
 
 
@@ -195,7 +221,7 @@ def inference_mode(backbone: nn.Module, root: nn.Module, world: int):
     fsdp = world > 1 and _is_fsdp(root)
     try:
         with torch.no_grad():
-            for dtype in {b.dtype for b in own}:  # one broadcast per dtype
+            for dtype in dict.fromkeys(b.dtype for b in own):  # one broadcast per dtype, same order on every rank
                 group = [b for b in bufs if b.dtype == dtype]
                 flat = torch.cat([b.reshape(-1) for b in group])
                 dist.broadcast(flat, 0)
@@ -232,6 +258,8 @@ class Schedule:
     every_minutes: float
     max_fraction: float
     start_step: int
+    reserve_end: bool = True
+    """Keep room under the cap for the reading after the last step."""
     last_step: int = 0
     """Step of the last evaluation."""
     last_train_s: float = 0.0
@@ -255,8 +283,8 @@ class Schedule:
             cadence.append((self.last_train_s + 60 * self.every_minutes - train_s) / step_s)
         wait = min(cadence) if cadence else 0.0  # no cadence: as often as the cap allows
         f = self.max_fraction
-        if f > 0:  # after the next evaluation the monitor's share must be <= f
-            need_train_s = (spent_s + self.last_cost) * (1 - f) / f
+        if f > 0:  # after the next reading (and the last one) the monitor's share must be <= f
+            need_train_s = (spent_s + self.last_cost * (2 if self.reserve_end else 1)) * (1 - f) / f
             wait = max(wait, (need_train_s - train_s) / step_s)
         return wait
 
@@ -275,8 +303,8 @@ class KNNMonitor:
     """Evaluates kNN top-1 of ``backbone`` on a labeled split; every rank calls the same methods at the same steps."""
 
     def __init__(self, cfg: MonitorConfig, backbone: nn.Module, *, root: nn.Module, metrics, device: torch.device,
-                 start_step: int, autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 clock=time.perf_counter):
+                 start_step: int, run_s: float = 0.0, autocast_dtype: torch.dtype | None = None,
+                 channels_last: bool = False, clock=time.perf_counter):
         from seerlike.checkpoints import Loaded
         from seerlike.eval.extract import feature_fn
 
@@ -288,8 +316,12 @@ class KNNMonitor:
         self.fn = feature_fn(Loaded(backbone, "", "training"), cfg.layer)  # the features `seerlike eval` takes
         self.clock = clock
         self.t0 = clock()
-        self.bank = load_split(cfg.train, "eval.train", cfg, self.rank, self.world)
-        self.queries = load_split(cfg.val, "eval.val", cfg, self.rank, self.world)
+        bank_src, query_src = labeled_files(cfg.train, "eval.train"), labeled_files(cfg.val, "eval.val")
+        self.per_class = cfg.max_per_class
+        if run_s > 0 and cfg.max_fraction > 0:
+            self.per_class = self._per_class_for_budget(bank_src, query_src, run_s)
+        self.bank = load_split(bank_src, self.per_class, cfg, self.rank, self.world)
+        self.queries = load_split(query_src, self.per_class, cfg, self.rank, self.world)
         self.classes = sorted(set(self.bank.labels))
         unknown = sorted(set(self.queries.labels) - set(self.classes))
         if unknown:
@@ -300,10 +332,35 @@ class KNNMonitor:
         # wall seconds this rank spent in the monitor, set-up included (rank 0's drive the schedule)
         self.spent_s = clock() - self.t0
         self.schedule = Schedule(every_steps=cfg.every_steps, every_minutes=cfg.every_minutes,
-                                 max_fraction=cfg.max_fraction, start_step=start_step, last_step=start_step)
+                                 max_fraction=cfg.max_fraction, start_step=start_step, last_step=start_step,
+                                 reserve_end=cfg.at_end)
         self.next_sync = start_step + 1  # known to every rank: where rank 0 is asked next
-        log.info("kNN monitor: %d memory-bank and %d query images (at most %d per class), %d px, set up in %.1f s",
-                 len(self.bank.labels), len(self.queries.labels), cfg.max_per_class, cfg.image_size, self.spent_s)
+        log.info("kNN monitor: %d memory-bank and %d query images (at most %s per class), %d px, set up in %.1f s",
+                 len(self.bank.labels), len(self.queries.labels), self.per_class or "all", cfg.image_size, self.spent_s)
+
+    def _per_class_for_budget(self, bank_src, query_src, run_s: float) -> int:
+        """Images per class such that READINGS_PLANNED readings and the decoding fit in max_fraction of ``run_s``.
+
+        The cost per image is measured on a few images of the memory bank (every rank embeds the same
+        ones: a collective under FSDP2), rank 0's figures decide for all.
+        """
+        rows = first_per_class(bank_src.labels, self.cfg.max_per_class)[:PROBE_IMAGES + 2]
+        views = np.zeros((len(rows), self.cfg.image_size, self.cfg.image_size, 3), np.uint8)
+        t = self.clock()
+        decode_rows(bank_src, rows, self.cfg.image_size, self.cfg.resize_side, views, np.zeros(len(rows), bool))
+        decode_s = (self.clock() - t) / len(rows)
+        with inference_mode(self.backbone, self.root, self.world):
+            self._embed(views[:2], batch_size=2)  # allocator and kernel warm-up
+            t = self.clock()
+            self._embed(views[2:], batch_size=len(views))
+            forward_s = (self.clock() - t) / max(len(views) - 2, 1)
+        decode_s, forward_s = self._share((decode_s, forward_s))
+        images = self.world * self.cfg.max_fraction * run_s / (READINGS_PLANNED * forward_s + decode_s)
+        per_class = per_class_within([bank_src.labels, query_src.labels], self.cfg.max_per_class, images)
+        log.info("kNN monitor: %.1f ms per image to embed, %.1f ms to decode: %d per class let %d readings fit "
+                 "in %.0f%% of the %.0f s budget", 1e3 * forward_s, 1e3 * decode_s, per_class, READINGS_PLANNED,
+                 100 * self.cfg.max_fraction, run_s)
+        return per_class
 
     # ------------------------------------------------------------ hooks the loop calls
 
@@ -375,13 +432,14 @@ class KNNMonitor:
         total = self.clock() - self.t0
         return self.spent_s / total if total > 0 else 0.0
 
-    def _embed(self, images: np.ndarray) -> Tensor:
+    def _embed(self, images: np.ndarray, batch_size: int | None = None) -> Tensor:
         """Features of this rank's padded slice: the same number of batches on every rank."""
         from seerlike.eval.extract import to_batch
 
         out = []
-        for i in range(0, len(images), self.cfg.batch_size):
-            x = to_batch(images[i:i + self.cfg.batch_size]).to(self.device, non_blocking=True)
+        batch_size = batch_size or self.cfg.batch_size
+        for i in range(0, len(images), batch_size):
+            x = to_batch(images[i:i + batch_size]).to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
@@ -429,7 +487,8 @@ def build_monitor(cfg, method: nn.Module, *, metrics, device: torch.device, star
              and cfg.precision.torch_dtype != torch.float32)  # parameters gathered in the compute dtype
     with _paused(budget):
         monitor = KNNMonitor(cfg.eval, method.backbone, root=method, metrics=metrics, device=device,
-                             start_step=start_step, autocast_dtype=cfg.precision.torch_dtype if mixed else None,
+                             start_step=start_step, run_s=cfg.loop.time_budget_s,
+                             autocast_dtype=cfg.precision.torch_dtype if mixed else None,
                              channels_last=cfg.model.channels_last)
     monitor.start(start_step, budget)
     return monitor

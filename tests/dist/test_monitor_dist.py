@@ -27,8 +27,9 @@ def _cfg(bank: str, queries: str, *extra: str):
 def _runs(rank: int, world: int, tmp: str, bank: str, queries: str) -> None:
     # a cadence in steps and no cap: evaluations at steps 0, 2, 4 (the last one after the last step)
     train(_cfg(bank, queries, "eval.every_steps=2", "eval.max_fraction=0"), Path(tmp) / "ddp", data=RankData(rank))
-    train(_cfg(bank, queries, "eval.every_steps=2", "eval.max_fraction=0", "parallel.strategy=fsdp"),
-          Path(tmp) / "fsdp", data=RankData(rank))
+    # FSDP2; a time budget makes the monitor time a few images first (a collective too) to size the split
+    train(_cfg(bank, queries, "eval.every_steps=2", "eval.max_fraction=0.99", "parallel.strategy=fsdp",
+               "loop.time_budget_s=1000"), Path(tmp) / "fsdp", data=RankData(rank))
     # a cadence in time: rank 0's clock decides, the other rank follows at the same steps
     train(_cfg(bank, queries, "eval.every_minutes=0.0001", "eval.max_fraction=0.9", "loop.max_steps=6"),
           Path(tmp) / "time", data=RankData(rank))

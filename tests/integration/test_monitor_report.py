@@ -97,3 +97,11 @@ def test_report_plots_knn_against_minutes_and_tables_planned_vs_actual_time(tmp_
     training = json.loads((run / "results.json").read_text())["training"]
     assert training["pretrain"]["knn"] == [[0.0, 30.5], [2.5, 38.0], [7.9, 45.1]]
     assert training["distill"]["knn"] == [[0.0, 20.0], [0.9, 41.0]]
+
+
+def test_progress_line_shows_the_last_loss_and_the_last_knn_reading(tmp_path):
+    from seerlike.quickstart import metrics_line
+
+    _write_jsonl(tmp_path / "metrics.jsonl", [{"step": 20, "loss": 4.5, "lr": 0.04, "images_per_s": 76.0},
+                                              {"step": 22, "knn_top1": 31.25, "elapsed_s": 60.0}])
+    assert metrics_line(tmp_path) == "step 20: loss 4.5000, lr 0.0400, 76 img/s; kNN top-1 31.2 at step 22"

@@ -13,7 +13,8 @@ from seerlike import config, models, recipes
 from seerlike.config import ConfigError
 from seerlike.engine.budget import StepBudget
 from seerlike.engine.metrics import MetricsLogger
-from seerlike.engine.monitor import KNNMonitor, MonitorConfig, Schedule, first_per_class, rank_slice
+from seerlike.engine.monitor import (KNNMonitor, MonitorConfig, Schedule, first_per_class, per_class_within,
+                                     rank_slice)
 from tests.monitor_helpers import labeled_csv
 
 
@@ -67,18 +68,30 @@ def test_schedule_cadence_and_cost_cap():
     assert s.wait_steps(5, train_s=5.0, spent_s=0.0) == 0
     s.evaluated(5, train_s=5.0, cost=1.0)
     assert s.next_step(5, train_s=5.0, spent_s=1.0) == 10
-    # no cadence, a 5 % cap: 1 s spent + 1 s for the next evaluation needs 38 s of training
-    s = Schedule(every_steps=0, every_minutes=0, max_fraction=0.05, start_step=0)
+    # no cadence, a 5 % cap: 1 s spent + 1 s for the next reading needs 38 s of training
+    s = Schedule(every_steps=0, every_minutes=0, max_fraction=0.05, start_step=0, reserve_end=False)
     s.evaluated(0, train_s=0.0, cost=1.0)
     assert s.wait_steps(10, train_s=10.0, spent_s=1.0) == pytest.approx(28.0)  # at 1 s per step
     assert s.next_step(10, train_s=10.0, spent_s=1.0) == 38
     assert s.wait_steps(38, train_s=38.0, spent_s=1.0) <= 0
+    # keeping room for the reading after the last step: 1 + 2 x 1 s needs 57 s
+    s.reserve_end = True
+    assert s.next_step(10, train_s=10.0, spent_s=1.0) == 57
     # every minute of training: 50 more steps at 1 s/step (the cap needs fewer)
     s = Schedule(every_steps=0, every_minutes=1.0, max_fraction=0.05, start_step=0)
     s.evaluated(0, train_s=0.0, cost=1.0)
     assert s.wait_steps(10, train_s=10.0, spent_s=1.0) == pytest.approx(50.0)
     # before any step time is known: ask again at the next step
     assert Schedule(every_steps=0, every_minutes=1, max_fraction=0.05, start_step=7).next_step(7, 0.0, 0.0) == 8
+
+
+def test_a_time_budget_cuts_the_split_so_four_readings_fit():
+    bank, queries = ["a"] * 500 + ["b"] * 500, ["a"] * 100 + ["b"] * 100
+    assert per_class_within([bank, queries], 100, images=1e9) == 100  # the cap holds
+    assert per_class_within([bank, queries], 0, images=1e9) == 500
+    assert per_class_within([bank, queries], 100, images=300) == 75  # 2 x 75 + 2 x 75
+    assert per_class_within([bank, queries], 0, images=700) == 250  # 2 x 250 + 2 x 100
+    assert per_class_within([bank, queries], 100, images=3) == 5  # never fewer than 5 per class
 
 
 def test_budget_clock_pauses_for_the_monitor():
