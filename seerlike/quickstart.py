@@ -272,6 +272,7 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
         "monitor_s": round(monitor, 1), "monitor_frac": round(monitor / wall, 4) if wall else None,
         "stage_s": stage_s, "segments": len(segments),
         "knn": [[round(r["elapsed_s"] / 60, 3), round(r["knn_top1"], 2)] for r in readings if "elapsed_s" in r],
+        "knn_images": readings[-1].get("knn_images") if readings else None,
     }
 
 
@@ -316,7 +317,8 @@ def write_plots(run_dir: Path, results: dict) -> list[Path]:
     plots.mkdir(exist_ok=True)
     titles = {**TRAINING_STAGES, "pretrain": f"{results['method']} pretraining"}
     made = [loss_curves([(titles[stage], run_dir / stage) for stage in TRAINING_STAGES], plots / "loss_curves.png"),
-            knn_curves([(titles[stage], [tuple(p) for p in t["knn"]]) for stage, t in results["training"].items()],
+            knn_curves([(titles[stage] + (f" ({t['knn_images']} images)" if t.get("knn_images") else ""),
+                         [tuple(p) for p in t["knn"]]) for stage, t in results["training"].items()],
                        plots / "knn_monitor.png")]
     for name, row in results["models"].items():
         if row.get("confusion_png") and Path(row["confusion_png"]).is_file():
@@ -388,9 +390,10 @@ random init.
 
 ## Learning while it trains (kNN monitor)
 
-kNN top-1 of each stage's backbone on the eval split (at most {MonitorConfig().max_per_class} images per class; the
-numbers above use all of it) against the wall-clock minutes of the stage, measured by the
-training processes themselves (docs/engine.md, "Watching it learn").
+kNN top-1 of each stage's backbone on a subset of the eval split (at most
+{MonitorConfig().max_per_class} images per class, fewer when the stage's time budget is short: the
+plot titles give the count; the numbers above use all of it) against the wall-clock minutes of
+the stage, measured by the training processes themselves (docs/engine.md, "Watching it learn").
 
 ![kNN top-1 while training](plots/knn_monitor.png)
 

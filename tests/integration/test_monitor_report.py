@@ -68,11 +68,11 @@ def _fake_run(run: Path) -> None:
     (run / "cluster").mkdir()
     (run / "cluster" / "cluster_stats.json").write_text(json.dumps({"num_features": 5000, "num_clusters": 200}))
     for stage, (budget, step_s, planned, steps, used, monitor, readings) in STAGES.items():
-        rows = [{"step": 0, "knn_top1": readings[0][1], "elapsed_s": 60 * readings[0][0]}]
+        rows = [{"step": 0, "knn_top1": readings[0][1], "elapsed_s": 60 * readings[0][0], "knn_images": 2000}]
         if budget:
             rows.append({"step": 12, "calibrated_step_s": step_s, "planned_steps": planned, "time_budget_s": budget})
         rows += [{"step": s, "loss": 5.0 - s / steps} for s in (steps // 2, steps)]
-        rows += [{"step": steps, "knn_top1": top1, "elapsed_s": 60 * m} for m, top1 in readings[1:]]
+        rows += [{"step": steps, "knn_top1": top1, "elapsed_s": 60 * m, "knn_images": 2000} for m, top1 in readings[1:]]
         _write_jsonl(run / stage / "metrics.jsonl", rows)
         seg = {"start_step": 0, "end_step": steps, "finished": True, "wall_s": (used or 100.0) + monitor,
                "monitor_s": monitor, "train_s": used or 100.0}
@@ -96,7 +96,7 @@ def test_report_plots_knn_against_minutes_and_tables_planned_vs_actual_time(tmp_
     assert "| distillation | - | - | - | 40 | 100 | 2.0 | 2.0 | - |" in report  # steps given: no plan
     training = json.loads((run / "results.json").read_text())["training"]
     assert training["pretrain"]["knn"] == [[0.0, 30.5], [2.5, 38.0], [7.9, 45.1]]
-    assert training["distill"]["knn"] == [[0.0, 20.0], [0.9, 41.0]]
+    assert training["distill"]["knn"] == [[0.0, 20.0], [0.9, 41.0]] and training["distill"]["knn_images"] == 2000
 
 
 def test_progress_line_shows_the_last_loss_and_the_last_knn_reading(tmp_path):
