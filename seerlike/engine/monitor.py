@@ -345,6 +345,8 @@ class KNNMonitor:
         ones: a collective under FSDP2), rank 0's figures decide for all.
         """
         rows = first_per_class(bank_src.labels, self.cfg.max_per_class)[:PROBE_IMAGES + 2]
+        if len(rows) < 3:  # too few images to be worth cutting (the same on every rank)
+            return self.cfg.max_per_class
         views = np.zeros((len(rows), self.cfg.image_size, self.cfg.image_size, 3), np.uint8)
         t = self.clock()
         decode_rows(bank_src, rows, self.cfg.image_size, self.cfg.resize_side, views, np.zeros(len(rows), bool))
@@ -352,10 +354,10 @@ class KNNMonitor:
         with inference_mode(self.backbone, self.root, self.world):
             self._embed(views[:2], batch_size=2)  # allocator and kernel warm-up
             t = self.clock()
-            self._embed(views[2:], batch_size=len(views))
+            self._embed(views[2:], batch_size=len(views)).cpu()  # .cpu(): wait for the device
             forward_s = (self.clock() - t) / max(len(views) - 2, 1)
         decode_s, forward_s = self._share((decode_s, forward_s))
-        images = self.world * self.cfg.max_fraction * run_s / (READINGS_PLANNED * forward_s + decode_s)
+        images = self.world * self.cfg.max_fraction * run_s / max(READINGS_PLANNED * forward_s + decode_s, 1e-9)
         per_class = per_class_within([bank_src.labels, query_src.labels], self.cfg.max_per_class, images)
         log.info("kNN monitor: %.1f ms per image to embed, %.1f ms to decode: %d per class let %d readings fit "
                  "in %.0f%% of the %.0f s budget", 1e3 * forward_s, 1e3 * decode_s, per_class, READINGS_PLANNED,

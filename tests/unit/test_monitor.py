@@ -144,3 +144,15 @@ def test_preflight_checks_the_split_and_stores_it_absolute(split, tmp_path, monk
     (tmp_path / "val.csv").write_text("path,label\n")
     cfg = with_absolute_paths(config.apply_overrides(base, [f"eval.train={split[0]}", "eval.val=val.csv"]))
     assert cfg.eval.val == str(tmp_path / "val.csv") and cfg.eval.train == split[0]
+
+
+def test_a_short_budget_cuts_the_split_after_a_timed_probe(cifar_dir, tmp_path, one_thread):
+    bank = labeled_csv(cifar_dir, "train", 8, tmp_path / "bank.csv")
+    queries = labeled_csv(cifar_dir, "val", 2, tmp_path / "val.csv")
+    cfg = MonitorConfig(train=bank, val=queries, image_size=32, resize=32)
+    sizes = {}
+    for run_s in (1e-3, 1e6):  # a budget too short for anything, and one that holds all of it
+        mon = KNNMonitor(cfg, models.build("resnet10_cifar"), root=None, metrics=None, device=torch.device("cpu"),
+                         start_step=0, run_s=run_s)
+        sizes[run_s] = (mon.per_class, len(mon.bank.labels), len(mon.queries.labels))
+    assert sizes == {1e-3: (5, 50, 20), 1e6: (8, 80, 20)}  # never fewer than 5 per class; all 8 fit
