@@ -10,6 +10,10 @@ local-executor job (``--cluster local``, the default) or a Slurm job chained wit
 completion marker matches. While the stages run, a watcher thread prints which stage runs,
 the elapsed time and the stage's own log lines (from the job's log files).
 
+Every training stage runs the kNN monitor on the eval split (``monitor_args``); the report plots
+its readings against the stage's wall minutes and tables each stage's planned against its
+actual seconds (``stage_timing``, from the stage's timing.json and calibration row).
+
 The default budget fits 15 minutes on 2 CPU cores: each training stage gets a share of the
 time (``SHARES``) and sets its own step count from its first timed steps on the actual data and
 model (``loop.time_budget_s``); ``--minutes`` scales them and ``--pretrain-steps`` /
