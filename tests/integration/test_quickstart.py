@@ -99,7 +99,7 @@ def test_quickstart_end_to_end_and_rerun_skips(tmp_path, cifar_dir, capsys):
     # each training stage ran the kNN monitor on the eval split: before its first and after its last step
     for stage in ("pretrain", "clusterfit", "distill"):
         knn = results["training"][stage]["knn"]
-        assert len(knn) >= 2 and knn[0][0] == 0.0 and all(5.0 < top1 < 90.0 for _, top1 in knn), (stage, knn)
+        assert len(knn) >= 2 and 0 <= knn[0][0] < knn[-1][0] and all(5.0 < top1 < 90.0 for _, top1 in knn), (stage, knn)
         assert results["training"][stage]["steps"] == models[{"pretrain": "swav", "distill": "distilled"}.get(
             stage, stage)]["steps"]
     assert (run / "plots" / "knn_monitor.png").stat().st_size > 2000
