@@ -268,7 +268,8 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
     monitor = sum(s.get("monitor_s", 0.0) for s in segments)
     readings = [r for r in rows if "knn_top1" in r]
     return {
-        "budget_s": calibrated.get("time_budget_s") or next((s["time_budget_s"] for s in segments if "time_budget_s" in s), None),
+        "budget_s": calibrated.get("time_budget_s")
+        or next((s["time_budget_s"] for s in segments if "time_budget_s" in s), None),
         "calibrated_step_s": calibrated.get("calibrated_step_s"), "planned_steps": calibrated.get("planned_steps"),
         "steps": segments[-1]["end_step"] if segments else None,
         "budget_used_s": round(sum(budget), 1) if budget else None,
@@ -357,8 +358,8 @@ def timing_table(training: dict) -> str:
     for stage, t in training.items():
         actual = t["budget_used_s"] if t["budget_used_s"] is not None else t["train_s"]
         frac = None if t["monitor_frac"] is None else 100 * t["monitor_frac"]
-        lines.append(f"| {TRAINING_STAGES[stage]} | {_cell(t['budget_s'], '.0f')} | {_cell(t['calibrated_step_s'], '.3f')} "
-                     f"| {_cell(t['planned_steps'], 'd')} | {_cell(t['steps'], 'd')} | {_cell(actual, '.0f')} "
+        lines.append(f"| {TRAINING_STAGES[stage]} | {_cell(t['budget_s'], '.0f')} "
+                     f"| {_cell(t['calibrated_step_s'], '.3f')} | {_cell(t['planned_steps'], 'd')} | {_cell(t['steps'], 'd')} | {_cell(actual, '.0f')} "
                      f"| {_cell(t['monitor_s'], '.1f')} | {_cell(frac, '.1f')} | {_cell(t['stage_s'], '.0f')} |")
     return "\n".join(lines)
 

@@ -1,8 +1,10 @@
 """Training metrics: ``RUN_DIR/metrics.jsonl``, TensorBoard and a tqdm bar, all on rank 0 only.
 
-Every logged line carries step, loss, lr, images_per_s (global), step_time_s, data_wait_frac
+Every training line carries step, loss, lr, images_per_s (global), step_time_s, data_wait_frac
 (share of wall time spent waiting for the next batch) and peak_mem_mb (CUDA allocator peak,
-or the process's peak RSS on CPU), plus whatever the method reports.
+or the process's peak RSS on CPU), plus whatever the method reports. Other lines carry no loss:
+the time budget's calibration (calibrated_step_s, planned_steps) and the kNN monitor's readings
+(knn_top1, ...; TensorBoard ``monitor/*``; seerlike.engine.monitor).
 """
 
 from __future__ import annotations

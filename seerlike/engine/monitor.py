@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 MONITOR_LAYERS = ("pool", "res4", "res5")
 READINGS_PLANNED = 4
-"""With a time budget, the split is cut so that this many readings (first, last, two between) fit in max_fraction of it."""
+"""With a time budget the split is cut so that this many readings (first, last, two between) fit in
+max_fraction of it."""
 MIN_PER_CLASS = 5
 """Fewest images per class the budget may cut the split to."""
 PROBE_IMAGES = 16
@@ -94,7 +95,8 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         if bool(self.train) != bool(self.val):
-            raise ValueError("eval.train and eval.val go together: give both (the kNN memory bank and its queries) or neither")
+            raise ValueError("eval.train and eval.val go together: give both (the kNN memory bank and its queries) "
+                             "or neither")
         if self.every_steps < 0 or self.every_minutes < 0 or self.max_per_class < 0:
             raise ValueError("eval.every_steps, eval.every_minutes and eval.max_per_class must be >= 0")
         if not 0.0 <= self.max_fraction < 1.0:
@@ -482,7 +484,7 @@ def _paused(budget):
 
 def build_monitor(cfg, method: nn.Module, *, metrics, device: torch.device, start_step: int,
                   budget=None) -> KNNMonitor | None:
-    """The monitor of a TrainConfig (None when ``eval.train``/``eval.val`` are not given), set up and at its starting point."""
+    """The monitor of a TrainConfig, set up and at its starting point (None without ``eval.train``/``eval.val``)."""
     if not cfg.eval.enabled:
         return None
     mixed = (cfg.parallel.strategy == "fsdp" and cfg.parallel.mixed_precision_params

@@ -139,7 +139,8 @@ def test_preflight_checks_the_split_and_stores_it_absolute(split, tmp_path, monk
 
     base = config.apply_overrides(recipes.get("tiny_swav"), [f"data.source={cifar_dir / 'train'}"])
     with pytest.raises(ConfigError, match="eval.train .*nope.csv does not exist"):
-        check_train_inputs(config.apply_overrides(base, [f"eval.train={tmp_path / 'nope.csv'}", f"eval.val={split[1]}"]))
+        check_train_inputs(config.apply_overrides(base, [f"eval.train={tmp_path / 'nope.csv'}",
+                                                         f"eval.val={split[1]}"]))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "val.csv").write_text("path,label\n")
     cfg = with_absolute_paths(config.apply_overrides(base, [f"eval.train={split[0]}", "eval.val=val.csv"]))
