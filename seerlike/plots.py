@@ -143,3 +143,25 @@ def loss_curves(runs: list[tuple[str, str | os.PathLike]], out_png: str | os.Pat
     fig.savefig(out_png, dpi=90, format="png")
     plt.close(fig)
     return out_png
+
+
+def knn_curves(curves: list[tuple[str, list[tuple[float, float]]]], out_png: str | os.PathLike) -> Path:
+    """One panel per training stage (title, [(wall minutes, kNN top-1 %)]): the kNN monitor's readings."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4), squeeze=False, sharey=True)
+    for ax, (title, points) in zip(axes[0], curves):
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.2)
+        else:
+            ax.text(0.5, 0.5, "no kNN monitor readings", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("wall-clock minutes of the stage")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("kNN top-1 (%)")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90, format="png")
+    plt.close(fig)
+    return out_png

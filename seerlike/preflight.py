@@ -67,7 +67,7 @@ def check_path(path: str | os.PathLike, flag: str, what: str) -> None:
 
 #: Config keys that name local paths (the inputs, and where checkpoints go): stored absolute, so the
 #: run continues from any directory.
-PATH_KEYS = ("data.source", "data.labels", "method.teacher", "checkpoint.dir")
+PATH_KEYS = ("data.source", "data.labels", "method.teacher", "checkpoint.dir", "eval.train", "eval.val")
 
 
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -85,6 +85,8 @@ def check_train_inputs(cfg: TrainConfig) -> None:
     """A training run's inputs exist: the images, ClusterFit's pseudo-labels, a distillation teacher."""
     check_data(cfg.data.source, "--data (data.source)", cfg.data.s3_endpoint_url)
     check_path(cfg.data.labels, "data.labels", "a `seerlike cluster` output dir or a labels parquet")
+    for key in ("train", "val"):  # the kNN monitor's labeled split
+        check_path(getattr(cfg.eval, key), f"eval.{key}", "a path,label CSV or a class-folder tree")
     teacher = getattr(cfg.method, "teacher", "")
     if teacher:
         check_model(teacher, "--teacher (method.teacher)")

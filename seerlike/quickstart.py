@@ -10,6 +10,10 @@ local-executor job (``--cluster local``, the default) or a Slurm job chained wit
 completion marker matches. While the stages run, a watcher thread prints which stage runs,
 the elapsed time and the stage's own log lines (from the job's log files).
 
+Every training stage runs the kNN monitor on the eval split (``monitor_args``); the report plots
+its readings against the stage's wall minutes and tables each stage's planned against its
+actual seconds (``stage_timing``, from the stage's timing.json and calibration row).
+
 The default budget fits 15 minutes on 2 CPU cores: each training stage gets a share of the
 time (``SHARES``) and sets its own step count from its first timed steps on the actual data and
 model (``loop.time_budget_s``); ``--minutes`` scales them and ``--pretrain-steps`` /
@@ -157,6 +161,14 @@ def knn_args(model: str, train: str, val: str, out: str) -> list[str]:
             "--batch-size", "256"]
 
 
+def monitor_args() -> list[str]:
+    """A training stage's kNN monitor on the quickstart's eval split, at the resolution of the final scores
+    (docs/engine.md, "Watching it learn"; ``eval.max_per_class`` images per class, so its readings
+    are close to the final scores, not equal to them)."""
+    return ["eval.train={eval_train}", "eval.val={eval_val}", f"eval.image_size={IMAGE_SIZE}",
+            f"eval.resize={IMAGE_SIZE}"]
+
+
 def _eval_stage(name: str, model: str) -> dict:
     return {"name": name, "command": "eval", "args": knn_args(model, "{eval_train}", "{eval_val}", "{out}")}
 
@@ -180,7 +192,7 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
         _eval_stage("eval_random", f"random:{ARCH}"),
         {"name": "pretrain", "command": "train", "submit": ranks,
          "args": ["--recipe", f"tiny_{method}", "--data", "{data}", "--run-dir", "{out}",
-                  *budget.train_args("pretrain", seed)]},
+                  *budget.train_args("pretrain", seed), *monitor_args()]},
         _eval_stage("eval_pretrain", "{pretrain}"),
         {"name": "extract", "command": "extract",
          "args": ["--checkpoint", "{pretrain}", "--data", "{data}", "--layer", "res5", "--image-size",
@@ -191,11 +203,11 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
         {"name": "clusterfit", "command": "train", "submit": ranks,
          "args": ["--recipe", "clusterfit_tiny", "--data", "{data}", "--run-dir", "{out}",
                   *budget.train_args("clusterfit", seed, "data.labels={cluster}",
-                               "method.num_classes={k}")]},
+                               "method.num_classes={k}"), *monitor_args()]},
         _eval_stage("eval_clusterfit", "{clusterfit}"),
         {"name": "distill", "command": "distill", "submit": ranks,
          "args": ["--teacher", "{clusterfit}", "--student", STUDENT, "--data", "{data}", "--run-dir", "{out}",
-                  *budget.train_args("distill", seed)]},
+                  *budget.train_args("distill", seed), *monitor_args()]},
         {"name": "export", "command": "export",
          "args": ["--checkpoint", "{distill}", "--format", "torchvision,safetensors", "--image-size",
                   str(IMAGE_SIZE), "--out", "{out}"]},
@@ -234,6 +246,41 @@ def _train_stats(run: Path) -> dict:
             "step_time_s": round(sum(r["step_time_s"] for r in timed) / max(len(timed), 1), 4)}
 
 
+#: training stages: run folder -> title in the report
+TRAINING_STAGES = {"pretrain": "pretraining", "clusterfit": "ClusterFit", "distill": "distillation"}
+
+
+def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
+    """Planned vs actual seconds of a training stage (its timing.json and calibration row) and its kNN monitor readings.
+
+    ``budget_s`` is the plan (loop.time_budget_s; None when the steps were given), ``budget_used_s``
+    what the budget's clock measured (the monitor's time left out), ``stage_s`` the whole stage
+    (process start-up, data set-up and checkpoints included).
+    """
+    from seerlike.engine.timing import read
+    from seerlike.plots import read_metrics
+
+    rows = read_metrics(stage_dir) if (stage_dir / "metrics.jsonl").is_file() else []
+    segments = read(stage_dir)
+    calibrated = next((r for r in reversed(rows) if "calibrated_step_s" in r), {})
+    budget = [s["budget_used_s"] for s in segments if s.get("budget_used_s") is not None]
+    wall = sum(s.get("wall_s", 0.0) for s in segments)
+    monitor = sum(s.get("monitor_s", 0.0) for s in segments)
+    readings = [r for r in rows if "knn_top1" in r]
+    return {
+        "budget_s": calibrated.get("time_budget_s")
+        or next((s["time_budget_s"] for s in segments if "time_budget_s" in s), None),
+        "calibrated_step_s": calibrated.get("calibrated_step_s"), "planned_steps": calibrated.get("planned_steps"),
+        "steps": segments[-1]["end_step"] if segments else None,
+        "budget_used_s": round(sum(budget), 1) if budget else None,
+        "train_s": round(sum(s.get("train_s", 0.0) for s in segments), 1) if segments else None,
+        "monitor_s": round(monitor, 1), "monitor_frac": round(monitor / wall, 4) if wall else None,
+        "stage_s": stage_s, "segments": len(segments),
+        "knn": [[round(r["elapsed_s"] / 60, 3), round(r["knn_top1"], 2)] for r in readings if "elapsed_s" in r],
+        "knn_images": readings[-1].get("knn_images") if readings else None,
+    }
+
+
 def collect_results(run_dir: str | Path, method: str) -> dict:
     """results.json's content from the stage outputs."""
     from launchers.progress import stage_seconds
@@ -259,7 +306,8 @@ def collect_results(run_dir: str | Path, method: str) -> dict:
         row["gain_over_random"] = round(row["knn_top1"] - base[row["arch"]], 2)
     cluster = json.loads((run_dir / "cluster" / "cluster_stats.json").read_text())
     summary = json.loads((run_dir / "ingest" / "summary.json").read_text()) if (run_dir / "ingest" / "summary.json").is_file() else {}
-    return {"method": method, "models": models, "stage_seconds": seconds,
+    training = {stage: stage_timing(run_dir / stage, seconds.get(stage)) for stage in TRAINING_STAGES}
+    return {"method": method, "models": models, "stage_seconds": seconds, "training": training,
             "total_seconds": round(sum(seconds.values()), 1),
             "kmeans": {k: cluster.get(k) for k in ("num_features", "num_clusters", "empty_clusters", "size_min",
                                                     "size_median", "size_max", "effective_clusters")},
@@ -267,14 +315,16 @@ def collect_results(run_dir: str | Path, method: str) -> dict:
 
 
 def write_plots(run_dir: Path, results: dict) -> list[Path]:
-    """Loss curves of the three training runs, the confusion matrices and the cluster contact sheets."""
-    from seerlike.plots import loss_curves
+    """Loss and kNN-monitor curves of the three training runs, the confusion matrices and the cluster contact sheets."""
+    from seerlike.plots import knn_curves, loss_curves
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    runs = [(f"{results['method']} pretraining", run_dir / "pretrain"), ("ClusterFit", run_dir / "clusterfit"),
-            ("distillation", run_dir / "distill")]
-    made = [loss_curves(runs, plots / "loss_curves.png")]
+    titles = {**TRAINING_STAGES, "pretrain": f"{results['method']} pretraining"}
+    made = [loss_curves([(titles[stage], run_dir / stage) for stage in TRAINING_STAGES], plots / "loss_curves.png"),
+            knn_curves([(titles[stage] + (f" ({t['knn_images']} images)" if t.get("knn_images") else ""),
+                         [tuple(p) for p in t["knn"]]) for stage, t in results["training"].items()],
+                       plots / "knn_monitor.png")]
     for name, row in results["models"].items():
         if row.get("confusion_png") and Path(row["confusion_png"]).is_file():
             dst = plots / f"confusion_{name}.png"
@@ -297,7 +347,26 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def timing_table(training: dict) -> str:
+    """Markdown: the plan and what happened, per training stage."""
+    lines = ["| stage | planned s | s/step (calibrated) | planned steps | steps | actual s | monitor s | monitor % "
+             "| stage s |", "|---|---|---|---|---|---|---|---|---|"]
+    for stage, t in training.items():
+        actual = t["budget_used_s"] if t["budget_used_s"] is not None else t["train_s"]
+        frac = None if t["monitor_frac"] is None else 100 * t["monitor_frac"]
+        lines.append(f"| {TRAINING_STAGES[stage]} | {_cell(t['budget_s'], '.0f')} "
+                     f"| {_cell(t['calibrated_step_s'], '.3f')} | {_cell(t['planned_steps'], 'd')} | {_cell(t['steps'], 'd')} | {_cell(actual, '.0f')} "
+                     f"| {_cell(t['monitor_s'], '.1f')} | {_cell(frac, '.1f')} | {_cell(t['stage_s'], '.0f')} |")
+    return "\n".join(lines)
+
+
 def write_report(run_dir: Path, results: dict) -> Path:
+    from seerlike.engine.monitor import MonitorConfig
+
     m = results["models"]
     method = results["method"]
     stages = "\n".join(f"| {k} | {v:.0f} |" for k, v in results["stage_seconds"].items())
@@ -324,12 +393,31 @@ random init.
 
 ![loss curves](plots/loss_curves.png)
 
+## Learning while it trains (kNN monitor)
+
+kNN top-1 of each stage's backbone on a subset of the eval split (at most
+{MonitorConfig().max_per_class} images per class, fewer when the stage's time budget is short: the
+plot titles give the count; the numbers above use all of it) against the wall-clock minutes of
+the stage, measured by the training processes themselves (docs/engine.md, "Watching it learn").
+
+![kNN top-1 while training](plots/knn_monitor.png)
+
 Confusion matrices (kNN on val): {", ".join(f"[{n}]({r['confusion_png']})" for n, r in m.items() if r.get('confusion_png'))}.
 
 Clusters (random members of the largest, smallest and random clusters):
 
 ![largest clusters](plots/clusters_largest.png)
 ![random clusters](plots/clusters_random.png)
+
+## Planned vs actual time of the training stages
+
+Each stage times its first steps on this data and model and sets its step count so that its
+steps take the planned seconds ("planned s": its share of `--minutes`; "-" when the steps were
+given). "actual s" is what the same clock measured over the steps, the kNN monitor's time left
+out; "monitor s" is that time (on top of the plan), "stage s" the whole stage, process start-up,
+data set-up and checkpoints included.
+
+{timing_table(results["training"])}
 
 ## Stage times (wall seconds)
 
@@ -359,19 +447,25 @@ def report_stage(argv: list[str]) -> int:
 
 
 def metrics_line(stage_dir: Path) -> str:
-    """The newest training metrics row of a stage, shortened (training stages write one every few steps)."""
+    """The newest training metrics row of a stage, shortened, and its newest kNN monitor reading."""
     path = stage_dir / "metrics.jsonl"
     if not path.is_file():
         return ""
-    lines = path.read_text().strip().splitlines()
-    try:
-        row = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        return ""
-    if not row or "step" not in row:
-        return ""
-    return (f"step {row['step']}: loss {row.get('loss', float('nan')):.4f}, lr {row.get('lr', 0):.4f}, "
-            f"{row.get('images_per_s', 0):.0f} img/s")
+    rows = []
+    for line in path.read_text().strip().splitlines()[-50:]:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written
+    row = next((r for r in reversed(rows) if isinstance(r, dict) and "loss" in r and "step" in r), None)
+    knn = next((r for r in reversed(rows) if isinstance(r, dict) and "knn_top1" in r), None)
+    parts = []
+    if row:
+        parts.append(f"step {row['step']}: loss {row['loss']:.4f}, lr {row.get('lr', 0):.4f}, "
+                     f"{row.get('images_per_s', 0):.0f} img/s")
+    if knn:
+        parts.append(f"kNN top-1 {knn['knn_top1']:.1f} at step {knn.get('step')}")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- command line

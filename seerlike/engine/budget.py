@@ -12,6 +12,7 @@ in the run's config.yaml and checkpoints: a resumed run continues with it, exact
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -52,6 +53,21 @@ class StepBudget:
         if self.seen > WARMUP_STEPS_EXCLUDED:
             self.times.append(step_s)
         return step >= self.calibrate_steps and self.step_s is None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside does not count: neither as budget used nor in the next step's time (the kNN monitor)."""
+        t = self.clock()
+        try:
+            yield
+        finally:
+            gap = self.clock() - t
+            self.t0 += gap
+            self.last += gap
+
+    def used_s(self) -> float:
+        """Budget seconds used so far (paused time left out)."""
+        return self.clock() - self.t0
 
     def plan(self, step: int, device: torch.device) -> int:
         """The ``max_steps`` that ends the run within the budget (the same on every rank)."""

@@ -12,6 +12,7 @@ from typing import Literal
 
 from seerlike.data.pipeline import DataConfig
 from seerlike.engine.checkpoint import CheckpointConfig
+from seerlike.engine.monitor import MonitorConfig
 from seerlike.engine.optim import OptimConfig
 from seerlike.engine.parallelize import ParallelConfig
 from seerlike.engine.precision import PrecisionConfig
@@ -88,6 +89,8 @@ class TrainConfig:
     """Where, how often and how many checkpoints."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     """Steps, accumulation, seed, logging."""
+    eval: MonitorConfig = field(default_factory=MonitorConfig)
+    """Online kNN monitor on a labeled split (eval.train, eval.val): kNN top-1 while training."""
 
     def __post_init__(self):
         if self.optim.warmup_steps > self.loop.max_steps:

@@ -30,10 +30,12 @@ from seerlike.engine.checkpoint import Checkpointer, prepare_run_dir
 from seerlike.engine.config import TrainConfig
 from seerlike.engine.dist import DistInfo, init_distributed, setup_logging, teardown
 from seerlike.engine.metrics import MetricsLogger, Throughput, peak_memory_mb
+from seerlike.engine.monitor import build_monitor
 from seerlike.engine.optim import LRSchedule, build_optimizer
 from seerlike.engine.parallelize import parallelize
 from seerlike.engine.precision import grad_scaler
 from seerlike.engine.step import NonFiniteLoss, train_step
+from seerlike.engine.timing import SegmentClock
 from seerlike.storage import DiskFullError
 
 log = logging.getLogger(__name__)
@@ -162,8 +164,11 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     meter = Throughput()
     batches = _batches(data)
     skipped, saved_at, step = 0, start, start
-    finished = False
+    finished = stopped = False
+    clock = SegmentClock(start)
+    monitor = None
     try:
+        monitor = build_monitor(cfg, method, metrics=metrics, device=device, start_step=start, budget=budget)
         while step < loop.max_steps:
             lr = schedule.apply(optimizer, step)
             t_start = time.perf_counter()
@@ -200,6 +205,8 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
                                    "time_budget_s": loop.time_budget_s})
                 if rank == 0:
                     configlib.dump(dataclasses.replace(to_record, loop=loop), run_dir / "config.yaml")
+            if monitor is not None and not result.stop:  # result.stop is the same on every rank
+                monitor.after_step(step, final=step == loop.max_steps, budget=budget)
 
             if step % loop.log_every == 0 or step == loop.max_steps:
                 row = {"loss": result.loss, "lr": lr, **meter.summary(),
@@ -215,6 +222,7 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
                 saved_at = step
             if result.stop and step < loop.max_steps:
                 ckpt.wait()
+                stopped = True
                 log.warning("stop requested (signal): checkpoint at step %d written, exiting with %d",
                             saved_at, REQUEUE_EXIT_CODE)
                 return REQUEUE_EXIT_CODE
@@ -225,6 +233,10 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
                         step)
     finally:
         stop.close(finished=finished)
+        if rank == 0 and (finished or stopped):
+            clock.record(run_dir, end_step=step, finished=finished, monitor_s=monitor.spent_s if monitor else 0.0,
+                         budget=budget, time_budget_s=loop.time_budget_s, budget_clock=loop.budget_clock,
+                         planned_steps=loop.max_steps)
         metrics.close()
     log.info("done: %d steps, last checkpoint %s", step, ckpt.last_complete)
     return 0

@@ -1,8 +1,10 @@
 """Training metrics: ``RUN_DIR/metrics.jsonl``, TensorBoard and a tqdm bar, all on rank 0 only.
 
-Every logged line carries step, loss, lr, images_per_s (global), step_time_s, data_wait_frac
+Every training line carries step, loss, lr, images_per_s (global), step_time_s, data_wait_frac
 (share of wall time spent waiting for the next batch) and peak_mem_mb (CUDA allocator peak,
-or the process's peak RSS on CPU), plus whatever the method reports.
+or the process's peak RSS on CPU), plus whatever the method reports. Other lines carry no loss:
+the time budget's calibration (calibrated_step_s, planned_steps) and the kNN monitor's readings
+(knn_top1, ...; TensorBoard ``monitor/*``; seerlike.engine.monitor).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class MetricsLogger:
                 continue  # a line cut by a kill
         write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
 
-    def log(self, step: int, values: dict[str, float]) -> None:
+    def log(self, step: int, values: dict[str, float], *, group: str = "train") -> None:
+        """One metrics.jsonl line; numbers also go to TensorBoard as ``{group}/{key}``."""
         if not self.enabled:
             return
         row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in values.items()}}
@@ -97,8 +100,8 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"train/{k}", v, step)
-        if self._bar is not None:
+                    self._tb.add_scalar(f"{group}/{k}", v, step)
+        if self._bar is not None and "loss" in row:
             self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
                                   ips=f"{row.get('images_per_s', 0.0):.0f}", refresh=False)
 

@@ -96,6 +96,14 @@ def test_quickstart_end_to_end_and_rerun_skips(tmp_path, cifar_dir, capsys):
     for png in ("loss_curves.png", "clusters_largest.png", "confusion_swav.png", "confusion_distilled.png"):
         assert (run / "plots" / png).stat().st_size > 2000, png
     assert (run / "export" / "backbone.safetensors").is_file()
+    # each training stage ran the kNN monitor on the eval split: before its first and after its last step
+    for stage in ("pretrain", "clusterfit", "distill"):
+        knn = results["training"][stage]["knn"]
+        assert len(knn) >= 2 and 0 <= knn[0][0] < knn[-1][0] and all(5.0 < top1 < 90.0 for _, top1 in knn), (stage, knn)
+        assert results["training"][stage]["steps"] == models[{"pretrain": "swav", "distill": "distilled"}.get(
+            stage, stage)]["steps"]
+    assert (run / "plots" / "knn_monitor.png").stat().st_size > 2000
+    assert "![kNN top-1 while training](plots/knn_monitor.png)" in report and "| pretraining | - |" in report
     assert "random_init" in out and f"{models['swav']['knn_top1']:9.1f}" in out  # the printed table
 
     # the same command again: every stage's marker matches, nothing reruns, same results

@@ -1,0 +1,107 @@
+"""The kNN monitor inside the training loop (one process), and the quickstart report built from
+training stages' metrics.jsonl and timing.json: the kNN-vs-minutes plot and the planned-vs-actual table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from seerlike import config, recipes
+from seerlike.engine.loop import train
+from tests.monitor_helpers import RankData, labeled_csv
+
+pytestmark = pytest.mark.integration
+
+
+def _tb_scalars(run_dir) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_the_loop_evaluates_at_the_start_on_its_cadence_and_after_the_last_step(cifar_dir, tmp_path, one_thread):
+    bank = labeled_csv(cifar_dir, "train", 4, tmp_path / "bank.csv")
+    queries = labeled_csv(cifar_dir, "val", 2, tmp_path / "val.csv")
+    cfg = config.apply_overrides(recipes.get("tiny_swav"), [
+        "loop.max_steps=5", "checkpoint.every_steps=5", "loop.progress=false", "optim.warmup_steps=1",
+        "parallel.strategy=none", f"eval.train={bank}", f"eval.val={queries}", "eval.image_size=32",
+        "eval.resize=32", "eval.every_steps=2", "eval.max_fraction=0"])
+    run = tmp_path / "run"
+    assert train(cfg, run, data=RankData(0)) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [0, 2, 4, 5]
+    assert _tb_scalars(run)["monitor/knn_top1"] == [pytest.approx(r["knn_top1"]) for r in knn]
+    seg = json.loads((run / "timing.json").read_text())["segments"]
+    assert [(s["start_step"], s["end_step"], s["finished"]) for s in seg] == [(0, 5, True)]
+    assert seg[0]["monitor_s"] == pytest.approx(knn[-1]["monitor_s"], rel=0.05)
+    assert 0 < seg[0]["monitor_s"] < seg[0]["wall_s"]
+
+
+# ---------------------------------------------------------------- the report, from a fake run folder
+
+STAGES = {  # stage: (budget s, calibrated s/step, planned steps, steps run, budget s used, monitor s, knn readings)
+    "pretrain": (450.0, 0.5, 900, 900, 455.2, 12.0, [(0.0, 30.5), (2.5, 38.0), (7.9, 45.1)]),
+    "clusterfit": (150.0, 0.25, 600, 600, 149.0, 4.0, [(0.0, 44.0), (2.6, 46.9)]),
+    "distill": (None, None, None, 40, None, 2.0, [(0.0, 20.0), (0.9, 41.0)]),
+}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _fake_run(run: Path) -> None:
+    from seerlike.quickstart import ARCH, MODELS, STUDENT
+
+    for i, (entry, (stage, _, arch)) in enumerate(MODELS.items()):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "eval_knn.json").write_text(json.dumps({
+            "arch": arch, "metrics": {"top1": 30.0 + i, "top5": 80.0}, "model": f"/m/{entry}", "layer": "pool",
+            "num_train": 5000, "num_val": 1000}))
+    assert {ARCH, STUDENT} == {a for _, _, a in MODELS.values()}
+    (run / "cluster").mkdir()
+    (run / "cluster" / "cluster_stats.json").write_text(json.dumps({"num_features": 5000, "num_clusters": 200}))
+    for stage, (budget, step_s, planned, steps, used, monitor, readings) in STAGES.items():
+        rows = [{"step": 0, "knn_top1": readings[0][1], "elapsed_s": 60 * readings[0][0], "knn_images": 2000}]
+        if budget:
+            rows.append({"step": 12, "calibrated_step_s": step_s, "planned_steps": planned, "time_budget_s": budget})
+        rows += [{"step": s, "loss": 5.0 - s / steps} for s in (steps // 2, steps)]
+        rows += [{"step": steps, "knn_top1": top1, "elapsed_s": 60 * m, "knn_images": 2000} for m, top1 in readings[1:]]
+        _write_jsonl(run / stage / "metrics.jsonl", rows)
+        seg = {"start_step": 0, "end_step": steps, "finished": True, "wall_s": (used or 100.0) + monitor,
+               "monitor_s": monitor, "train_s": used or 100.0}
+        if budget:
+            seg.update(time_budget_s=budget, budget_clock="wall", planned_steps=planned, budget_used_s=used,
+                       calibrated_step_s=step_s)
+        (run / stage / "timing.json").write_text(json.dumps({"segments": [seg]}))
+
+
+def test_report_plots_knn_against_minutes_and_tables_planned_vs_actual_time(tmp_path):
+    from seerlike.quickstart import report_stage
+
+    run = tmp_path / "run"
+    _fake_run(run)
+    assert report_stage([str(run), "swav"]) == 0
+    report = (run / "report.md").read_text()
+    assert "![kNN top-1 while training](plots/knn_monitor.png)" in report
+    assert (run / "plots" / "knn_monitor.png").stat().st_size > 5000
+    assert "| pretraining | 450 | 0.500 | 900 | 900 | 455 | 12.0 | 2.6 | - |" in report  # 12 / (455.2 + 12)
+    assert "| ClusterFit | 150 | 0.250 | 600 | 600 | 149 | 4.0 | 2.6 | - |" in report
+    assert "| distillation | - | - | - | 40 | 100 | 2.0 | 2.0 | - |" in report  # steps given: no plan
+    training = json.loads((run / "results.json").read_text())["training"]
+    assert training["pretrain"]["knn"] == [[0.0, 30.5], [2.5, 38.0], [7.9, 45.1]]
+    assert training["distill"]["knn"] == [[0.0, 20.0], [0.9, 41.0]] and training["distill"]["knn_images"] == 2000
+
+
+def test_progress_line_shows_the_last_loss_and_the_last_knn_reading(tmp_path):
+    from seerlike.quickstart import metrics_line
+
+    _write_jsonl(tmp_path / "metrics.jsonl", [{"step": 20, "loss": 4.5, "lr": 0.04, "images_per_s": 76.0},
+                                              {"step": 22, "knn_top1": 31.25, "elapsed_s": 60.0}])
+    assert metrics_line(tmp_path) == "step 20: loss 4.5000, lr 0.0400, 76 img/s; kNN top-1 31.2 at step 22"
