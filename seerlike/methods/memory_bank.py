@@ -4,7 +4,7 @@ noise-contrastive loss against it (NPID, Wu et al. 2018; PIRL, Misra & van der M
 **Sharding.** Rank ``r`` of ``W`` holds the rows of samples ``[r*S, min((r+1)*S, N))`` with
 ``S = ceil(N / W)`` (contiguous ranges, so each rank initialises its own rows without making
 anyone else's). The rows are a non-persistent buffer: per-rank state that the engine saves in
-each rank's own checkpoint file (docs/methods.md, "Where its state lives").
+each rank's own checkpoint file (docs/methods.md, "The contract").
 
 **An exact global view.** A step needs the rows of the global batch's samples (each sample's
 positive is its own row) and of the step's negatives. The negatives are drawn by a generator
