@@ -16,7 +16,9 @@ from seerlike.semisup.stages import METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help="noisy_student: a teacher labels the unlabeled images, a noised student learns them; fixmatch: "
+                        "weak-view predictions above a threshold are targets for strong views (docs/semisup.md)")
     p.add_argument("--labeled", required=True, help="labeled images: class folders or a path,label CSV")
     p.add_argument("--unlabeled", required=True, help="unlabeled images: folder, CSV, shards or an ingested dataset")
     p.add_argument("--run-dir", required=True, help="run folder (resumes if present)")
