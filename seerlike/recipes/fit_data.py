@@ -54,15 +54,17 @@ class StepCost:
     """Seconds per optimizer step on the 2-core CPU path (2 ranks x 1 thread, bf16, channels_last).
 
     ``fixed_s + pixel_s x flops(model) / flops(resnet10_cifar) x batch x sum(count x size^2)``:
-    the per-rank view pixels of a step, weighted by the backbone's FLOPs per pixel. Fitted to
-    ``tiny_swav`` on the dev VM at 24-64 px views (docs/fit_data.md, "Step cost"); the stages
-    still time their own first steps (``loop.time_budget_s``), this only ranks resolutions.
+    the per-rank view pixels of a step, weighted by the backbone's FLOPs per pixel. ``tiny_swav``
+    on 64 px images at 24, 32, 48 and 64 px views cost 3.1e-6 CPU seconds per view pixel per
+    rank with no measurable fixed part (docs/fit_data.md, "Step cost"); wall seconds on the idle
+    2-core VM are about 1.15x that. The stages still time their own first steps
+    (``loop.time_budget_s``): this only ranks resolutions.
     """
 
     fixed_s: float = 0.02
     """Per-step cost that does not grow with the views (optimizer, all-reduce, heads, Sinkhorn)."""
-    pixel_s: float = 3.1e-6
-    """Seconds per view pixel per rank through resnet10_cifar (forward, backward, decode, crops)."""
+    pixel_s: float = 3.6e-6
+    """Wall seconds per view pixel per rank through resnet10_cifar (forward, backward, decode, crops)."""
 
     def step_s(self, cfg: Any, view_sizes: list[int], batch_size: int) -> float:
         pixels = sum(v.count * s * s for v, s in zip(cfg.data.augment.views, view_sizes))
