@@ -242,6 +242,11 @@ def knn_args(model: str, train: str, val: str, out: str, image_size: int = IMAGE
             "--batch-size", "256"]
 
 
+def _literal(args: list[str]) -> list[str]:
+    """Arguments taken as they are by the pipeline, whose ``{name}`` placeholders would read JSON's braces."""
+    return [a.replace("{", "{{").replace("}", "}}") for a in args]
+
+
 def _eval_stage(name: str, model: str, image_size: int) -> dict:
     return {"name": name, "command": "eval",
             "args": knn_args(model, "{eval_train}", "{eval_val}", "{out}", image_size)}
@@ -269,7 +274,7 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
         _eval_stage("eval_random", f"random:{ARCH}", fit.resolution),
         {"name": "pretrain", "command": "train", "submit": ranks,
          "args": ["--recipe", f"tiny_{method}", "--data", "{data}", "--run-dir", "{out}",
-                  *budget.train_args("pretrain", seed, *fit.train.get("pretrain", []))]},
+                  *budget.train_args("pretrain", seed, *_literal(fit.train.get("pretrain", [])))]},
         _eval_stage("eval_pretrain", "{pretrain}", fit.resolution),
         {"name": "extract", "command": "extract",
          "args": ["--checkpoint", "{pretrain}", "--data", "{data}", "--layer", "res5", "--image-size",
@@ -280,11 +285,11 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
         {"name": "clusterfit", "command": "train", "submit": ranks,
          "args": ["--recipe", "clusterfit_tiny", "--data", "{data}", "--run-dir", "{out}",
                   *budget.train_args("clusterfit", seed, "data.labels={cluster}", "method.num_classes={k}",
-                                     *fit.train.get("clusterfit", []))]},
+                                     *_literal(fit.train.get("clusterfit", [])))]},
         _eval_stage("eval_clusterfit", "{clusterfit}", fit.resolution),
         {"name": "distill", "command": "distill", "submit": ranks,
          "args": ["--teacher", "{clusterfit}", "--student", STUDENT, "--data", "{data}", "--run-dir", "{out}",
-                  *budget.train_args("distill", seed, *fit.train.get("distill", []))]},
+                  *budget.train_args("distill", seed, *_literal(fit.train.get("distill", [])))]},
         {"name": "export", "command": "export",
          "args": ["--checkpoint", "{distill}", "--format", "torchvision,safetensors", "--image-size",
                   size, "--out", "{out}"]},

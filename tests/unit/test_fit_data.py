@@ -154,6 +154,8 @@ def test_config_command_shows_the_fitted_recipe(tmp_path, capsys):
 
 
 def test_quickstart_fits_every_stage_and_off_keeps_the_cifar_pipeline(tmp_path):
+    from launchers.pipeline import resolve
+
     from seerlike.quickstart import DataFit, budget_for, build_pipeline, fit_lines, fit_report, fit_stages
 
     photos = str(DATA / "imagenette-dev" / "unlabeled")
@@ -161,7 +163,7 @@ def test_quickstart_fits_every_stage_and_off_keeps_the_cifar_pipeline(tmp_path):
     fit = fit_stages(photos, budget, "swav", 2)
     assert fit.resolution == 64 and fit.ingest == ("shard_max_samples=200", "resize_short_side=64")
     p = build_pipeline(tmp_path, images=photos, eval_train="t.csv", eval_val="v.csv", budget=budget, fit=fit)
-    args = {s.name: s.args for s in p.stages}
+    args = {stage.name: argv for stage, argv, _ in resolve(p)}  # as the stages run them (placeholders filled)
     assert args["ingest"][-2:] == ["shard_max_samples=200", "resize_short_side=64"]
     for name in ("eval_random", "eval_pretrain", "eval_clusterfit", "eval_distilled", "eval_random_student", "extract"):
         assert args[name][args[name].index("--image-size") + 1] == "64", name
@@ -181,7 +183,7 @@ def test_quickstart_fits_every_stage_and_off_keeps_the_cifar_pipeline(tmp_path):
     assert "**64 px**" in report and "| pretrain | 48 | 64 |" in report
 
     off = build_pipeline(tmp_path, images=photos, eval_train="t.csv", eval_val="v.csv", budget=budget, fit=DataFit())
-    args = {s.name: s.args for s in off.stages}
+    args = {stage.name: argv for stage, argv, _ in resolve(off)}
     assert args["ingest"][-1] == "shard_max_samples=200"
     assert args["eval_random"][args["eval_random"].index("--image-size") + 1] == "32"
     assert not any(a.startswith("data.augment") for a in args["pretrain"])
