@@ -94,7 +94,8 @@ class DataStats:
 
     def __post_init__(self) -> None:
         if not self.short_sides:
-            raise ConfigError(f"{self.where}: no image size could be read")
+            raise ConfigError(f"{self.where}: no image size could be read; the rule reads an image folder, "
+                              "a list file (txt, csv, parquet) or an ingested dataset")
 
     @property
     def native_side(self) -> int:
@@ -174,12 +175,14 @@ def data_stats(source: str, endpoint_url: str | None = None) -> DataStats:
     """An ingested dataset (folder or s3:// prefix with manifest.parquet) by its manifest, anything else by headers."""
     from seerlike import storage
 
+    if storage.is_s3_url(source):
+        if storage.exists(storage.join(source, "manifest.parquet"), endpoint_url=endpoint_url):
+            return stats_from_manifest(source, endpoint_url)
+        return stats_from_images(source, endpoint_url=endpoint_url)
     local = source.removeprefix("file://")
-    manifest = (storage.join(source, "manifest.parquet") if storage.is_s3_url(source)
-                else os.path.join(local, "manifest.parquet"))
-    if storage.exists(manifest, endpoint_url=endpoint_url) if storage.is_s3_url(source) else os.path.isfile(manifest):
-        return stats_from_manifest(source if storage.is_s3_url(source) else local, endpoint_url)
-    return stats_from_images(local if not storage.is_s3_url(source) else source, endpoint_url=endpoint_url)
+    if os.path.isfile(os.path.join(local, "manifest.parquet")):
+        return stats_from_manifest(local)
+    return stats_from_images(local)
 
 
 # ---------------------------------------------------------------- the rule
