@@ -9,6 +9,8 @@ memory bank (k 20, cosine, T 0.07) against the same architecture at random init.
 Every (method, seed) is one `seerlike quickstart` pipeline whose training stages get the
 given wall seconds and calibrate their step counts on their first steps
 (``loop.time_budget_s``), so the benchmark measures exactly what users run.
+Both fit the resolution, views and batch to the images and the budget as the quickstart does
+(docs/fit_data.md; the tiny recipes' own settings on cifar10-dev), unless ``--no-fit-data``.
 ``--pretrain-only`` skips ClusterFit and distillation (`seerlike train` with the method's
 ``tiny_`` recipe, then kNN): the per-method table of docs/benchmarks.md. Targets: pretraining >= +10 points over random
 init; ClusterFit >= the pretrained model it starts from; the distilled student >= its own
@@ -48,7 +50,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seerlike.cli import main as seerlike_main  # noqa: E402
-from seerlike.quickstart import ARCH, K, MAX_STEPS, SHARED_DATA, STUDENT, knn_args  # noqa: E402
+from seerlike.config import load  # noqa: E402
+from seerlike.engine.config import TrainConfig  # noqa: E402
+from seerlike.quickstart import ARCH, FIT_JSON, IMAGE_SIZE, K, MAX_STEPS, SHARED_DATA, STUDENT, knn_args  # noqa: E402
 
 CIFAR = SHARED_DATA / "cifar10-dev"
 #: results.json entry -> the model `seerlike eval knn` scores for the held-out figure
@@ -91,12 +95,14 @@ def heldout_csv(root: Path, n: int) -> Path:
 
 def heldout_scores(run_dir: Path, memory_bank: str, heldout: Path) -> dict[str, float]:
     """kNN top-1 on the held-out images for every model of a quickstart run (the quickstart's kNN settings)."""
+    fit = json.loads((run_dir / FIT_JSON).read_text()) if (run_dir / FIT_JSON).is_file() else {}
+    size = fit.get("resolution", IMAGE_SIZE)  # the run's working resolution
     scores = {}
     for name, model in HELDOUT_MODELS.items():
         out = run_dir / "heldout" / name
         if not (out / "eval_knn.json").is_file():
             spec = model if model.startswith("random:") else str(run_dir / model)
-            if seerlike_main(["eval", *knn_args(spec, memory_bank, str(heldout), str(out))]) != 0:
+            if seerlike_main(["eval", *knn_args(spec, memory_bank, str(heldout), str(out), size)]) != 0:
                 raise SystemExit(f"held-out kNN of {spec} failed")
         scores[name] = json.loads((out / "eval_knn.json").read_text())["metrics"]["top1"]
     return scores
@@ -110,6 +116,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     for flag in ("images", "eval_train", "eval_val"):
         if getattr(args, flag):
             argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    if not args.fit_data:
+        argv.append("--no-fit-data")
     t0 = time.monotonic()
     if seerlike_main(argv) != 0:
         raise SystemExit(f"quickstart failed for {method} seed {seed}; see {run_dir}/jobs")
@@ -136,7 +144,7 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
                   f"loop.time_budget_s={args.minutes * 60:.0f}", f"loop.budget_clock={args.clock}",
                   "optim.warmup_steps=50", f"loop.seed={seed}",
                   "checkpoint.every_steps=250", "checkpoint.keep_last=1", "loop.tensorboard=false",
-                  "loop.progress=false", "loop.log_every=20"]
+                  "loop.progress=false", "loop.log_every=20", *(["--fit-data"] if args.fit_data else [])]
     t0 = time.monotonic()
     if not (run_dir / "pretrain" / "DONE").exists():
         if seerlike_main(train_argv) != 0:
@@ -145,6 +153,8 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     wall = time.monotonic() - t0
     rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     bank, val = args.eval_train or str(CIFAR / "train.csv"), args.eval_val or str(CIFAR / "val.csv")
+    # kNN on whole images at the run's resolution: fit_data's (in its config.yaml) or the CIFAR 32 px
+    size = (load(run_dir / "pretrain" / "config.yaml", TrainConfig).eval.image_size if args.fit_data else IMAGE_SIZE)
     splits = {"val": val, **({"heldout": str(args.heldout_csv)} if args.heldout_csv else {})}
     out = {"method": method, "seed": seed, "wall_s": round(wall, 1), "run_dir": str(run_dir),
            "steps": {"pretrain": max(r["step"] for r in rows)},
@@ -157,7 +167,7 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
         for name, spec in (("random", f"random:{ARCH}"), ("pretrained", str(run_dir / "pretrain"))):
             dest = run_dir / f"knn_{split}_{name}"
             if not (dest / "eval_knn.json").is_file():
-                if seerlike_main(["eval", *knn_args(spec, bank, queries, str(dest))]) != 0:
+                if seerlike_main(["eval", *knn_args(spec, bank, queries, str(dest), size)]) != 0:
                     raise SystemExit(f"kNN of {spec} on {split} failed")
             scores[name] = json.loads((dest / "eval_knn.json").read_text())["metrics"]["top1"]
         out[split] = scores
@@ -229,6 +239,9 @@ def main() -> int:
                    help="also score every model on N archive images outside cifar10-dev train and val (0: off)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
                    help="--pretrain-only: what --minutes counts (cpu: each rank's CPU time, independent of machine load)")
+    p.add_argument("--no-fit-data", dest="fit_data", action="store_false",
+                   help="the tiny recipes' CIFAR settings whatever the images (as `seerlike quickstart --no-fit-data`); "
+                   "default: fitted to the images and the budget (docs/fit_data.md), the same on cifar10-dev")
     p.add_argument("--pretrain-only", action="store_true",
                    help="pretraining and kNN only (no ClusterFit / distillation): the per-method table")
     args = p.parse_args()

@@ -18,6 +18,13 @@ The default budget fits 15 minutes on 2 CPU cores: each training stage gets a sh
 time (``SHARES``) and sets its own step count from its first timed steps on the actual data and
 model (``loop.time_budget_s``); ``--minutes`` scales them and ``--pretrain-steps`` /
 ``--clusterfit-steps`` / ``--distill-steps`` set step counts outright.
+
+The images set the resolution: before anything runs, ``seerlike.recipes.fit_data`` reads the
+images' sizes (a sample of headers) and, from each stage's seconds, chooses the working
+resolution the ingest resizes to (and kNN, k-means and export use), the views and the batch
+of every training stage (docs/fit_data.md). The choice is printed, written to
+RUN_DIR/fit_data.json and into each stage's config.yaml, and explained in the report;
+``--no-fit-data`` keeps the tiny recipes' CIFAR settings whatever the images.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import seerlike
@@ -48,7 +55,9 @@ ARCH = "resnet10_cifar"
 STUDENT = "resnet10_cifar_w16"
 """Distillation student: the same net at half width (a quarter of the parameters)."""
 IMAGE_SIZE = 32
-"""Evaluation and k-means feature resolution: whole CIFAR images (training views are 24 px, recipes.tiny.TRAIN_SIZE)."""
+"""Evaluation and k-means resolution with ``--no-fit-data``: whole CIFAR images (views: recipes.tiny.TRAIN_SIZE)."""
+TRAIN_VIEWS = 24
+"""Training view side of the tiny recipes (``recipes.tiny.TRAIN_SIZE``), used as they are with ``--no-fit-data``."""
 K = 200
 """k-means clusters = ClusterFit classes (the clusterfit_tiny recipe's sweep: k 200 beat 50 and 100)."""
 
@@ -61,6 +70,8 @@ OVERHEAD_S = 150.0
 SHARES = {"pretrain": 0.6, "clusterfit": 0.2, "distill": 0.2}
 #: Warmup steps of each training stage (its length is only known once its first steps are timed).
 WARMUP = {"pretrain": 50, "clusterfit": 25, "distill": 25}
+#: RUN_DIR file holding fit_data's choice (or {"rule": "off"}), read by the report.
+FIT_JSON = "fit_data.json"
 #: Upper bound of a time-budgeted stage's steps (the budget ends it far earlier on 2 cores).
 MAX_STEPS = 1_000_000
 
@@ -122,6 +133,79 @@ def budget_for(minutes: float, *, pretrain_steps: int | None = None, clusterfit_
         raise ConfigError(f"seerlike quickstart: {e}") from None
 
 
+@dataclass(kw_only=True)
+class DataFit:
+    """The data-dependent settings of the pipeline: ``fit_data``'s choice per stage, or (the defaults) the
+    tiny recipes' own CIFAR settings."""
+
+    resolution: int = IMAGE_SIZE
+    """Whole-image side of kNN, k-means features and the export."""
+    ingest: tuple[str, ...] = ("shard_max_samples=200",)
+    """Ingest overrides (shard size; the shorter side the images are resized to)."""
+    train: dict[str, list[str]] = field(default_factory=dict)
+    """Per training stage, the overrides of its views and batch."""
+    summary: dict = field(default_factory=dict)
+    """What was chosen and why (RUN_DIR/fit_data.json, the report)."""
+
+
+def fit_stages(images: str, budget: Budget, method: str, nproc: int) -> DataFit:
+    """``fit_data``'s choice for every training stage: pretraining sets the resolution (it has the largest
+    budget); ClusterFit and distillation choose their views from their own seconds, up to it."""
+    from seerlike import recipes
+    from seerlike.recipes import fit_data
+
+    stats = fit_data.data_stats(images)
+    cfgs = {"pretrain": (recipes.get(f"tiny_{method}"), budget.pretrain_s),
+            "clusterfit": (recipes.get("clusterfit_tiny"), budget.clusterfit_s),
+            "distill": (recipes.get("distill_tiny"), budget.distill_s)}
+    cfg = cfgs["distill"][0]
+    cfgs["distill"] = (replace(cfg, model=replace(cfg.model, name=STUDENT)), budget.distill_s)
+    fits, cap = {}, None
+    for stage, (cfg, seconds) in cfgs.items():
+        fits[stage] = fit_data.choose(stats, cfg, budget_s=seconds, ranks=nproc, max_resolution=cap)
+        cap = cap or fits[stage].resolution
+    pre = fits["pretrain"]
+    return DataFit(
+        resolution=pre.resolution,
+        ingest=(f"shard_max_samples={pre.shard_samples}", f"resize_short_side={pre.resolution}"),
+        train={stage: fit_data.overrides(f, cfgs[stage][0]) for stage, f in fits.items()},
+        summary={"rule": "seerlike.recipes.fit_data (docs/fit_data.md)", "data": stats.describe(),
+                 "resolution": pre.resolution, "stages": {stage: f.to_json() for stage, f in fits.items()}})
+
+
+def fit_lines(fit: DataFit) -> list[str]:
+    """The choice in words: one line for the data, one per stage with its reasons."""
+    if not fit.summary:
+        return [f"fit-data off: the tiny recipes' CIFAR settings (views {TRAIN_VIEWS} px, kNN at {fit.resolution} px)"]
+    lines = [f"data: {fit.summary['data']}",
+             f"working resolution {fit.resolution} px (ingest, kNN, k-means, export), by {fit.summary['rule']}"]
+    for stage, f in fit.summary["stages"].items():
+        lines.append(f"{stage}: views {'+'.join(str(v) for v in f['view_sizes'])} px, batch {f['batch_size']}/rank, "
+                     f"~{f['steps']} steps planned: " + "; ".join(f["reasons"][1:]))
+    return lines
+
+
+def fit_report(run_dir: Path) -> str:
+    """The report's section on the resolution and views: which rule chose them and why."""
+    path = run_dir / FIT_JSON
+    fit = json.loads(path.read_text()) if path.is_file() else {"rule": "off"}
+    if fit.get("rule") == "off":
+        return (f"## Resolution and views\n\nFitting to the data was off (`--no-fit-data`): the tiny recipes' CIFAR "
+                f"settings, {TRAIN_VIEWS} px views, kNN / k-means / export on whole images at {IMAGE_SIZE} px.\n")
+    rows = "\n".join(f"| {stage} | {' + '.join(str(v) for v in f['view_sizes'])} | {f['batch_size']} | {f['steps']} "
+                     f"| {'; '.join(f['reasons'][1:])} |" for stage, f in fit["stages"].items())
+    return f"""## Resolution and views
+
+Chosen by {fit['rule']} from the images and each stage's seconds. Data: {fit['data']}. Working
+resolution **{fit['resolution']} px**: the ingest resized the images' shorter side to it, and the kNN,
+k-means features and export use whole images at it.
+
+| stage | view sizes (px) | batch per rank | steps planned | why |
+|---|---|---|---|---|
+{rows}
+"""
+
+
 # ---------------------------------------------------------------- inputs
 
 
@@ -154,65 +238,79 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, str]:
 # ---------------------------------------------------------------- the pipeline
 
 
-def knn_args(model: str, train: str, val: str, out: str) -> list[str]:
-    """`seerlike eval knn` arguments of every quickstart score: k 20, cosine, T 0.07, pooled features, whole 32 px images."""
+def knn_args(model: str, train: str, val: str, out: str, image_size: int = IMAGE_SIZE) -> list[str]:
+    """`seerlike eval knn` arguments of every quickstart score: k 20, cosine, T 0.07, pooled features, whole images
+    at ``image_size`` (the working resolution)."""
     return ["knn", "--model", model, "--train", train, "--val", val, "--out", out, "--layer", "pool",
-            "--image-size", str(IMAGE_SIZE), "--resize", str(IMAGE_SIZE), "--k", "20", "--temperature", "0.07",
+            "--image-size", str(image_size), "--resize", str(image_size), "--k", "20", "--temperature", "0.07",
             "--batch-size", "256"]
 
 
-def monitor_args() -> list[str]:
+def monitor_args(image_size: int) -> list[str]:
     """A training stage's kNN monitor on the quickstart's eval split, at the resolution of the final scores
     (docs/engine.md, "Watching it learn"; ``eval.max_per_class`` images per class, so its readings
     are close to the final scores, not equal to them)."""
-    return ["eval.train={eval_train}", "eval.val={eval_val}", f"eval.image_size={IMAGE_SIZE}",
-            f"eval.resize={IMAGE_SIZE}"]
+    return ["eval.train={eval_train}", "eval.val={eval_val}", f"eval.image_size={image_size}",
+            f"eval.resize={image_size}"]
 
 
-def _eval_stage(name: str, model: str) -> dict:
-    return {"name": name, "command": "eval", "args": knn_args(model, "{eval_train}", "{eval_val}", "{out}")}
+
+def _literal(args: list[str]) -> list[str]:
+    """Arguments taken as they are by the pipeline, whose ``{name}`` placeholders would read JSON's braces."""
+    return [a.replace("{", "{{").replace("}", "}}") for a in args]
+
+
+def _eval_stage(name: str, model: str, image_size: int) -> dict:
+    return {"name": name, "command": "eval",
+            "args": knn_args(model, "{eval_train}", "{eval_val}", "{out}", image_size)}
 
 
 def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_val: str, method: str = "swav",
-                   budget: Budget, store: str = "", seed: int = 0, nproc: int = 2):
-    """The quickstart as a Pipeline (stages, their arguments and resources)."""
+                   budget: Budget, store: str = "", seed: int = 0, nproc: int = 2, fit: DataFit | None = None):
+    """The quickstart as a Pipeline (stages, their arguments and resources); ``fit`` sets the resolution, views
+    and batches (default: the tiny recipes' own CIFAR settings)."""
     from launchers.pipeline import pipeline_from_dict
 
     from seerlike.methods import pretraining_methods
 
     if method not in pretraining_methods():
         raise ConfigError(f"--method {method!r} is not a pretraining method; choose one of {pretraining_methods()}")
+    fit = fit or DataFit()
+    size = str(fit.resolution)
     run_dir = Path(run_dir).absolute()
     data = store.rstrip("/") if store else str(run_dir / "ingest")
     ranks = {"tasks_per_node": nproc}
     # shards of 200: exact (non-resampled) reading needs a shard per rank x data worker, even for ~400 images
     stages = [
         {"name": "ingest", "command": "ingest",
-         "args": ["{images}", "--out", "{data}", "shard_max_samples=200"]},
-        _eval_stage("eval_random", f"random:{ARCH}"),
+         "args": ["{images}", "--out", "{data}", *fit.ingest]},
+        _eval_stage("eval_random", f"random:{ARCH}", fit.resolution),
         {"name": "pretrain", "command": "train", "submit": ranks,
          "args": ["--recipe", f"tiny_{method}", "--data", "{data}", "--run-dir", "{out}",
-                  *budget.train_args("pretrain", seed), *monitor_args()]},
-        _eval_stage("eval_pretrain", "{pretrain}"),
+                  *budget.train_args("pretrain", seed, *_literal(fit.train.get("pretrain", []))),
+                  *monitor_args(fit.resolution)]},
+        _eval_stage("eval_pretrain", "{pretrain}", fit.resolution),
         {"name": "extract", "command": "extract",
          "args": ["--checkpoint", "{pretrain}", "--data", "{data}", "--layer", "res5", "--image-size",
-                  str(IMAGE_SIZE), "--resize", str(IMAGE_SIZE), "--out", "{out}"]},
+                  size, "--resize", size, "--out", "{out}"]},
         {"name": "cluster", "command": "cluster",
          "args": ["{extract}", "--k", "{k}", "--out", "{out}", "--seed", str(seed), "--contact-sheets", "6",
                   "--images", "{data}"]},
         {"name": "clusterfit", "command": "train", "submit": ranks,
          "args": ["--recipe", "clusterfit_tiny", "--data", "{data}", "--run-dir", "{out}",
-                  *budget.train_args("clusterfit", seed, "data.labels={cluster}",
-                               "method.num_classes={k}"), *monitor_args()]},
-        _eval_stage("eval_clusterfit", "{clusterfit}"),
+                  *budget.train_args("clusterfit", seed, "data.labels={cluster}", "method.num_classes={k}",
+                                     *_literal(fit.train.get("clusterfit", []))),
+                  *monitor_args(fit.resolution)]},
+        _eval_stage("eval_clusterfit", "{clusterfit}", fit.resolution),
         {"name": "distill", "command": "distill", "submit": ranks,
          "args": ["--teacher", "{clusterfit}", "--student", STUDENT, "--data", "{data}", "--run-dir", "{out}",
-                  *budget.train_args("distill", seed), *monitor_args()]},
+                  *budget.train_args("distill", seed, *_literal(fit.train.get("distill", []))),
+                  *monitor_args(fit.resolution)]},
         {"name": "export", "command": "export",
          "args": ["--checkpoint", "{distill}", "--format", "torchvision,safetensors", "--image-size",
-                  str(IMAGE_SIZE), "--out", "{out}"]},
-        _eval_stage("eval_distilled", "{export}"),
-        _eval_stage("eval_random_student", f"random:{STUDENT}"),
+                  size, "--out", "{out}"]},
+        _eval_stage("eval_distilled", "{export}", fit.resolution),
+        _eval_stage("eval_random_student", f"random:{STUDENT}", fit.resolution),
         {"name": "report", "command": "seerlike.quickstart:report_stage", "args": ["{dir}", method]},
     ]
     return pipeline_from_dict({
@@ -419,6 +517,8 @@ data set-up and checkpoints included.
 
 {timing_table(results["training"])}
 
+{fit_report(run_dir)}
+
 ## Stage times (wall seconds)
 
 | stage | seconds |
@@ -493,6 +593,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=K, help=f"k-means clusters (ClusterFit classes; default {K})")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--nproc", type=int, default=2, help="ranks of each training stage")
+    p.add_argument("--no-fit-data", dest="fit_data", action="store_false",
+                   help="keep the tiny recipes' CIFAR settings (24 px views, kNN at 32 px) instead of fitting the "
+                   "resolution, views and batch to the images and the budget (docs/fit_data.md)")
     p.add_argument("--quiet", action="store_true", help="no stage log lines, only stage changes and the results")
 
 
@@ -516,13 +619,17 @@ def run(args: argparse.Namespace) -> int:
                          clusterfit_s=args.followup_seconds or budget.clusterfit_s,
                          distill_s=args.followup_seconds or budget.distill_s)
     run_dir = Path(args.run_dir).absolute()
+    fit = fit_stages(images, budget, args.method, args.nproc) if args.fit_data else DataFit()
     p = build_pipeline(run_dir, images=images, eval_train=eval_train, eval_val=eval_val, method=args.method,
-                       budget=budget, store=args.store, seed=args.seed, nproc=args.nproc)
+                       budget=budget, store=args.store, seed=args.seed, nproc=args.nproc, fit=fit)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(run_dir / FIT_JSON, (json.dumps(fit.summary or {"rule": "off"}, indent=2) + "\n").encode())
     names = [s.name for s in p.stages]
     base = SubmitConfig(cluster=args.cluster, log_dir=str(run_dir / "jobs"), time=60)
     print(f"seerlike quickstart: {args.method} on {images} -> {run_dir}", flush=True)
     print(f"budget: {json.dumps(asdict(budget))} ({args.minutes:g} min on 2 cores); stages: {' -> '.join(names)}",
           flush=True)
+    print("\n".join(fit_lines(fit)), flush=True)
     progress = PipelineProgress(run_dir, names, poll_s=1.0, bar_every_s=15.0, show_logs=not args.quiet,
                                 status_line=metrics_line)
     skipped = []

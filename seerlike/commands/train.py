@@ -17,17 +17,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/ (resumes if present)")
     p.add_argument("--nproc", type=int, default=1, help="start this many local ranks (like torchrun --nproc-per-node)")
     p.add_argument("--max-steps", type=int, help="shorthand for loop.max_steps=N")
+    p.add_argument("--fit-data", action="store_true",
+                   help="fit the recipe's views, batch and evaluation size to the images (--data) and "
+                   "loop.time_budget_s (docs/fit_data.md): the choice is printed and saved in config.yaml; "
+                   "your own overrides win")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1 data.batch_size=64")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """--data and --max-steps as overrides, before the user's own (which win)."""
-    extra = list(args.overrides)
+    """--data, --max-steps and --fit-data's choice as overrides, before the user's own (which win)."""
+    own = list(args.overrides)
+    extra = [f"loop.max_steps={args.max_steps}"] if args.max_steps is not None else []
     if args.data:
-        extra.insert(0, f"data.source={args.data}")
-    if args.max_steps is not None:
-        extra.insert(0, f"loop.max_steps={args.max_steps}")
-    return extra
+        extra.append(f"data.source={args.data}")
+    if getattr(args, "fit_data", False):
+        extra += fitted_overrides(args, extra + own)
+    return extra + own
+
+
+def fitted_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """``fit_data``'s overrides for the recipe with ``overrides`` applied; the reasons go to stderr."""
+    import sys
+
+    from seerlike.api import train_config
+    from seerlike.config import ConfigError
+    from seerlike.recipes.fit_data import fit_recipe
+
+    if not args.recipe:
+        raise ConfigError("--fit-data fits a recipe: give --recipe (a run continued from its config.yaml keeps "
+                          "the values chosen when it started)")
+    fitted, fit = fit_recipe(train_config(args.recipe, args.run_dir, overrides), ranks=args.nproc)
+    for line in fit.reasons:
+        print(f"fit-data: {line}", file=sys.stderr, flush=True)
+    return fitted
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:

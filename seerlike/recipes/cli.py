@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["yaml", "json"], default="yaml", help="how the config is printed")
     p.add_argument("--reference", action="store_true", help="print every key of the recipe with its type, value and doc")
     p.add_argument("--reference-md", metavar="PATH", help="write the full configuration reference (Markdown) to PATH")
+    p.add_argument("--fit-data", metavar="DATA", help="show the recipe fitted to these images and loop.time_budget_s, "
+                   "as `seerlike train --data DATA --fit-data` would run it (docs/fit_data.md); reasons on stderr")
+    p.add_argument("--nproc", type=int, default=1, help="with --fit-data: the ranks the run would use")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
 
 
@@ -58,6 +61,16 @@ def run(args: argparse.Namespace) -> int:
             print(name)
         return 0
     cfg = config.apply_overrides(recipes.get(args.recipe), args.overrides)
+    if args.fit_data:
+        import sys
+
+        from seerlike.recipes.fit_data import fit_recipe
+
+        own = [f"data.source={args.fit_data}", *args.overrides]
+        fitted, fit = fit_recipe(config.apply_overrides(recipes.get(args.recipe), own), ranks=args.nproc)
+        for line in fit.reasons:
+            print(f"fit-data: {line}", file=sys.stderr)
+        cfg = config.apply_overrides(recipes.get(args.recipe), [own[0], *fitted, *args.overrides])
     if args.reference:  # the recipe's own values (with the overrides), not the class defaults
         for key, tp, value, doc in config.reference(cfg):
             print(f"{key:45s} {tp:28s} {value:20s} {doc}")

@@ -1,0 +1,307 @@
+"""Fit a tiny recipe to the images and the time budget: working resolution, views, batch (docs/fit_data.md).
+
+The ``tiny_*`` recipes were tuned on 32 px CIFAR images, and what was tuned is relative: views
+of 0.75 of the image's side (24 px of 32, ``VIEW_FRACTION``) cut at a scale range, kNN and
+k-means features on whole images at the working resolution. This module keeps those ratios
+and chooses the absolute sizes from what the data gives and what the budget buys:
+
+1. **native side**: the 25th percentile of the images' shorter sides (three images in four
+   have at least this many pixels), from the ingest manifest or from a sample of headers;
+2. **working resolution R**: the largest multiple of 8 between ``MIN_RESOLUTION`` and the
+   native side (the native side itself when it is smaller) at which the stage's budget still
+   trains on ``MIN_IMAGES`` images (steps x global batch), by the step-cost model ``StepCost``;
+3. **views**: every view group of the recipe scaled by ``round(VIEW_FRACTION x R)`` over its
+   first group's size, scale ranges unchanged (they are fractions of the image);
+4. **batch**: the recipe's, unless the data are too few for two batches per rank per epoch;
+   **shards** of at most ``SHARD_SAMPLES`` images, at least one per rank.
+
+On 32 px images the rule returns the recipes' own settings (R 32, 24 px views) whatever the
+budget: ``MIN_RESOLUTION`` is 32. Pure functions of (statistics, budget, recipe); the callers
+(`seerlike quickstart`, ``seerlike train --fit-data``) turn a :class:`Fit` into explicit
+``key=value`` overrides, so the chosen values are in the run's config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from seerlike.config import ConfigError, to_dict
+
+VIEW_FRACTION = 0.75
+"""Side of the first view group over the working resolution: the tiny recipes' 24 px views of 32 px images."""
+MIN_RESOLUTION = 32
+"""Smallest working resolution chosen (24 px views): below it resnet10_cifar's last stage sees 2 x 2 maps."""
+MIN_IMAGES = 51_200
+"""Images (steps x global batch, each with all its views) a stage's budget must buy at the chosen resolution:
+400 steps of the tiny recipes' global batch 128 (docs/fit_data.md, "How many images")."""
+NATIVE_QUANTILE = 0.25
+"""Quantile of the images' shorter sides taken as the data's native side."""
+SHARD_SAMPLES = 200
+"""Images per ingest shard (exact reading needs a shard per rank; 200 keeps ~400 images on 2 ranks)."""
+HEADER_SAMPLE = 256
+"""Images whose headers are read when the data are not ingested yet (a seeded sample of the listing)."""
+MANIFEST_SAMPLE = 100_000
+"""Manifest rows whose sizes are read (the first ones; the ingest shuffles each chunk)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepCost:
+    """Seconds per optimizer step on the 2-core CPU path (2 ranks x 1 thread, bf16, channels_last).
+
+    ``fixed_s + pixel_s x flops(model) / flops(resnet10_cifar) x batch x sum(count x size^2)``:
+    the per-rank view pixels of a step, weighted by the backbone's FLOPs per pixel. ``tiny_swav``
+    on 64 px images at 24, 32, 48 and 64 px views cost 3.1e-6 CPU seconds per view pixel per
+    rank with no measurable fixed part (docs/fit_data.md, "Step cost"); wall seconds on the idle
+    2-core VM are about 1.15x that. The stages still time their own first steps
+    (``loop.time_budget_s``): this only ranks resolutions.
+    """
+
+    fixed_s: float = 0.02
+    """Per-step cost that does not grow with the views (optimizer, all-reduce, heads, Sinkhorn)."""
+    pixel_s: float = 3.6e-6
+    """Wall seconds per view pixel per rank through resnet10_cifar (forward, backward, decode, crops)."""
+
+    def step_s(self, cfg: Any, view_sizes: list[int], batch_size: int) -> float:
+        pixels = sum(v.count * s * s for v, s in zip(cfg.data.augment.views, view_sizes))
+        return self.fixed_s + self.pixel_s * flops_ratio(cfg.model.name) * batch_size * pixels
+
+
+def flops_ratio(model: str) -> float:
+    """FLOPs per pixel of ``model`` over resnet10_cifar's (both at 32 px; small-stem nets scale with pixels)."""
+    from seerlike.models import spec
+
+    return spec(model).complexity(32, None)["flops"] / spec("resnet10_cifar").complexity(32, None)["flops"]
+
+
+# ---------------------------------------------------------------- what the data give
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """How many images, and the shorter side of (a sample of) them."""
+
+    count: int
+    """Images in the data (manifest: written; a folder or list: listed)."""
+    short_sides: tuple[int, ...]
+    """Shorter side of each measured image, ascending."""
+    where: str
+    """What was read: the manifest, or how many headers of how many files."""
+
+    def __post_init__(self) -> None:
+        if not self.short_sides:
+            raise ConfigError(f"{self.where}: no image size could be read; the rule reads an image folder, "
+                              "a list file (txt, csv, parquet) or an ingested dataset")
+
+    @property
+    def native_side(self) -> int:
+        """The ``NATIVE_QUANTILE`` of the shorter sides (nearest rank)."""
+        return self.short_sides[max(0, math.ceil(NATIVE_QUANTILE * len(self.short_sides)) - 1)]
+
+    def describe(self) -> str:
+        s = self.short_sides
+        return (f"{self.count} images; shorter side min {s[0]}, 25% {self.native_side}, "
+                f"median {s[len(s) // 2]}, max {s[-1]} px ({self.where})")
+
+
+def stats_from_sizes(count: int, sizes: list[tuple[int, int]], where: str) -> DataStats:
+    return DataStats(count, tuple(sorted(min(w, h) for w, h in sizes if w > 0 and h > 0)), where)
+
+
+def stats_from_manifest(dataset: str, endpoint_url: str | None = None) -> DataStats:
+    """From an ingested dataset: stored sizes of written rows (the first ``MANIFEST_SAMPLE``), count from summary.json."""
+    from sharding.manifest import iter_manifest, read_summary
+
+    sizes: list[tuple[int, int]] = []
+    seen = 0
+    for batch in iter_manifest(dataset, ["status", "width", "height"], endpoint_url=endpoint_url):
+        d = batch.to_pydict()
+        for st, w, h in zip(d["status"], d["width"], d["height"]):
+            if st == "written" and w and h:
+                seen += 1
+                if len(sizes) < MANIFEST_SAMPLE:
+                    sizes.append((w, h))
+        if len(sizes) >= MANIFEST_SAMPLE:
+            break
+    try:
+        count = int(read_summary(dataset, endpoint_url=endpoint_url)["written"])
+    except Exception:  # noqa: BLE001 - no summary: the rows read are the count
+        count = seen
+    return stats_from_sizes(count, sizes, f"manifest of {dataset}")
+
+
+def _header_size(ref: str, endpoint_url: str | None) -> tuple[int, int] | None:
+    """(width, height) from the image's header; None when it is not a readable image."""
+    import io
+
+    from PIL import Image
+
+    from seerlike import storage
+
+    try:
+        if storage.is_s3_url(ref) or storage.is_http_url(ref):
+            from sharding.config import IngestConfig
+            from sharding.sources import fetch
+
+            with Image.open(io.BytesIO(fetch(ref, IngestConfig(endpoint_url=endpoint_url or "")))) as im:
+                return im.size
+        with Image.open(ref) as im:  # lazy: reads the header only
+            return im.size
+    except Exception:  # noqa: BLE001 - unreadable files are the ingest's business, not the rule's
+        return None
+
+
+def stats_from_images(inputs: str, sample: int = HEADER_SAMPLE, seed: int = 0,
+                      endpoint_url: str | None = None) -> DataStats:
+    """Before ingest: the listing of ``inputs`` (what `seerlike ingest` would read) and the headers of a seeded sample."""
+    from sharding.config import IngestConfig
+    from sharding.sources import check_inputs, iter_sources
+
+    cfg = IngestConfig(inputs=(inputs,), endpoint_url=endpoint_url or "")
+    check_inputs(cfg)
+    refs = [s.ref for s in iter_sources(cfg)]
+    if not refs:
+        raise ConfigError(f"{inputs}: no images listed (extensions {', '.join(cfg.extensions)})")
+    picked = sorted(random.Random(seed).sample(range(len(refs)), min(sample, len(refs))))
+    sizes = [s for s in (_header_size(refs[i], endpoint_url) for i in picked) if s is not None]
+    return stats_from_sizes(len(refs), sizes, f"headers of {len(sizes)} of {len(refs)} files in {inputs}")
+
+
+def data_stats(source: str, endpoint_url: str | None = None) -> DataStats:
+    """An ingested dataset (folder or s3:// prefix with manifest.parquet) by its manifest, anything else by headers."""
+    from seerlike import storage
+
+    if storage.is_s3_url(source):
+        if storage.exists(storage.join(source, "manifest.parquet"), endpoint_url=endpoint_url):
+            return stats_from_manifest(source, endpoint_url)
+        return stats_from_images(source, endpoint_url=endpoint_url)
+    local = source.removeprefix("file://")
+    if os.path.isfile(os.path.join(local, "manifest.parquet")):
+        return stats_from_manifest(local)
+    return stats_from_images(local)
+
+
+# ---------------------------------------------------------------- the rule
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fit:
+    """What the rule chose for one training stage, and why."""
+
+    native_side: int
+    """The data's native shorter side (see ``DataStats.native_side``)."""
+    resolution: int
+    """Working resolution: the ingest's shorter side, kNN / k-means / export image size."""
+    view_basis: int
+    """The resolution the views are sized for (``VIEW_FRACTION`` of it): ``resolution``, or less for a later
+    stage whose budget affords less than its images' resolution."""
+    view_sizes: tuple[int, ...]
+    """Side of each view group of the recipe, in its order."""
+    batch_size: int
+    """Images per rank per step."""
+    shard_samples: int
+    """Images per ingest shard."""
+    step_s: float
+    """Predicted seconds per step at these views (``StepCost``)."""
+    steps: int
+    """Predicted steps in the budget."""
+    images: int
+    """Predicted images trained on (steps x batch x ranks)."""
+    reasons: tuple[str, ...] = field(default=())
+    """One line per decision, in words (printed, and in the quickstart's report)."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _scaled_views(cfg: Any, first: int) -> list[int]:
+    base = cfg.data.augment.views[0].size
+    return [max(1, round(v.size * first / base)) for v in cfg.data.augment.views]
+
+
+def _batch(cfg: Any, count: int, ranks: int) -> int:
+    per_rank = count // ranks
+    if per_rank < 4:
+        raise ConfigError(f"{count} images are too few to train on {ranks} rank(s): "
+                          f"give at least {4 * ranks} (two batches of 2 per rank)")
+    return min(cfg.data.batch_size, per_rank // 2)
+
+
+def choose(stats: DataStats, cfg: Any, *, budget_s: float, ranks: int = 2, max_resolution: int | None = None,
+           cost: StepCost = StepCost()) -> Fit:
+    """The working resolution, views and batch of recipe ``cfg`` for these data and ``budget_s`` seconds of steps.
+
+    ``max_resolution``: the images are already at this resolution (a later stage of a pipeline
+    whose ingest resized them for its first stage); only the views are chosen, sized for the
+    largest resolution up to it that the budget affords.
+    """
+    if budget_s <= 0:
+        raise ConfigError(f"the rule needs a time budget in seconds (> 0), got {budget_s}")
+    native = stats.native_side
+    top = min(native, max_resolution) if max_resolution else native
+    batch = _batch(cfg, stats.count, ranks)
+    # multiples of 8 from MIN_RESOLUTION, and the top itself (smaller images: only it)
+    candidates = sorted(set(range(MIN_RESOLUTION, top + 1, 8)) | {top})
+
+    def plan(r: int) -> tuple[list[int], float, int, int]:
+        views = _scaled_views(cfg, max(1, round(VIEW_FRACTION * r)))
+        step_s = cost.step_s(cfg, views, batch)
+        steps = int(budget_s / step_s)
+        return views, step_s, steps, steps * batch * ranks
+
+    fits = [r for r in candidates if plan(r)[3] >= MIN_IMAGES]
+    basis = max(fits) if fits else candidates[0]
+    resolution = top if max_resolution else basis
+    views, step_s, steps, images = plan(basis)
+    what = f"views sized for {basis} px" if max_resolution else f"resolution {basis} px"
+    buys = f"{budget_s:.0f} s buy ~{steps} steps x {batch * ranks} = {images:,} images ({step_s:.3f} s/step)"
+    reasons = [f"native side {native} px: the {NATIVE_QUANTILE:.0%} quantile of the shorter sides of {stats.where}"]
+    if basis == top and fits:
+        why = f"the images' {top} px" if max_resolution else "the native side"
+        reasons.append(f"{what} = {why}: {buys}, >= {MIN_IMAGES:,}")
+    elif fits:
+        nxt = min(r for r in candidates if r > basis)
+        reasons.append(f"{what}: the largest multiple of 8 up to {top} px at which the budget trains on "
+                       f">= {MIN_IMAGES:,} images: {buys}; {nxt} px: {plan(nxt)[3]:,}")
+    else:
+        reasons.append(f"{what}: the smallest considered; {buys}, fewer than {MIN_IMAGES:,} even there")
+    reasons.append(f"views {' + '.join(f'{v.count} x {s}' for v, s in zip(cfg.data.augment.views, views))} px: "
+                   f"{VIEW_FRACTION:g} of {basis} px (the recipe's 24 px of 32), scale ranges kept")
+    if batch != cfg.data.batch_size:
+        reasons.append(f"batch {batch} per rank (recipe {cfg.data.batch_size}): {stats.count} images on {ranks} "
+                       "ranks allow two batches per rank per epoch")
+    shard = max(1, min(SHARD_SAMPLES, math.ceil(stats.count / ranks)))
+    return Fit(native_side=native, resolution=resolution, view_basis=basis, view_sizes=tuple(views),
+               batch_size=batch, shard_samples=shard, step_s=round(step_s, 4), steps=steps, images=images,
+               reasons=tuple(reasons))
+
+
+def overrides(fit: Fit, cfg: Any) -> list[str]:
+    """``key=value`` strings that set the fit on ``cfg``: the whole view list (sizes replaced), the batch, and
+    the kNN monitor's crop (whole images at the working resolution)."""
+    views = []
+    for v, size in zip(cfg.data.augment.views, fit.view_sizes):
+        d = to_dict(v)
+        d["size"] = size
+        views.append(d)
+    return [f"data.augment.views={json.dumps(views, separators=(',', ':'))}", f"data.batch_size={fit.batch_size}",
+            f"eval.image_size={fit.resolution}", f"eval.resize={fit.resolution}"]
+
+
+def fit_recipe(cfg: Any, ranks: int = 1) -> tuple[list[str], Fit]:
+    """``seerlike train --fit-data``: the fit of a resolved config to its ``data.source`` and ``loop.time_budget_s``.
+
+    Returns the overrides (to go before the user's own, which win) and the fit (for its reasons).
+    """
+    if cfg.loop.time_budget_s <= 0:
+        raise ConfigError("--fit-data chooses the views the time budget affords: set loop.time_budget_s=SECONDS "
+                          "(and loop.budget_clock=cpu to count CPU seconds)")
+    if not cfg.data.source:
+        raise ConfigError("--fit-data reads the images: give --data (a folder, list file or ingested dataset)")
+    stats = data_stats(cfg.data.source, endpoint_url=cfg.data.s3_endpoint_url)
+    fit = choose(stats, cfg, budget_s=cfg.loop.time_budget_s, ranks=ranks)
+    return overrides(fit, cfg), fit
