@@ -1,7 +1,8 @@
 """Fit a tiny recipe to the images and the time budget: working resolution, views, batch (docs/fit_data.md).
 
-The ``tiny_*`` recipes were tuned on 32 px CIFAR images, and what was tuned is relative: views
-of 0.75 of the image's side (24 px of 32, ``VIEW_FRACTION``) cut at a scale range, kNN and
+The ``tiny_*`` recipes were tuned on 32 px CIFAR images (``RECIPE_SIDE``), and what was tuned is
+relative: views of a fraction of the image's side (24 px of 32 for the joint-embedding recipes,
+the whole 32 px image for rotation, 60 px upsampled puzzles for jigsaw) cut at a scale range, kNN and
 k-means features on whole images at the working resolution. This module keeps those ratios
 and chooses the absolute sizes from what the data gives and what the budget buys:
 
@@ -10,8 +11,8 @@ and chooses the absolute sizes from what the data gives and what the budget buys
 2. **working resolution R**: the largest multiple of 8 between ``MIN_RESOLUTION`` and the
    native side (the native side itself when it is smaller) at which the stage's budget still
    trains on ``MIN_IMAGES`` images (steps x global batch), by the step-cost model ``StepCost``;
-3. **views**: every view group of the recipe scaled by ``round(VIEW_FRACTION x R)`` over its
-   first group's size, scale ranges unchanged (they are fractions of the image);
+3. **views**: every view group of the recipe scaled by ``R / RECIPE_SIDE`` (so each keeps its
+   ratio to the image), scale ranges unchanged (they are fractions of the image);
 4. **batch**: the recipe's, unless the data are too few for two batches per rank per epoch;
    **shards** of at most ``SHARD_SAMPLES`` images, at least one per rank.
 
@@ -32,8 +33,8 @@ from typing import Any
 
 from seerlike.config import ConfigError, to_dict
 
-VIEW_FRACTION = 0.75
-"""Side of the first view group over the working resolution: the tiny recipes' 24 px views of 32 px images."""
+RECIPE_SIDE = 32
+"""The image side the tiny recipes' view sizes were chosen for (CIFAR): views scale by R / RECIPE_SIDE."""
 MIN_RESOLUTION = 32
 """Smallest working resolution chosen (24 px views): below it resnet10_cifar's last stage sees 2 x 2 maps."""
 MIN_IMAGES = 51_200
@@ -197,7 +198,7 @@ class Fit:
     resolution: int
     """Working resolution: the ingest's shorter side, kNN / k-means / export image size."""
     view_basis: int
-    """The resolution the views are sized for (``VIEW_FRACTION`` of it): ``resolution``, or less for a later
+    """The resolution the views are sized for (views scaled by it over ``RECIPE_SIDE``): ``resolution``, or less for a later
     stage whose budget affords less than its images' resolution."""
     view_sizes: tuple[int, ...]
     """Side of each view group of the recipe, in its order."""
@@ -218,9 +219,8 @@ class Fit:
         return asdict(self)
 
 
-def _scaled_views(cfg: Any, first: int) -> list[int]:
-    base = cfg.data.augment.views[0].size
-    return [max(1, round(v.size * first / base)) for v in cfg.data.augment.views]
+def _scaled_views(cfg: Any, resolution: int) -> list[int]:
+    return [max(1, round(v.size * resolution / RECIPE_SIDE)) for v in cfg.data.augment.views]
 
 
 def _batch(cfg: Any, count: int, ranks: int) -> int:
@@ -248,7 +248,7 @@ def choose(stats: DataStats, cfg: Any, *, budget_s: float, ranks: int = 2, max_r
     candidates = sorted(set(range(MIN_RESOLUTION, top + 1, 8)) | {top})
 
     def plan(r: int) -> tuple[list[int], float, int, int]:
-        views = _scaled_views(cfg, max(1, round(VIEW_FRACTION * r)))
+        views = _scaled_views(cfg, r)
         step_s = cost.step_s(cfg, views, batch)
         steps = int(budget_s / step_s)
         return views, step_s, steps, steps * batch * ranks
@@ -270,7 +270,7 @@ def choose(stats: DataStats, cfg: Any, *, budget_s: float, ranks: int = 2, max_r
     else:
         reasons.append(f"{what}: the smallest considered; {buys}, fewer than {MIN_IMAGES:,} even there")
     reasons.append(f"views {' + '.join(f'{v.count} x {s}' for v, s in zip(cfg.data.augment.views, views))} px: "
-                   f"{VIEW_FRACTION:g} of {basis} px (the recipe's 24 px of 32), scale ranges kept")
+                   f"the recipe's sizes x {basis}/{RECIPE_SIDE} (its views of {RECIPE_SIDE} px images), scale ranges kept")
     if batch != cfg.data.batch_size:
         reasons.append(f"batch {batch} per rank (recipe {cfg.data.batch_size}): {stats.count} images on {ranks} "
                        "ranks allow two batches per rank per epoch")
