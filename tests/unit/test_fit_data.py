@@ -201,3 +201,29 @@ def test_quickstart_on_cifar_changes_nothing_that_trains(cifar_dir, tmp_path):
         fitted = config.apply_overrides(cfg, fit.train[stage])
         assert config.to_dict(fitted.data.augment) == config.to_dict(cfg.data.augment), stage
         assert fitted.data.batch_size == cfg.data.batch_size
+
+
+@pytest.mark.parametrize("fit_data", [True, False])
+def test_the_quickstart_pretrains_every_pretraining_method_with_a_valid_config(tmp_path, capsys, fit_data):
+    """`seerlike quickstart --method NAME`: every pretraining method's stage resolves to a config that validates
+    (its views suit the method after fitting them to 224 px photos, or at the CIFAR settings)."""
+    from launchers.pipeline import resolve
+
+    from seerlike.cli import main
+    from seerlike.methods import pretraining_methods
+    from seerlike.quickstart import DataFit, budget_for, build_pipeline, fit_stages
+
+    photos = str(DATA / "imagenette-dev" / "unlabeled")
+    budget = budget_for(15)
+    methods = pretraining_methods()
+    assert {"swav", "byol", "dino", "rotnet", "jigsaw", "colorization", "deepcluster_v2", "pirl",
+            "multitask"} <= set(methods)
+    for method in methods:
+        fit = fit_stages(photos, budget, method, 2) if fit_data else DataFit()
+        p = build_pipeline(tmp_path / method, images=photos, eval_train="t.csv", eval_val="v.csv", method=method,
+                           budget=budget, fit=fit)
+        argv = {stage.name: a for stage, a, _ in resolve(p)}["pretrain"]
+        assert argv[argv.index("--recipe") + 1] == f"tiny_{method}"
+        overrides = [a for a in argv if "=" in a and not a.startswith("-") and not a.startswith("eval.")]
+        assert main(["config", "--recipe", f"tiny_{method}", *overrides]) == 0, (method, capsys.readouterr().err)
+        assert f"name: {method}" in capsys.readouterr().out
