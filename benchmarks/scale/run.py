@@ -63,9 +63,11 @@ def run_step(step: str, root: Path, timeout: float = 3600) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = ["nice", "-n", "10", sys.executable, "-m", "benchmarks.scale.steps", step, str(root), str(result)]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        # SCALE_CODE: the checkout whose code is measured (e.g. an export of an older commit)
+        code = os.environ.get("SCALE_CODE", str(REPO))
+        env = {**os.environ, "PYTHONPATH": f"{code}:{REPO}", "OMP_NUM_THREADS": "1"}
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+        proc = subprocess.Popen(cmd, cwd=code, env=env)  # python -m puts the cwd first on the path
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)

@@ -237,11 +237,16 @@ def step_manifest_labels(root: Path) -> dict:
     """Evaluation/extraction over a labelled dataset: key -> class from the manifest's label column."""
     from seerlike.data.sources import manifest_labels
 
+    keys = _keys_of_some_shards(root, 20)
     yield_point()
     t0 = time.perf_counter()
-    found = manifest_labels(str(root / "ingest"))
-    n = len(found[0]) if found else 0
-    return {"seconds": time.perf_counter() - t0, "labelled": n, "classes": len(found[1]) if found else 0}
+    labels, classes = manifest_labels(str(root / "ingest"))
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    found = sum(labels.get(k) is not None for k in keys)
+    look_s = time.perf_counter() - t0
+    return {"seconds": load_s + look_s, "load_seconds": load_s, "lookup_seconds": look_s, "labelled": len(labels),
+            "classes": len(classes), "lookups": len(keys), "found": found}
 
 
 # ---------------------------------------------------------------- ClusterFit
@@ -315,9 +320,13 @@ def step_jobs_status(root: Path, n: int) -> dict:
     bindir = root / "bin"
     bindir.mkdir(exist_ok=True)
     sacct = bindir / "sacct"
+    # like sacct -X: an array task id gives its line, an array id the lines of all its tasks
     sacct.write_text('#!/bin/sh\necho x >> "%s"\n'
                      'for a in "$@"; do case "$prev" in -j) ids="$a";; esac; prev="$a"; done\n'
-                     'echo "$ids" | tr , "\\n" | while read j; do echo "$j|COMPLETED"; done\n' % calls)
+                     'echo "$ids" | tr , "\\n" | while read j; do case "$j" in\n'
+                     '  *_*) echo "$j|COMPLETED";;\n'
+                     '  *) seq 0 %d | sed "s/^/${j}_/; s/$/|COMPLETED/";;\n'
+                     'esac; done\n' % (calls, n_tasks - 1))
     sacct.chmod(0o755)
     os.environ["PATH"] = f"{bindir}:{os.environ['PATH']}"
     calls.write_text("")
@@ -337,9 +346,21 @@ SIZED = {"epoch_plan", "jobs_status"}
 _start_rss = [0]
 
 
+_start_cpu = [0.0]
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (sacct stubs): load-independent time."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def yield_point() -> None:
-    """Marks where the step's own work starts: the RSS here is its baseline."""
+    """Marks where the step's own work starts: the RSS and CPU time here are its baseline."""
     _start_rss[0] = rss_bytes()
+    _start_cpu[0] = _cpu()
 
 
 def main(argv: list[str]) -> int:
@@ -347,6 +368,7 @@ def main(argv: list[str]) -> int:
     n = int(json.loads((root / "size.json").read_text())["n"])
     fn = STEPS[step]
     got = fn(root, n) if step in SIZED else fn(root)
+    got["cpu_seconds"] = _cpu() - _start_cpu[0]
     got["start_rss"] = _start_rss[0]
     got["end_rss"] = rss_bytes()
     result.write_text(json.dumps(got))

@@ -12,11 +12,13 @@ headers (cheap locally; one full read per shard on S3, logged).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import logging
 import os
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,25 +150,22 @@ def count_tar(url: str, endpoint_url: str | None = None) -> int:
 
 
 def manifest_counts(dataset: str, endpoint_url: str | None = None) -> dict[str, int]:
-    """``{shard url: samples written}`` of an ingest dataset, in shard-name order (one manifest read).
+    """``{shard url: samples written}`` of an ingest dataset, in shard-name order.
 
     The URLs are those of ``sharding.manifest.shard_urls``: the dataset root joined with the
-    manifest's dataset-relative ``shard`` column, rows with status ``written`` only.
+    dataset-relative shard names of its shard index (or, without one, of its manifest's
+    rows with status ``written``).
     """
-    from sharding.manifest import dataset_root, iter_manifest
+    from sharding.manifest import dataset_root, shard_counts
 
-    counts: Counter = Counter()
     try:
-        for batch in iter_manifest(dataset, ["shard", "status"], endpoint_url=endpoint_url):
-            d = batch.to_pydict()
-            counts.update(s for s, st in zip(d["shard"], d["status"]) if st == "written" and s)
+        counts = shard_counts(dataset, endpoint_url=endpoint_url)
     except Exception as e:  # noqa: BLE001 - missing or unreadable: say which dataset
         raise ConfigError(f"data source {dataset!r}: cannot read its manifest.parquet: {type(e).__name__}: {e}") from None
     if not counts:
         raise ConfigError(f"data source {dataset!r}: the manifest lists no written samples")
     root = dataset_root(dataset)
-    return {storage.join_within(root, s, what=f"shard {s!r} of the manifest of {dataset}"): counts[s]
-            for s in sorted(counts)}
+    return {storage.join_within(root, s, what=f"shard {s!r} of the manifest of {dataset}"): n for s, n in counts}
 
 
 def is_dataset(source: str) -> bool:
@@ -174,28 +173,101 @@ def is_dataset(source: str) -> bool:
     return not source.endswith(".tar") and "{" not in source
 
 
-def manifest_labels(dataset: str, endpoint_url: str | None = None) -> tuple[dict[str, int], list[str]] | None:
+class ManifestLabels(Mapping):
+    """``key -> class index`` from an ingest manifest's ``label`` column, one shard's rows at a time.
+
+    A key's shard is found by binary search over the shard index's key ranges; its rows come
+    from the manifest's row groups holding the shard's row range (``sharding.manifest.ShardRows``).
+    A reader going shard by shard reads each row group about once and holds a few shards'
+    labels, not the corpus's (docs/scale.md).
+    """
+
+    def __init__(self, dataset: str, index, classes: list[str], labelled: int, endpoint_url: str | None = None):
+        from sharding.manifest import ShardRows
+
+        order = sorted(range(index.num_rows), key=index["first_key"].to_pylist().__getitem__)
+        index = index.take(order)
+        self._lo, self._hi = index["first_key"].to_pylist(), index["last_key"].to_pylist()
+        self._count = labelled  # written samples with a label (the class scan counted them)
+        self._rows = ShardRows(dataset, index, ["key", "label", "status"], endpoint_url=endpoint_url)
+        self._class = {c: i for i, c in enumerate(classes)}
+        self._cache: OrderedDict[int, dict[str, int]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+    def _shard(self, i: int) -> dict[str, int]:
+        got = self._cache.get(i)
+        if got is None:
+            d = self._rows.rows(i).to_pydict()
+            got = {k: self._class[l] for k, l, st in zip(d["key"], d["label"], d["status"]) if st == "written" and l}
+            self._cache[i] = got
+            if len(self._cache) > 4:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(i)
+        return got
+
+    def get(self, key, default=None):
+        i = bisect.bisect_right(self._lo, key) - 1
+        if i < 0 or key > self._hi[i]:
+            return default
+        return self._shard(i).get(key, default)
+
+    def __getitem__(self, key: str) -> int:
+        got = self.get(key)
+        if got is None:
+            raise KeyError(key)
+        return got
+
+    def __contains__(self, key) -> bool:
+        return self.get(key) is not None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        for i in range(len(self._lo)):
+            yield from self._shard(i)
+
+
+def manifest_labels(dataset: str, endpoint_url: str | None = None) -> tuple[Mapping[str, int], list[str]] | None:
     """``({key: class index}, classes)`` from the manifest's ``label`` column; None without labels.
 
-    For evaluation sets (kNN, linear probe): the map holds one entry per labelled sample.
+    For evaluation sets (kNN, linear probe). With a shard index (every ingest since it
+    exists) the mapping is a ``ManifestLabels`` reading a shard's rows when one of its keys
+    is asked for; the classes come from one streaming pass over the label column. Without
+    one, a dict of every labelled sample.
     """
-    from sharding.manifest import iter_manifest
+    import pyarrow.compute as pc
 
-    names: dict[str, str] = {}
+    from sharding.manifest import iter_manifest, read_shard_index
+
+    classes: set[str] = set()
+    labelled = 0
     try:
-        for batch in iter_manifest(dataset, ["key", "label", "status"], endpoint_url=endpoint_url):
-            d = batch.to_pydict()
-            names.update((k, l) for k, l, st in zip(d["key"], d["label"], d["status"]) if st == "written" and l)
+        for batch in iter_manifest(dataset, ["label", "status"], endpoint_url=endpoint_url):
+            labels = batch.filter(pc.equal(batch.column("status"), "written")).column("label").drop_null()
+            labels = labels.filter(pc.not_equal(labels, ""))
+            labelled += len(labels)
+            classes.update(pc.unique(labels).to_pylist())
     except (storage.StorageError, FileNotFoundError):
         raise  # a manifest that cannot be read (even after the retries) is not a manifest without labels
     except Exception as e:  # noqa: BLE001 - an older manifest without a label column: no labels
         log.info("no labels in the manifest of %s (%s)", dataset, e)
         return None
-    if not names:
+    if not classes:
         return None
-    classes = sorted(set(names.values()))
-    index = {c: i for i, c in enumerate(classes)}
-    return {k: index[l] for k, l in names.items()}, classes
+    ordered = sorted(classes)
+    index = read_shard_index(dataset, endpoint_url=endpoint_url)
+    if index is not None and index.num_rows:
+        return ManifestLabels(dataset, index, ordered, labelled, endpoint_url), ordered
+    names: dict[str, str] = {}
+    for batch in iter_manifest(dataset, ["key", "label", "status"], endpoint_url=endpoint_url):
+        d = batch.to_pydict()
+        names.update((k, l) for k, l, st in zip(d["key"], d["label"], d["status"]) if st == "written" and l)
+    position = {c: i for i, c in enumerate(ordered)}
+    return {k: position[l] for k, l in names.items()}, ordered
 
 
 def list_shards(source: str, endpoint_url: str | None = None) -> ShardSource:
