@@ -4,8 +4,9 @@ The work is split so that a billion inputs need no more memory than one chunk:
 
 - ``plan(cfg)`` streams the input listing once into chunk lists
   (``_ingest/chunks/{k:06d}.parquet``, ``chunk_size`` inputs each) and records
-  ``_ingest/plan.json``. Each chunk's inputs are shuffled (``shuffle``, seeded), so shards
-  mix the listing's folders. A rerun reuses the plan, so the listing is frozen: resuming
+  ``_ingest/plan.json``. The listing is shuffled as a whole first (``shuffle``, seeded; a
+  two-level scatter in bounded memory, ``sharding.shuffle``), so every chunk and shard draws
+  from the whole corpus. A rerun reuses the plan, so the listing is frozen: resuming
   never sees a different corpus.
 - ``ingest_chunk(cfg, k)`` fetches, validates, converts and writes chunk ``k``'s images to
   ``shards/{k:06d}-{j:04d}.tar``, then writes its manifest part (``_ingest/parts/``) and,
@@ -13,9 +14,10 @@ The work is split so that a billion inputs need no more memory than one chunk:
   as local processes or as the tasks of a Slurm job array. A chunk killed midway is
   simply redone: its output is a deterministic function of its inputs.
 - ``merge(cfg)`` runs once all chunks are done: cross-chunk exact dedup (hash-partitioned,
-  first in planned order wins), rewrites the shards that held a later copy, writes
-  ``manifest.parquet`` and ``summary.json`` and checks that
-  written + duplicate + rejected == seen.
+  first in planned order wins, ``merge_prepare``), rewrites the shards that held a later
+  copy (``merge_chunk``, per chunk: an array of tasks on Slurm), writes
+  ``manifest.parquet``, ``shards.parquet`` and ``summary.json`` (``merge_finish``) and
+  checks that written + duplicate + rejected == seen (sharding.merge has the layout).
 
 ``ingest(cfg)`` does all three on one machine with ``cfg.workers`` processes and a
 progress bar.
@@ -45,7 +47,7 @@ import pyarrow.compute as pc
 
 from seerlike import storage
 from seerlike.config import ConfigError
-from sharding import dedup
+from sharding import dedup, shuffle
 from sharding.config import IngestConfig
 from sharding.manifest import MANIFEST, SCHEMA, SHARDS, SUMMARY, WORK, read_table, table_to_bytes
 from sharding.merge import DUP_GROUP, DUP_SCHEMA, ManifestAssembler, chunk_summary, shard_index_table
@@ -144,31 +146,44 @@ def plan(cfg: IngestConfig) -> Plan:
     if existing is not None:
         return existing
     t0 = time.perf_counter()
-    n, k, buf = 0, 0, []
-
-    def flush() -> None:
-        # Listings come sorted (one folder per class, crawl or date); a training reader mixes only
-        # a few consecutive shards, so unshuffled shards make class-pure batches.
-        rows = [buf[i] for i in np.random.default_rng([cfg.seed, k]).permutation(len(buf))] if cfg.shuffle else buf
-        table = pa.table(
-            {"source": [s.ref for s in rows], "label": [s.label for s in rows]},
-            schema=pa.schema([("source", pa.string()), ("label", pa.string())]),
-        )
-        storage.write_bytes(_work(cfg, "chunks", f"{k:06d}.parquet"), table_to_bytes(table), endpoint_url=_ep(cfg))
-
-    for src in iter_sources(cfg):
-        buf.append(src)
-        n += 1
-        if len(buf) == cfg.chunk_size:
-            flush()
-            k, buf = k + 1, []
-    if buf:
-        flush()
+    # Listings come sorted (one folder per class, crawl or date); a training reader mixes only
+    # a few consecutive shards, so shards cut from the listing's order make class-pure batches.
+    if cfg.shuffle:
+        tables = shuffle.shuffled(iter_sources(cfg), cfg.seed, os.path.join(_spool_dir(cfg), "plan"))
+    else:
+        tables = _in_order(iter_sources(cfg), cfg.chunk_size)
+    n, k, carry = 0, 0, None
+    for t in tables:
+        n += t.num_rows
+        carry = t if carry is None else pa.concat_tables([carry, t])
+        while carry.num_rows >= cfg.chunk_size:
+            _write_chunk_list(cfg, k, carry.slice(0, cfg.chunk_size))
+            k, carry = k + 1, carry.slice(cfg.chunk_size)
+    if carry is not None and carry.num_rows:
+        _write_chunk_list(cfg, k, carry)
         k += 1
+    with contextlib.suppress(OSError):
+        os.rmdir(_spool_dir(cfg))  # gone when empty
     p = Plan(n_inputs=n, n_chunks=k, chunk_size=cfg.chunk_size)
     storage.write_bytes(_work(cfg, "plan.json"), json.dumps(p.__dict__).encode(), endpoint_url=_ep(cfg))
     log.info("planned %d inputs in %d chunks of %d (%.1fs)", n, k, cfg.chunk_size, time.perf_counter() - t0)
     return p
+
+
+def _in_order(sources, size: int):
+    buf = []
+    for src in sources:
+        buf.append(src)
+        if len(buf) == size:
+            yield shuffle.as_table(buf)
+            buf = []
+    if buf:
+        yield shuffle.as_table(buf)
+
+
+def _write_chunk_list(cfg: IngestConfig, k: int, table: pa.Table) -> None:
+    storage.write_bytes(_work(cfg, "chunks", f"{k:06d}.parquet"), table_to_bytes(table.combine_chunks()),
+                        endpoint_url=_ep(cfg))
 
 
 def chunk_sources(cfg: IngestConfig, k: int) -> list[Source]:
@@ -406,9 +421,10 @@ def _read_json(cfg: IngestConfig, *parts: str) -> dict | None:
     return json.loads(storage.read_bytes(url, endpoint_url=_ep(cfg)))
 
 
-def _chunk_stamp(cfg: IngestConfig, k: int, dedup_info: dict) -> dict:
+def _chunk_stamp(cfg: IngestConfig, k: int, dedup_info: dict, done: bytes | None = None) -> dict:
     """What a chunk's merge result derives from: the dedup result and the chunk's done marker."""
-    done = storage.read_bytes(_work(cfg, "done", f"{k:06d}.json"), endpoint_url=_ep(cfg))
+    if done is None:
+        done = storage.read_bytes(_work(cfg, "done", f"{k:06d}.json"), endpoint_url=_ep(cfg))
     return {"dedup": dedup_info["digest"], "done": hashlib.sha256(done).hexdigest()[:16]}
 
 
@@ -468,13 +484,20 @@ def merge_finish(cfg: IngestConfig, run_stats: dict | None = None, *, merge_seco
     dedup_info = _read_json(cfg, "dedup.json")
     if dedup_info is None:
         raise RuntimeError(f"{cfg.out}: no dedup result; run merge_prepare(cfg) and merge_chunk for every chunk")
-    markers = []
-    for k in p.chunks:
-        m = _read_json(cfg, "merged", f"{k:06d}.json")
-        if m is None or m.get("stamp") != _chunk_stamp(cfg, k, dedup_info):
+    def read_markers(k: int) -> tuple[bytes, dict | None]:
+        return (storage.read_bytes(_work(cfg, "done", f"{k:06d}.json"), endpoint_url=_ep(cfg)),
+                _read_json(cfg, "merged", f"{k:06d}.json"))
+
+    # two small objects per chunk (100,000 chunks at a billion inputs): read many at once
+    with ThreadPoolExecutor(16) as pool:
+        pairs = list(pool.map(read_markers, p.chunks))
+    markers, done_markers = [], []
+    for k, (done, m) in zip(p.chunks, pairs):
+        if m is None or m.get("stamp") != _chunk_stamp(cfg, k, dedup_info, done):
             raise RuntimeError(f"{cfg.out}: chunk {k} is not merged against the current dedup result; "
                                "run merge_chunk for it (or rerun the merge)")
         markers.append(m)
+        done_markers.append(json.loads(done))
     scratch = os.path.join(_spool_dir(cfg), "merge")
     try:
         with storage.reporting_disk_full(scratch):
@@ -492,11 +515,8 @@ def merge_finish(cfg: IngestConfig, run_stats: dict | None = None, *, merge_seco
         with contextlib.suppress(OSError):
             os.rmdir(_spool_dir(cfg))
     summary = _summary(cfg, p, markers)
-    chunk_seconds = chunk_cpu = 0.0
-    for k in p.chunks:
-        done = json.loads(storage.read_bytes(_work(cfg, "done", f"{k:06d}.json"), endpoint_url=_ep(cfg)))
-        chunk_seconds += done["seconds"]
-        chunk_cpu += done.get("cpu_seconds", 0.0)
+    chunk_seconds = sum(d["seconds"] for d in done_markers)
+    chunk_cpu = sum(d.get("cpu_seconds", 0.0) for d in done_markers)
     summary["chunk_seconds"] = round(chunk_seconds, 3)
     summary["chunk_cpu_seconds"] = round(chunk_cpu, 3)
     summary["images_per_s_per_worker"] = round(p.n_inputs / chunk_seconds, 1) if chunk_seconds else None

@@ -286,6 +286,9 @@ def write_pseudo_labels(spec: Spec, out: str | Path, k: int = 16000) -> Path:
         table = pa.table({"key": keys, "cluster": pa.array(np.minimum(k * u**1.5, k - 1).astype(np.int32)),
                           "distance": pa.array((0.5 + u).astype(np.float32))})
         pq.write_table(table, out / "labels" / f"features-shard-{name}.parquet")
+    from seerlike.pseudo_labels import write_index
+
+    write_index(out, k)  # what `seerlike cluster` writes beside the labels (older code ignores it)
     return out
 
 

@@ -23,7 +23,7 @@ from seerlike.data import shards as sh
 from seerlike.data.sources import ShardSource, manifest_labels
 from seerlike.eval import features as fstore
 from seerlike.pseudo_labels import PseudoLabels, label_map, write_index
-from sharding import dedup
+from sharding import dedup, shuffle
 from sharding.config import IngestConfig
 from sharding.ingest import ingest, ingest_chunk, merge, merge_chunk, merge_finish, merge_prepare, plan
 from sharding.manifest import SHARDS, read_manifest, read_shard_index, shard_counts
@@ -285,3 +285,29 @@ def test_jobs_status_asks_sacct_once_per_array(tmp_path: Path, monkeypatch) -> N
     assert got == {"77_0": "COMPLETED", "77_1": "FAILED", "77_2": "PENDING", "78": "CANCELLED", "79": "PENDING"}
     assert calls.read_text().splitlines() == ["-j 77,78,79 -X -n -P -o JobID,State"]
     assert json.dumps(got)  # plain strings
+
+
+def test_listing_shuffle_spilled_to_buckets_is_a_seeded_permutation(tmp_path: Path, monkeypatch) -> None:
+    from sharding.sources import Source
+
+    listing = [Source(f"/site{i // 50:03d}/{i:05d}.jpg", f"site{i // 50}") for i in range(1000)]  # sorted by site
+    spilled = [s for t in shuffle.shuffled(listing, 3, str(tmp_path / "s"), in_memory=64, buckets=8)
+               for s in t["source"].to_pylist()]
+    again = [s for t in shuffle.shuffled(listing, 3, str(tmp_path / "s"), in_memory=64, buckets=8)
+             for s in t["source"].to_pylist()]
+    in_memory = [s for t in shuffle.shuffled(listing, 3, str(tmp_path / "m")) for s in t["source"].to_pylist()]
+    assert sorted(spilled) == sorted(in_memory) == [s.ref for s in listing]
+    assert spilled == again and spilled != in_memory and not (tmp_path / "s").exists()
+    # every run of 50 consecutive planned inputs (a chunk) mixes many of the 20 sites
+    assert min(len({s.split("/")[1] for s in spilled[i:i + 50]}) for i in range(0, 1000, 50)) >= 10
+    # the plan: chunk lists cut from the spilled shuffle, every input once
+    monkeypatch.setattr(shuffle, "IN_MEMORY", 64)
+    monkeypatch.setattr(shuffle, "BUCKETS", 8)
+    (tmp_path / "list.txt").write_text("\n".join(s.ref for s in listing) + "\n")
+    cfg = IngestConfig(inputs=(str(tmp_path / "list.txt"),), out=str(tmp_path / "out"), chunk_size=30, progress=False)
+    p = plan(cfg)
+    chunks = [pq.read_table(tmp_path / "out" / "_ingest" / "chunks" / f"{k:06d}.parquet") for k in p.chunks]
+    assert p.n_inputs == 1000 and p.n_chunks == 34 and [c.num_rows for c in chunks] == [30] * 33 + [10]
+    planned = [s for c in chunks for s in c["source"].to_pylist()]
+    assert sorted(planned) == [s.ref for s in listing] and planned != [s.ref for s in listing]
+    assert not list((tmp_path / "out" / "_ingest").rglob("*.arrow"))
