@@ -116,12 +116,19 @@ def exponent(points: list[tuple[int, float]]) -> float | None:
 
 
 def extrapolate(points: list[tuple[int, float]], n: int = 10**9) -> float | None:
-    """Value at ``n`` from the largest measurement and the fitted exponent (clamped to [0, 2])."""
-    b = exponent(points)
-    if b is None:
+    """Value at ``n``: a straight line through the two largest sizes (a + b N, b >= 0).
+
+    A step's cost is a fixed part plus a part per row, and a power law through that sum
+    understates the per-row part (the fixed part flattens the small sizes); the line keeps
+    it. Steps growing faster than N (fitted exponent above 1.2) follow their power law.
+    """
+    if len(points) < 2:
         return None
-    n0, v0 = max(points)
-    return v0 * (n / n0) ** min(max(b, 0.0), 2.0)
+    b = exponent(points)
+    (n1, v1), (n2, v2) = sorted(points)[-2:]
+    if b is not None and b > 1.2:
+        return v2 * (n / n2) ** min(b, 2.0)
+    return v2 + max((v2 - v1) / (n2 - n1), 0.0) * (n - n2)
 
 
 def fmt_bytes(b: float | None) -> str:
@@ -143,10 +150,29 @@ def fmt_s(s: float | None) -> str:
     return f"{s:.3g} s"
 
 
+def machine(mem_1b: float | None) -> str:
+    """What one process of the step needs at a billion rows."""
+    if mem_1b is None:
+        return "-"
+    if mem_1b <= 4e9:
+        return "any node"
+    if mem_1b <= 32e9:
+        return "a 32 GB node"
+    return f"**{mem_1b / 1e9:,.0f} GB: none**"
+
+
 def table(tags: list[str]) -> str:
-    lines = ["| step | version | memory growth 1M / 10M / 100M | fit | 1B | time 1M / 10M / 100M | fit | 1B |",
-             "|---|---|---|---|---|---|---|---|"]
-    steps = []
+    """One row per (step, tag): memory growth (peak RSS - RSS at the step's start) and CPU time.
+
+    CPU seconds, not wall time: the machine is shared, and its load changes the wall time
+    of a single-threaded step but not its CPU time. Fits are least squares of log value on
+    log N over the sizes measured; the 1B column extends the largest measurement along it.
+    """
+    sizes = sorted({n for tag in tags for (_, n) in load(tag)})
+    names = " / ".join(k for k, v in corpus.SIZES.items() if v in sizes)
+    lines = [f"| step | code | memory {names} | fit | at 1B | CPU time {names} | fit | at 1B | one process at 1B |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    steps: list[str] = []
     for tag in tags:
         for step, _ in load(tag):
             if step not in steps:
@@ -156,13 +182,19 @@ def table(tags: list[str]) -> str:
             rows = {n: r for (s, n), r in load(tag).items() if s == step}
             if not rows:
                 continue
-            mem = [(n, max(r["growth_rss"], 1e6)) for n, r in sorted(rows.items())]
-            tim = [(n, r["seconds"]) for n, r in sorted(rows.items())]
-            cells = lambda pts, f: " / ".join(f(v) for _, v in pts)  # noqa: E731
+            mem = [(n, max(rows[n]["growth_rss"], 1e6)) for n in sorted(rows)]
+            tim = [(n, max(rows[n].get("cpu_seconds", rows[n]["seconds"]), 1e-3)) for n in sorted(rows)]
+
+            def cells(pts, f):
+                got = dict(pts)
+                return " / ".join(f(got[n]) if n in got else "-" for n in sizes)
+
             bm, bt = exponent(mem), exponent(tim)
+            m1b = extrapolate(mem)
             lines.append(f"| {step} | {tag} | {cells(mem, fmt_bytes)} | "
-                         f"{'-' if bm is None else f'N^{bm:.2f}'} | {fmt_bytes(extrapolate(mem))} | "
-                         f"{cells(tim, fmt_s)} | {'-' if bt is None else f'N^{bt:.2f}'} | {fmt_s(extrapolate(tim))} |")
+                         f"{'-' if bm is None else f'N^{bm:.2f}'} | {fmt_bytes(m1b)} | "
+                         f"{cells(tim, fmt_s)} | {'-' if bt is None else f'N^{bt:.2f}'} | "
+                         f"{fmt_s(extrapolate(tim))} | {machine(m1b)} |")
     return "\n".join(lines)
 
 

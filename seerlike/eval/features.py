@@ -69,6 +69,7 @@ def write_meta(out_dir: Path, meta: dict) -> None:
     _atomic(out_dir / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
 
 
+INDEX_ROW_GROUP = 1 << 18
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.string()), ("chunk", pa.string()), ("row", pa.int32())])
 
 
@@ -82,11 +83,20 @@ def finalize(out_dir: Path, meta: dict) -> dict:
     units = sorted(p.name[len("features-"):-len(".parquet")] for p in out_dir.glob("features-*.parquet"))
     ranges = []
     with atomic_write(out_dir / INDEX) as tmp, pq.ParquetWriter(tmp, INDEX_SCHEMA) as w:
+        # row groups of ~256k rows, not one per chunk: the writer keeps every row group's
+        # metadata until it closes (a million chunks would make a footer of gigabytes)
+        pending, rows = [], 0
         for unit in units:
             t = pq.read_table(chunk_paths(out_dir, unit)[1])
             t = t.append_column("chunk", pa.array([unit] * t.num_rows, pa.string())).select(INDEX_SCHEMA.names)
-            w.write_table(t.cast(INDEX_SCHEMA))
+            pending.append(t.cast(INDEX_SCHEMA))
+            rows += t.num_rows
             ranges.append(_key_range(t["key"]))
+            if rows >= INDEX_ROW_GROUP:
+                w.write_table(pa.concat_tables(pending), row_group_size=rows)
+                pending, rows = [], 0
+        if pending:
+            w.write_table(pa.concat_tables(pending), row_group_size=max(rows, 1))
     num = sum(r[0] for r in ranges)
     meta = {**meta, "num_samples": num, "chunks": units,
             "duplicate_keys": duplicate_keys(ranges, lambda: pq.read_table(out_dir / INDEX, columns=["key"])["key"])}
