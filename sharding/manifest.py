@@ -162,9 +162,10 @@ class _S3RangeFile(io.RawIOBase):
 
     def __init__(self, url: str, endpoint_url: str | None = None):
         self.url, self.endpoint_url = url, endpoint_url
-        self.size = storage.size_of(url, endpoint_url=endpoint_url)
+        # the size from the first GET's answer (kept open for reads from the start)
+        self._reader: storage.S3Reader | None = storage.S3Reader(url, endpoint_url=endpoint_url).open()
+        self.size = self._reader.size
         self.pos = 0
-        self._reader: storage.S3Reader | None = None
 
     def readable(self) -> bool:
         return True

@@ -311,3 +311,17 @@ def test_listing_shuffle_spilled_to_buckets_is_a_seeded_permutation(tmp_path: Pa
     planned = [s for c in chunks for s in c["source"].to_pylist()]
     assert sorted(planned) == [s.ref for s in listing] and planned != [s.ref for s in listing]
     assert not list((tmp_path / "out" / "_ingest").rglob("*.arrow"))
+
+
+def test_shard_index_and_labels_read_by_range_from_s3(labelled_ingest, s3_bucket) -> None:
+    from seerlike import storage
+
+    root, _, _ = labelled_ingest
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/ds"
+    for name in ("manifest.parquet", "shards.parquet"):
+        storage.put_file(root / "ds" / name, f"{url}/{name}", endpoint_url=endpoint)
+    assert shard_counts(url, endpoint_url=endpoint) == shard_counts(str(root / "ds"))
+    remote, classes = manifest_labels(url, endpoint)
+    local, local_classes = manifest_labels(str(root / "ds"))
+    assert classes == local_classes and dict(remote.items()) == dict(local.items()) and len(remote) == 24
