@@ -2,7 +2,8 @@
 
 Statistics are computed from the manifest in streaming batches (bounded memory); sizes
 are summarised by quantiles of a bounded reservoir. ``--verify`` also reads every shard
-and checks it against the manifest: same keys, JPEG bytes at the recorded offsets.
+and checks it against the manifest: same keys, JPEG bytes at the recorded offsets; it
+holds one chunk's rows at a time (``verify``).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ class WorkerPlan:
     files: list[int] = field(default_factory=list)
     """File indices in reading order (file sources)."""
     _ends: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    """Cache of ``shard_ends``: filled on first use, in the process that uses it."""
 
     def shard_ends(self, counts: list[int]) -> np.ndarray:
         """Raw position at which each of the worker's shards ends (computed once per plan)."""
