@@ -319,9 +319,11 @@ def submit_ingest(cfg: SubmitConfig, argv: list[str]) -> tuple[list[submitit.Job
 
     ``sharding.ingest.plan`` lists the inputs into chunks once (here, before submitting);
     each array task runs ``ingest_chunk(cfg, k)`` for one chunk not done yet (a rerun after
-    a failure submits only the missing ones); ``merge(cfg)`` writes the manifest and the
-    summary once every chunk succeeded. The local executor runs the chunks one job at a
-    time, then the merge.
+    a failure submits only the missing ones); once every chunk succeeded the merge runs as
+    ``merge_prepare`` (dedup), an array of ``merge_chunks`` (duplicate marking and shard
+    rewrites, ``array_parallelism`` tasks) and ``merge_finish`` (manifest, shard index,
+    summary), the returned job. The local executor runs the chunks one job at a time, then
+    ``merge`` in one job.
     """
     from sharding import cli as ingest_cli
     from sharding import ingest
@@ -346,8 +348,15 @@ def submit_ingest(cfg: SubmitConfig, argv: list[str]) -> tuple[list[submitit.Job
     else:
         if todo:
             jobs = submit_array(cfg, ingest.ingest_chunk, [(icfg, k) for k in todo], name="ingest")
-        merge = _submit(make_executor(cfg, name="seerlike-ingest-merge", dependency=afterok(jobs) if jobs else ""),
-                        cfg, ingest.merge, icfg)
+        # The merge as dedup -> an array over the chunks (the shard rewrites) -> manifest and summary,
+        # so no one job rewrites the corpus's shards (docs/scale.md).
+        prepare = _submit(make_executor(cfg, name="seerlike-ingest-dedup", dependency=afterok(jobs) if jobs else ""),
+                          cfg, ingest.merge_prepare, icfg)
+        tasks = min(plan.n_chunks, cfg.array_parallelism)
+        merging = submit_array(cfg, ingest.merge_chunks, [(icfg, t, tasks) for t in range(tasks)], name="ingest-merge-chunks",
+                               dependency=afterok([prepare]))
+        merge = _submit(make_executor(cfg, name="seerlike-ingest-merge", dependency=afterok(merging)),
+                        cfg, ingest.merge_finish, icfg)
     record_job(merge, cfg, stage="ingest-merge", argv=argv, run_dir=icfg.out)
     return jobs, merge
 

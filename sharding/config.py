@@ -52,9 +52,9 @@ class IngestConfig:
     chunk_size: int = 10_000
     """Inputs per chunk, the unit of work, resume and Slurm array tasks; raise to ~100k for 1B images."""
     shuffle: bool = True
-    """Shuffle the inputs inside each chunk (seeded) so shards mix a listing's folders/classes; false keeps listing order."""
+    """Shuffle the whole listing (seeded, bounded memory) so every shard mixes its folders/classes/sites; false keeps listing order."""
     seed: int = 0
-    """Seed of the within-chunk shuffle; the plan is recorded, so reruns and resumes keep the same order."""
+    """Seed of the listing shuffle; the plan is recorded, so reruns and resumes keep the same order."""
     shard_max_samples: int = 1000
     """Close a shard after this many samples."""
     shard_max_mb: float = 256.0

@@ -28,17 +28,46 @@ def partition_of(digests: np.ndarray, partitions: int) -> np.ndarray:
     return (prefix * partitions) >> 16
 
 
+def digests(hexes) -> np.ndarray:
+    """32-byte digests (``S32``) of sha256 hex strings: a list, or a pyarrow string array decoded vectorised."""
+    if isinstance(hexes, list):
+        return np.array([bytes.fromhex(h) for h in hexes], dtype="S32")
+    import pyarrow as pa
+
+    arr = hexes.combine_chunks() if isinstance(hexes, pa.ChunkedArray) else hexes
+    if arr.null_count or len(arr) == 0:
+        return digests(arr.to_pylist()) if len(arr) else np.empty(0, "S32")
+    offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset:arr.offset + len(arr) + 1]
+    if not (np.diff(offsets) == 64).all():
+        raise ValueError("sha256 hex digests must be 64 characters")
+    chars = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 64)
+    nib = np.full(256, 255, np.uint8)
+    nib[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+    nib[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+    v = nib[chars]
+    if (v == 255).any():
+        raise ValueError("sha256 digests must be hexadecimal")
+    return np.ascontiguousarray((v[:, 0::2] << 4) | v[:, 1::2]).view("S32").ravel()
+
+
+def _sort_by_hash_then_id(arr: np.ndarray) -> np.ndarray:
+    """Records ordered by (hash, global id): a stable lexsort on the hash's four 64-bit words."""
+    words = np.ascontiguousarray(arr["h"]).view(">u8").reshape(-1, 4)
+    return arr[np.lexsort((arr["g"], words[:, 3], words[:, 2], words[:, 1], words[:, 0]))]
+
+
 def cross_chunk_duplicates(
-    chunks: Iterable[tuple[np.ndarray, list[str]]],
+    chunks: Iterable[tuple[np.ndarray, object]],
     *,
     partitions: int,
     tmp_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Find later copies among written samples.
 
-    ``chunks`` yields ``(global_ids int64, sha256 hex strings)`` per chunk, written rows only.
-    Returns ``(duplicate_ids, winner_ids)`` sorted by duplicate id: each duplicate and the
-    id of the first (smallest id) sample with the same hash.
+    ``chunks`` yields ``(global_ids int64, sha256 hex digests)`` per chunk, written rows only;
+    the digests are a list of str or a pyarrow string array. Returns ``(duplicate_ids,
+    winner_ids)`` sorted by duplicate id: each duplicate and the id of the first (smallest
+    id) sample with the same hash.
     """
     with tempfile.TemporaryDirectory(prefix="seerlike-dedup-", dir=tmp_dir) as tmp:
         paths = [Path(tmp) / f"{p:05d}.bin" for p in range(partitions)]
@@ -48,7 +77,7 @@ def cross_chunk_duplicates(
                 if len(gids) == 0:
                     continue
                 rec = np.empty(len(gids), dtype=RECORD)
-                rec["h"] = [bytes.fromhex(h) for h in hexes]
+                rec["h"] = digests(hexes)
                 rec["g"] = gids
                 part = partition_of(rec["h"], partitions)
                 order = np.argsort(part, kind="stable")
@@ -65,8 +94,7 @@ def cross_chunk_duplicates(
                 f.close()
         dups, wins = [], []
         for p in sorted(files):
-            arr = np.fromfile(paths[p], dtype=RECORD)
-            arr = arr[np.argsort(arr, order=("h", "g"), kind="stable")]
+            arr = _sort_by_hash_then_id(np.fromfile(paths[p], dtype=RECORD))
             starts = np.r_[True, arr["h"][1:] != arr["h"][:-1]]
             winner = arr["g"][np.flatnonzero(starts)][np.cumsum(starts) - 1]
             dups.append(arr["g"][~starts])

@@ -4,8 +4,9 @@ The work is split so that a billion inputs need no more memory than one chunk:
 
 - ``plan(cfg)`` streams the input listing once into chunk lists
   (``_ingest/chunks/{k:06d}.parquet``, ``chunk_size`` inputs each) and records
-  ``_ingest/plan.json``. Each chunk's inputs are shuffled (``shuffle``, seeded), so shards
-  mix the listing's folders. A rerun reuses the plan, so the listing is frozen: resuming
+  ``_ingest/plan.json``. The listing is shuffled as a whole first (``shuffle``, seeded; a
+  two-level scatter in bounded memory, ``sharding.shuffle``), so every chunk and shard draws
+  from the whole corpus. A rerun reuses the plan, so the listing is frozen: resuming
   never sees a different corpus.
 - ``ingest_chunk(cfg, k)`` fetches, validates, converts and writes chunk ``k``'s images to
   ``shards/{k:06d}-{j:04d}.tar``, then writes its manifest part (``_ingest/parts/``) and,
@@ -13,9 +14,10 @@ The work is split so that a billion inputs need no more memory than one chunk:
   as local processes or as the tasks of a Slurm job array. A chunk killed midway is
   simply redone: its output is a deterministic function of its inputs.
 - ``merge(cfg)`` runs once all chunks are done: cross-chunk exact dedup (hash-partitioned,
-  first in planned order wins), rewrites the shards that held a later copy, writes
-  ``manifest.parquet`` and ``summary.json`` and checks that
-  written + duplicate + rejected == seen.
+  first in planned order wins, ``merge_prepare``), rewrites the shards that held a later
+  copy (``merge_chunk``, per chunk: an array of tasks on Slurm), writes
+  ``manifest.parquet``, ``shards.parquet`` and ``summary.json`` (``merge_finish``) and
+  checks that written + duplicate + rejected == seen (sharding.merge has the layout).
 
 ``ingest(cfg)`` does all three on one machine with ``cfg.workers`` processes and a
 progress bar.
@@ -35,18 +37,20 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from seerlike import storage
 from seerlike.config import ConfigError
-from sharding import dedup
+from sharding import dedup, shuffle
 from sharding.config import IngestConfig
-from sharding.manifest import MANIFEST, SCHEMA, SUMMARY, WORK, read_table, table_to_bytes
+from sharding.manifest import MANIFEST, SCHEMA, SHARDS, SUMMARY, WORK, read_table, table_to_bytes
+from sharding.merge import DUP_GROUP, DUP_SCHEMA, ManifestAssembler, chunk_summary, shard_index_table
 from sharding.process import REASONS, process_image
 from sharding.sources import FetchError, Source, check_inputs, iter_sources, normalize_ref, prefetch
 from sharding.writer import SHARDS_DIR, ShardWriter, rewrite_shard, staged
@@ -142,31 +146,44 @@ def plan(cfg: IngestConfig) -> Plan:
     if existing is not None:
         return existing
     t0 = time.perf_counter()
-    n, k, buf = 0, 0, []
-
-    def flush() -> None:
-        # Listings come sorted (one folder per class, crawl or date); a training reader mixes only
-        # a few consecutive shards, so unshuffled shards make class-pure batches.
-        rows = [buf[i] for i in np.random.default_rng([cfg.seed, k]).permutation(len(buf))] if cfg.shuffle else buf
-        table = pa.table(
-            {"source": [s.ref for s in rows], "label": [s.label for s in rows]},
-            schema=pa.schema([("source", pa.string()), ("label", pa.string())]),
-        )
-        storage.write_bytes(_work(cfg, "chunks", f"{k:06d}.parquet"), table_to_bytes(table), endpoint_url=_ep(cfg))
-
-    for src in iter_sources(cfg):
-        buf.append(src)
-        n += 1
-        if len(buf) == cfg.chunk_size:
-            flush()
-            k, buf = k + 1, []
-    if buf:
-        flush()
+    # Listings come sorted (one folder per class, crawl or date); a training reader mixes only
+    # a few consecutive shards, so shards cut from the listing's order make class-pure batches.
+    if cfg.shuffle:
+        tables = shuffle.shuffled(iter_sources(cfg), cfg.seed, os.path.join(_spool_dir(cfg), "plan"))
+    else:
+        tables = _in_order(iter_sources(cfg), cfg.chunk_size)
+    n, k, carry = 0, 0, None
+    for t in tables:
+        n += t.num_rows
+        carry = t if carry is None else pa.concat_tables([carry, t])
+        while carry.num_rows >= cfg.chunk_size:
+            _write_chunk_list(cfg, k, carry.slice(0, cfg.chunk_size))
+            k, carry = k + 1, carry.slice(cfg.chunk_size)
+    if carry is not None and carry.num_rows:
+        _write_chunk_list(cfg, k, carry)
         k += 1
+    with contextlib.suppress(OSError):
+        os.rmdir(_spool_dir(cfg))  # gone when empty
     p = Plan(n_inputs=n, n_chunks=k, chunk_size=cfg.chunk_size)
     storage.write_bytes(_work(cfg, "plan.json"), json.dumps(p.__dict__).encode(), endpoint_url=_ep(cfg))
     log.info("planned %d inputs in %d chunks of %d (%.1fs)", n, k, cfg.chunk_size, time.perf_counter() - t0)
     return p
+
+
+def _in_order(sources, size: int):
+    buf = []
+    for src in sources:
+        buf.append(src)
+        if len(buf) == size:
+            yield shuffle.as_table(buf)
+            buf = []
+    if buf:
+        yield shuffle.as_table(buf)
+
+
+def _write_chunk_list(cfg: IngestConfig, k: int, table: pa.Table) -> None:
+    storage.write_bytes(_work(cfg, "chunks", f"{k:06d}.parquet"), table_to_bytes(table.combine_chunks()),
+                        endpoint_url=_ep(cfg))
 
 
 def chunk_sources(cfg: IngestConfig, k: int) -> list[Source]:
@@ -331,8 +348,25 @@ def _handle(row: dict, data: bytes, cfg: IngestConfig, writer: ShardWriter, firs
 
 
 def merge(cfg: IngestConfig, run_stats: dict | None = None) -> dict:
-    """Dedup across chunks, write manifest.parquet and summary.json; returns the summary."""
+    """Dedup across chunks, write manifest.parquet, shards.parquet and summary.json; returns the summary.
+
+    ``merge_prepare``, ``merge_chunk`` for every chunk (on ``cfg.workers`` threads) and
+    ``merge_finish`` in one process; a Slurm submission runs them as separate jobs
+    (launchers.submit.submit_ingest), the chunks as an array (sharding.merge).
+    """
     cfg = normalize(cfg)
+    t0 = time.perf_counter()
+    p = merge_prepare(cfg)
+    if cfg.workers > 1 and p.n_chunks > 1:
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            list(pool.map(lambda k: merge_chunk(cfg, k), p.chunks))
+    else:
+        for k in p.chunks:
+            merge_chunk(cfg, k)
+    return merge_finish(cfg, run_stats, merge_seconds=time.perf_counter() - t0)
+
+
+def _merge_ready(cfg: IngestConfig) -> Plan:
     p = load_plan(cfg)
     if p is None:
         raise RuntimeError(f"{cfg.out}: no plan; run plan(cfg) and the chunks first (or `seerlike ingest`)")
@@ -342,33 +376,154 @@ def merge(cfg: IngestConfig, run_stats: dict | None = None) -> dict:
             f"{cfg.out}: {len(missing)} of {p.n_chunks} chunks are not done (e.g. {missing[:5]}); "
             "run ingest_chunk for them, or rerun `seerlike ingest`, before merging"
         )
+    return p
+
+
+def merge_prepare(cfg: IngestConfig) -> Plan:
+    """Merge step 1: cross-chunk dedup into ``_ingest/dups/`` and ``_ingest/dedup.json``."""
+    cfg = normalize(cfg)
+    p = _merge_ready(cfg)
     t0 = time.perf_counter()
     # Every chunk is done, so no writer is alive: whatever temp files remain belong to a
     # killed chunk attempt or merge. The merge only rereads parts and rewrites deterministic
     # outputs, so rerunning it after a stop at any point gives the same result.
-    for folder in (cfg.out, storage.join(cfg.out, SHARDS_DIR), *(_work(cfg, d) for d in ("", "chunks", "parts", "done"))):
+    for folder in (cfg.out, storage.join(cfg.out, SHARDS_DIR),
+                   *(_work(cfg, d) for d in ("", "chunks", "parts", "done", "dups", "merged"))):
         _remove_temps(folder, ".*.tmp")
     scratch = os.path.join(_spool_dir(cfg), "merge")
-    shutil.rmtree(scratch, ignore_errors=True)
+    for old in Path(_spool_dir(cfg)).glob("merge*"):  # of a killed merge (merge-{k}: of a chunk's)
+        shutil.rmtree(old, ignore_errors=True)
     try:
         with storage.reporting_disk_full(scratch):
             os.makedirs(scratch, exist_ok=True)
             dup_ids, win_ids = _cross_chunk(cfg, p, scratch)
-        summary = _write_manifest(cfg, p, dup_ids, win_ids, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(_spool_dir(cfg))  # gone when empty
-    chunk_seconds = chunk_cpu = 0.0
-    for k in p.chunks:
-        marker = json.loads(storage.read_bytes(_work(cfg, "done", f"{k:06d}.json"), endpoint_url=_ep(cfg)))
-        chunk_seconds += marker["seconds"]
-        chunk_cpu += marker.get("cpu_seconds", 0.0)
+    # Every group's file is written, an empty one too, so none is left from an earlier dedup.
+    span = DUP_GROUP * p.chunk_size
+    bounds = np.searchsorted(dup_ids, np.arange(0, -(-p.n_chunks // DUP_GROUP) + 1) * span)
+    for g in range(len(bounds) - 1):
+        lo, hi = bounds[g], bounds[g + 1]
+        table = pa.table({"dup": dup_ids[lo:hi], "win": win_ids[lo:hi]}, schema=DUP_SCHEMA)
+        storage.write_bytes(_work(cfg, "dups", f"{g:06d}.parquet"), table_to_bytes(table), endpoint_url=_ep(cfg))
+    digest = hashlib.sha256(dup_ids.tobytes() + win_ids.tobytes()).hexdigest()[:16]
+    info = {"duplicates": int(len(dup_ids)), "digest": digest, "seconds": round(time.perf_counter() - t0, 3)}
+    storage.write_bytes(_work(cfg, "dedup.json"), json.dumps(info).encode(), endpoint_url=_ep(cfg))
+    return p
+
+
+def _read_json(cfg: IngestConfig, *parts: str) -> dict | None:
+    url = _work(cfg, *parts)
+    if not storage.exists(url, endpoint_url=_ep(cfg)):
+        return None
+    return json.loads(storage.read_bytes(url, endpoint_url=_ep(cfg)))
+
+
+def _chunk_stamp(cfg: IngestConfig, k: int, dedup_info: dict, done: bytes | None = None) -> dict:
+    """What a chunk's merge result derives from: the dedup result and the chunk's done marker."""
+    if done is None:
+        done = storage.read_bytes(_work(cfg, "done", f"{k:06d}.json"), endpoint_url=_ep(cfg))
+    return {"dedup": dedup_info["digest"], "done": hashlib.sha256(done).hexdigest()[:16]}
+
+
+def merge_chunk(cfg: IngestConfig, chunk_index: int) -> dict:
+    """Merge step 2 for chunk ``k``: mark its later copies, rewrite their shards, record the chunk.
+
+    A no-op returning its marker when the chunk was merged against the same dedup result.
+    """
+    cfg = normalize(cfg)
+    k = chunk_index
+    p = load_plan(cfg)
+    dedup_info = _read_json(cfg, "dedup.json")
+    if p is None or dedup_info is None:
+        raise RuntimeError(f"{cfg.out}: no dedup result; run merge_prepare(cfg) before merge_chunk")
+    stamp = _chunk_stamp(cfg, k, dedup_info)
+    marker = _read_json(cfg, "merged", f"{k:06d}.json")
+    if marker is not None and marker.get("stamp") == stamp:
+        return marker
+    t0 = time.perf_counter()
+    dt = read_table(_work(cfg, "dups", f"{k // DUP_GROUP:06d}.parquet"), endpoint_url=_ep(cfg))
+    dups, wins = dt["dup"].to_numpy(), dt["win"].to_numpy()
+    lo, hi = np.searchsorted(dups, [k * p.chunk_size, (k + 1) * p.chunk_size])
+    t = read_table(_work(cfg, "parts", f"{k:06d}.parquet"), endpoint_url=_ep(cfg))
+    if hi > lo:
+        scratch = os.path.join(_spool_dir(cfg), f"merge-{k:06d}")
+        try:
+            with storage.reporting_disk_full(scratch):
+                os.makedirs(scratch, exist_ok=True)
+                t = _apply_duplicates(cfg, t, k, p, dups[lo:hi], wins[lo:hi], scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(_spool_dir(cfg))
+        storage.write_bytes(_work(cfg, "merged", f"{k:06d}.parquet"), table_to_bytes(t), endpoint_url=_ep(cfg))
+    marker = {"chunk": k, "stamp": stamp, "rewritten": bool(hi > lo), "duplicates_across_chunks": int(hi - lo),
+              **chunk_summary(t, k * p.chunk_size), "seconds": round(time.perf_counter() - t0, 3)}
+    storage.write_bytes(_work(cfg, "merged", f"{k:06d}.json"), json.dumps(marker).encode(), endpoint_url=_ep(cfg))
+    return marker
+
+
+def merge_chunks(cfg: IngestConfig, task: int, tasks: int) -> int:
+    """``merge_chunk`` for the chunks ``k`` with ``k % tasks == task`` (one task of a merge array)."""
+    p = load_plan(normalize(cfg))
+    if p is None:
+        raise RuntimeError(f"{cfg.out}: no plan; nothing to merge")
+    mine = [k for k in p.chunks if k % tasks == task]
+    for k in mine:
+        merge_chunk(cfg, k)
+    return len(mine)
+
+
+def merge_finish(cfg: IngestConfig, run_stats: dict | None = None, *, merge_seconds: float | None = None) -> dict:
+    """Merge step 3: manifest.parquet, shards.parquet and summary.json from the merged chunks."""
+    cfg = normalize(cfg)
+    p = _merge_ready(cfg)
+    t0 = time.perf_counter()
+    dedup_info = _read_json(cfg, "dedup.json")
+    if dedup_info is None:
+        raise RuntimeError(f"{cfg.out}: no dedup result; run merge_prepare(cfg) and merge_chunk for every chunk")
+    def read_markers(k: int) -> tuple[bytes, dict | None]:
+        return (storage.read_bytes(_work(cfg, "done", f"{k:06d}.json"), endpoint_url=_ep(cfg)),
+                _read_json(cfg, "merged", f"{k:06d}.json"))
+
+    # two small objects per chunk (100,000 chunks at a billion inputs): read many at once
+    with ThreadPoolExecutor(16) as pool:
+        pairs = list(pool.map(read_markers, p.chunks))
+    markers, done_markers = [], []
+    for k, (done, m) in zip(p.chunks, pairs):
+        if m is None or m.get("stamp") != _chunk_stamp(cfg, k, dedup_info, done):
+            raise RuntimeError(f"{cfg.out}: chunk {k} is not merged against the current dedup result; "
+                               "run merge_chunk for it (or rerun the merge)")
+        markers.append(m)
+        done_markers.append(json.loads(done))
+    scratch = os.path.join(_spool_dir(cfg), "merge")
+    try:
+        with storage.reporting_disk_full(scratch):
+            os.makedirs(scratch, exist_ok=True)
+            with staged(storage.join(cfg.out, MANIFEST), scratch, endpoint_url=_ep(cfg)) as local_manifest:
+                out = ManifestAssembler(local_manifest)
+                for m in markers:
+                    src = "merged" if m["rewritten"] else "parts"
+                    out.add(read_table(_work(cfg, src, f"{m['chunk']:06d}.parquet"), endpoint_url=_ep(cfg)))
+                out.close()
+            storage.write_bytes(storage.join(cfg.out, SHARDS), table_to_bytes(shard_index_table(markers)),
+                                endpoint_url=_ep(cfg))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(_spool_dir(cfg))
+    summary = _summary(cfg, p, markers)
+    chunk_seconds = sum(d["seconds"] for d in done_markers)
+    chunk_cpu = sum(d.get("cpu_seconds", 0.0) for d in done_markers)
     summary["chunk_seconds"] = round(chunk_seconds, 3)
     summary["chunk_cpu_seconds"] = round(chunk_cpu, 3)
     summary["images_per_s_per_worker"] = round(p.n_inputs / chunk_seconds, 1) if chunk_seconds else None
     summary["images_per_cpu_s"] = round(p.n_inputs / chunk_cpu, 1) if chunk_cpu else None
-    summary["merge_seconds"] = round(time.perf_counter() - t0, 3)
+    if merge_seconds is None:  # the steps ran as separate jobs: the sum of their own times
+        merge_seconds = dedup_info["seconds"] + sum(m["seconds"] for m in markers)
+    summary["merge_seconds"] = round(merge_seconds + time.perf_counter() - t0, 3)
     if run_stats:
         summary.update(run_stats)
     summary["config"] = cfg.output_fields()
@@ -394,40 +549,22 @@ def _cross_chunk(cfg: IngestConfig, p: Plan, tmp: str) -> tuple[np.ndarray, np.n
     def written():
         for k in p.chunks:
             t = read_table(_work(cfg, "parts", f"{k:06d}.parquet"), ["index", "sha256", "status"], endpoint_url=_ep(cfg))
-            d = t.to_pydict()
-            keep = [j for j, s in enumerate(d["status"]) if s == "written"]
-            gids = np.asarray([d["index"][j] for j in keep], dtype=np.int64) + k * p.chunk_size
-            yield gids, [d["sha256"][j] for j in keep]
+            t = t.filter(pc.equal(t["status"], "written"))
+            gids = t["index"].to_numpy().astype(np.int64) + k * p.chunk_size
+            yield gids, t["sha256"]
 
     return dedup.cross_chunk_duplicates(written(), partitions=cfg.dedup_partitions, tmp_dir=tmp)
 
 
-def _write_manifest(cfg: IngestConfig, p: Plan, dup_ids: np.ndarray, win_ids: np.ndarray, tmp: str) -> dict:
+def _summary(cfg: IngestConfig, p: Plan, markers: list[dict]) -> dict:
     counts: Counter = Counter()
     reasons: Counter = Counter({r: 0 for r in REASONS})
-    bytes_in = bytes_out = kept = 0
-    shards: set[str] = set()
-    cross = 0
-    with staged(storage.join(cfg.out, MANIFEST), tmp, endpoint_url=_ep(cfg)) as local_manifest, \
-            pq.ParquetWriter(local_manifest, SCHEMA, compression="zstd") as out:
-        for k in p.chunks:
-            t = read_table(_work(cfg, "parts", f"{k:06d}.parquet"), endpoint_url=_ep(cfg))
-            lo, hi = np.searchsorted(dup_ids, [k * p.chunk_size, (k + 1) * p.chunk_size])
-            if hi > lo:
-                t = _apply_duplicates(cfg, t, k, p, dup_ids[lo:hi], win_ids[lo:hi], tmp)
-                cross += int(hi - lo)
-            d = t.select(["status", "reason", "orig_bytes", "size", "shard", "kept_original"]).to_pydict()
-            for status, reason, ob, size, shard, ko in zip(*d.values()):
-                counts[status] += 1
-                if status == "rejected":
-                    reasons[reason] += 1
-                bytes_in += ob or 0
-                if status == "written":
-                    bytes_out += size
-                    kept += bool(ko)
-                    shards.add(shard)
-            out.write_table(t)
+    for m in markers:
+        counts.update(m["counts"])
+        reasons.update(m["reasons"])
     written = counts["written"]
+    kept = sum(m["kept_original"] for m in markers)
+    bytes_out = sum(m["bytes_written"] for m in markers)
     return {
         "dataset": cfg.out,
         "seen": p.n_inputs,
@@ -435,12 +572,12 @@ def _write_manifest(cfg: IngestConfig, p: Plan, dup_ids: np.ndarray, win_ids: np
         "duplicate": counts["duplicate"],
         "rejected": counts["rejected"],
         "rejected_by_reason": dict(reasons),
-        "duplicates_across_chunks": cross,
+        "duplicates_across_chunks": sum(m["duplicates_across_chunks"] for m in markers),
         "kept_original": kept,
         "reencoded": written - kept,
-        "shards": len(shards),
+        "shards": sum(len(m["shards"]) for m in markers),
         "chunks": p.n_chunks,
-        "bytes_in": bytes_in,
+        "bytes_in": sum(m["bytes_in"] for m in markers),
         "bytes_written": bytes_out,
         "mean_bytes_per_image": round(bytes_out / written, 1) if written else None,
     }

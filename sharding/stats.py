@@ -2,7 +2,8 @@
 
 Statistics are computed from the manifest in streaming batches (bounded memory); sizes
 are summarised by quantiles of a bounded reservoir. ``--verify`` also reads every shard
-and checks it against the manifest: same keys, JPEG bytes at the recorded offsets.
+and checks it against the manifest: same keys, JPEG bytes at the recorded offsets; it
+holds one chunk's rows at a time (``verify``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections import Counter
 import numpy as np
 
 from seerlike import storage
-from sharding.manifest import SUMMARY, dataset_root, iter_manifest
+from sharding.manifest import SUMMARY, dataset_root, iter_manifest, open_manifest
 from sharding.writer import iter_tar
 
 _RESERVOIR = 100_000
@@ -68,40 +69,77 @@ def manifest_stats(dataset: str, *, endpoint_url: str | None = None, seed: int =
     }
 
 
+def _in_chunk_order(dataset: str, endpoint_url: str | None) -> bool:
+    """Whether the manifest has a ``chunk`` column in non-decreasing order (every ingest manifest)."""
+    if "chunk" not in open_manifest(dataset, endpoint_url=endpoint_url).schema_arrow.names:
+        return False
+    last = -1
+    for batch in iter_manifest(dataset, ["chunk"], endpoint_url=endpoint_url):
+        c = batch.column("chunk").to_numpy(zero_copy_only=False)
+        if len(c) and (c[0] < last or (np.diff(c) < 0).any()):
+            return False
+        last = int(c[-1]) if len(c) else last
+    return True
+
+
 def verify(dataset: str, *, endpoint_url: str | None = None) -> list[str]:
-    """Problems found checking every shard against the manifest; empty when consistent."""
+    """Problems found checking every shard against the manifest; empty when consistent.
+
+    An ingest manifest lists chunk after chunk and a shard holds one chunk's samples, so a
+    shard is checked as soon as the manifest moves past its chunk: memory is one chunk's
+    rows plus the shard names, not the corpus (docs/scale.md). Other manifests are checked
+    once they are read whole.
+    """
     root = dataset_root(dataset)
-    expected: dict[str, dict[str, tuple[int, int]]] = {}
-    problems = []
-    for batch in iter_manifest(dataset, ["key", "status", "shard", "offset", "size"], endpoint_url=endpoint_url):
+    problems: list[str] = []
+    streaming = _in_chunk_order(dataset, endpoint_url)
+    listed: set[str] = set()
+    pending: dict[str, dict[str, tuple[int, int]]] = {}  # shard -> key -> (offset, size), rows still to check
+    chunk_of: dict[str, int] = {}  # chunk of each pending shard
+    cols = ["key", "status", "shard", "offset", "size"] + (["chunk"] if streaming else [])
+    for batch in iter_manifest(dataset, cols, endpoint_url=endpoint_url):
         d = batch.to_pydict()
-        for key, st, shard, off, size in zip(d["key"], d["status"], d["shard"], d["offset"], d["size"]):
+        chunks = d["chunk"] if streaming else [0] * len(d["key"])
+        for key, st, shard, off, size, chunk in zip(d["key"], d["status"], d["shard"], d["offset"], d["size"], chunks):
             if st == "written":
-                expected.setdefault(shard, {})[key] = (off, size)
+                pending.setdefault(shard, {})[key] = (off, size)
+                chunk_of[shard] = chunk
+                listed.add(shard)
             elif shard is not None:
                 problems.append(f"{key}: status {st} but has shard {shard}")
+        if streaming and chunks:
+            # the rows of a chunk are consecutive: a shard of an earlier chunk than the last row's is whole
+            for shard in sorted(s for s, c in chunk_of.items() if c < chunks[-1]):
+                del chunk_of[shard]
+                problems += _check_shard(root, shard, pending.pop(shard), endpoint_url)
+    for shard in sorted(pending):
+        problems += _check_shard(root, shard, pending.pop(shard), endpoint_url)
     for url, _ in storage.list_files(storage.join(root, "shards") + ("/" if storage.is_s3_url(root) else ""), endpoint_url=endpoint_url):
         name = "shards/" + url.rsplit("/", 1)[-1]
-        if name.endswith(".tar") and name not in expected:
+        if name.endswith(".tar") and name not in listed:
             problems.append(f"{name}: shard not in the manifest")
-    for shard, keys in sorted(expected.items()):
-        url = storage.join_within(root, shard, what=f"shard {shard!r} of the manifest")
-        if not storage.exists(url, endpoint_url=endpoint_url):
-            problems.append(f"{shard}: missing")
-            continue
-        blob = storage.read_bytes(url, endpoint_url=endpoint_url)
-        found = set()
-        for member, data in iter_tar(io.BytesIO(blob)):
-            key, _, ext = member.partition(".")
-            if ext == "jpg":
-                found.add(key)
-                off, size = keys.get(key, (None, None))
-                if off is None:
-                    problems.append(f"{shard}: {key} is not a written row of the manifest")
-                elif blob[off : off + size] != data:
-                    problems.append(f"{shard}: {key} bytes differ at offset {off}")
-        for key in sorted(set(keys) - found):
-            problems.append(f"{shard}: {key} listed in the manifest but absent")
+    return problems
+
+
+def _check_shard(root: str, shard: str, keys: dict[str, tuple[int, int]], endpoint_url: str | None) -> list[str]:
+    """One shard against its manifest rows: same keys, the JPEG bytes at the recorded offsets."""
+    url = storage.join_within(root, shard, what=f"shard {shard!r} of the manifest")
+    if not storage.exists(url, endpoint_url=endpoint_url):
+        return [f"{shard}: missing"]
+    problems = []
+    blob = storage.read_bytes(url, endpoint_url=endpoint_url)
+    found = set()
+    for member, data in iter_tar(io.BytesIO(blob)):
+        key, _, ext = member.partition(".")
+        if ext == "jpg":
+            found.add(key)
+            off, size = keys.get(key, (None, None))
+            if off is None:
+                problems.append(f"{shard}: {key} is not a written row of the manifest")
+            elif blob[off : off + size] != data:
+                problems.append(f"{shard}: {key} bytes differ at offset {off}")
+    for key in sorted(set(keys) - found):
+        problems.append(f"{shard}: {key} listed in the manifest but absent")
     return problems
 
 

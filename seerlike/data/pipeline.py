@@ -221,15 +221,7 @@ def _read_position(source, plan: sh.WorkerPlan, records: int, block: int) -> dic
     """Human-readable position: shards done, the shard in progress and the offset read in it."""
     if isinstance(source, FileSource):
         return {"files_done": min(records, len(plan.files))}
-    total = sum(source.counts[s] for s in plan.shards)
-    read = min(-(-records // block) * block, total) if block > 1 else records
-    done, pos = 0, 0
-    for s in plan.shards:
-        n = source.counts[s]
-        if pos + n > read:
-            return {"shards_done": done, "shard": source.urls[s], "shard_offset": read - pos}
-        done, pos = done + 1, pos + n
-    return {"shards_done": done, "shard": None, "shard_offset": 0}
+    return sh.shard_position(source, plan, records, block)
 
 
 class _TrainStream(IterableDataset):

@@ -59,6 +59,14 @@ class WorkerPlan:
     """Shard indices in reading order (shard sources)."""
     files: list[int] = field(default_factory=list)
     """File indices in reading order (file sources)."""
+    _ends: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    """Cache of ``shard_ends``: filled on first use, in the process that uses it."""
+
+    def shard_ends(self, counts: list[int]) -> np.ndarray:
+        """Raw position at which each of the worker's shards ends (computed once per plan)."""
+        if self._ends is None:
+            self._ends = np.cumsum(np.asarray([counts[s] for s in self.shards], dtype=np.int64))
+        return self._ends
 
 
 @dataclass
@@ -147,6 +155,22 @@ def _plan_shards(counts: list[int], epoch: int, seed: int, world: int, W: int, B
             q[q.index(max(q))] -= 1
     return EpochPlan(steps, [[WorkerPlan(quota=quotas[r][w], shards=assign[r][w]) for w in range(W)]
                              for r in range(world)])
+
+
+def shard_position(source: ShardSource, plan: WorkerPlan, records: int, block: int) -> dict:
+    """Shards done, the shard in progress and the offset read in it after ``records`` emitted records.
+
+    A binary search over the worker's shard ends: every batch reports its position, so a
+    walk over the shards would cost shards x batches per epoch (docs/scale.md).
+    """
+    ends = plan.shard_ends(source.counts)
+    total = int(ends[-1]) if len(ends) else 0
+    read = min(-(-records // block) * block, total) if block > 1 else records
+    done = int(np.searchsorted(ends, read, side="right"))
+    if done == len(ends):
+        return {"shards_done": done, "shard": None, "shard_offset": 0}
+    start = int(ends[done - 1]) if done else 0
+    return {"shards_done": done, "shard": source.urls[plan.shards[done]], "shard_offset": read - start}
 
 
 # ---------------------------------------------------------------- reading tars

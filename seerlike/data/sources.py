@@ -163,25 +163,22 @@ def count_tar(url: str, endpoint_url: str | None = None) -> int:
 
 
 def manifest_counts(dataset: str, endpoint_url: str | None = None) -> dict[str, int]:
-    """``{shard url: samples written}`` of an ingest dataset, in shard-name order (one manifest read).
+    """``{shard url: samples written}`` of an ingest dataset, in shard-name order.
 
     The URLs are those of ``sharding.manifest.shard_urls``: the dataset root joined with the
-    manifest's dataset-relative ``shard`` column, rows with status ``written`` only.
+    dataset-relative shard names of its shard index (or, without one, of its manifest's
+    rows with status ``written``).
     """
-    from sharding.manifest import dataset_root, iter_manifest
+    from sharding.manifest import dataset_root, shard_counts
 
-    counts: Counter = Counter()
     try:
-        for batch in iter_manifest(dataset, ["shard", "status"], endpoint_url=endpoint_url):
-            d = batch.to_pydict()
-            counts.update(s for s, st in zip(d["shard"], d["status"]) if st == "written" and s)
+        counts = shard_counts(dataset, endpoint_url=endpoint_url)
     except Exception as e:  # noqa: BLE001 - missing or unreadable: say which dataset
         raise ConfigError(f"data source {dataset!r}: cannot read its manifest.parquet: {type(e).__name__}: {e}") from None
     if not counts:
         raise ConfigError(f"data source {dataset!r}: the manifest lists no written samples")
     root = dataset_root(dataset)
-    return {storage.join_within(root, s, what=f"shard {s!r} of the manifest of {dataset}"): counts[s]
-            for s in sorted(counts)}
+    return {storage.join_within(root, s, what=f"shard {s!r} of the manifest of {dataset}"): n for s, n in counts}
 
 
 def is_dataset(source: str) -> bool:

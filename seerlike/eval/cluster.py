@@ -10,6 +10,8 @@ Output directory:
 - ``labels/features-{unit}.parquet``, one part per feature chunk, columns ``key`` (str),
   ``cluster`` (int32), ``distance`` (float32, squared L2 to the centroid, on normalised
   features when ``normalize``); read them all with :func:`seerlike.pseudo_labels.read_labels`;
+- ``labels_index.parquet``: rows and smallest / largest key of every part, so training finds a
+  key's part without loading the others (:func:`seerlike.pseudo_labels.label_map`);
 - ``cluster_stats.json``: sizes (min/median/max, empty clusters, largest and smallest),
   the k-means objective and timings, and the full size list.
 """
@@ -32,7 +34,7 @@ from seerlike import config
 from seerlike.config import ConfigError
 from seerlike.eval.features import FeatureStore
 from seerlike.progress import Progress
-from seerlike.pseudo_labels import label_map, read_labels  # noqa: F401 - label_map: ClusterFit's data reads it here
+from seerlike.pseudo_labels import label_map, read_labels, write_index  # noqa: F401 - label_map, read_labels: ClusterFit's data reads them here
 from seerlike.storage import atomic_write, write_bytes
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,11 @@ def draw_sample(store: FeatureStore, n: int, seed: int) -> np.ndarray:
     total = int(sizes.sum())
     rows = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
     starts = np.concatenate([[0], np.cumsum(sizes)])
+    # rows is sorted: one searchsorted splits it by chunk (a mask per chunk would cost rows x chunks)
+    bounds = np.searchsorted(rows, starts)
     parts = []
     for i, unit in enumerate(store.units):
-        sel = rows[(rows >= starts[i]) & (rows < starts[i + 1])] - starts[i]
+        sel = rows[bounds[i]:bounds[i + 1]] - starts[i]
         if sel.size:
             parts.append(np.asarray(store.features(unit)[sel]))
     return np.concatenate(parts)
@@ -210,13 +214,12 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
     barrier()
     if rank != 0:
         return {}
-    labels = read_labels(out)
-    sizes = np.bincount(labels["cluster"].to_numpy(), minlength=cfg.k)
+    sizes, total_distance, num = write_index(out, cfg.k)  # one label part in memory at a time
     train_info = json.loads((out / ".train.json").read_text())
     stats = {
         "features": os.path.abspath(store.path), "layer": store.meta.get("layer"), "config": config.to_dict(cfg),
         "num_features": len(store), "dim": store.dim, **train_info,
-        "mean_distance": float(labels["distance"].to_numpy().mean()) if labels.num_rows else 0.0,
+        "mean_distance": total_distance / num if num else 0.0,
         **cluster_stats(sizes), "sizes": sizes.tolist(),
     }
     (out / ".train.json").unlink()

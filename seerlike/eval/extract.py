@@ -319,7 +319,6 @@ def extract(model: str, data: str, out: str | os.PathLike, cfg: ExtractConfig, *
     if dim is None:
         dim = int(np.load(fstore.chunk_paths(out, names[0])[0], mmap_mode="r").shape[1])
     result = fstore.finalize(out, {**meta, "dim": dim})
-    keys = fstore.FeatureStore(out).index()["key"]
-    if len(keys) != len(set(keys.to_pylist())):
+    if result["duplicate_keys"]:
         raise RuntimeError(f"duplicate sample keys in {data}: features cannot be keyed by sample key")
     return result

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from seerlike.storage import atomic_write
@@ -68,20 +69,63 @@ def write_meta(out_dir: Path, meta: dict) -> None:
     _atomic(out_dir / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
 
 
+INDEX_ROW_GROUP = 1 << 18
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.string()), ("chunk", pa.string()), ("row", pa.int32())])
+
+
 def finalize(out_dir: Path, meta: dict) -> dict:
-    """Merge the chunk indexes into ``index.parquet`` and complete ``meta.json``."""
+    """Merge the chunk indexes into ``index.parquet`` and complete ``meta.json``.
+
+    The chunks are streamed into the index one at a time (memory: one chunk, whatever the
+    corpus size); ``meta["duplicate_keys"]`` says whether a key occurs twice (see
+    :func:`duplicate_keys`).
+    """
     units = sorted(p.name[len("features-"):-len(".parquet")] for p in out_dir.glob("features-*.parquet"))
-    tables = []
-    for unit in units:
-        t = pq.read_table(chunk_paths(out_dir, unit)[1])
-        tables.append(t.append_column("chunk", pa.array([unit] * t.num_rows, pa.string())))
-    index = pa.concat_tables(tables) if tables else pa.table({"key": pa.array([], pa.string()), "row": pa.array([], pa.int32()),
-                                                             "label": pa.array([], pa.string()), "chunk": pa.array([], pa.string())})
-    index = index.select(["key", "label", "chunk", "row"])
-    _atomic(out_dir / INDEX, lambda tmp: pq.write_table(index, tmp))
-    meta = {**meta, "num_samples": index.num_rows, "chunks": units}
+    ranges = []
+    with atomic_write(out_dir / INDEX) as tmp, pq.ParquetWriter(tmp, INDEX_SCHEMA) as w:
+        # row groups of ~256k rows, not one per chunk: the writer keeps every row group's
+        # metadata until it closes (a million chunks would make a footer of gigabytes)
+        pending, rows = [], 0
+        for unit in units:
+            t = pq.read_table(chunk_paths(out_dir, unit)[1])
+            t = t.append_column("chunk", pa.array([unit] * t.num_rows, pa.string())).select(INDEX_SCHEMA.names)
+            pending.append(t.cast(INDEX_SCHEMA))
+            rows += t.num_rows
+            ranges.append(_key_range(t["key"]))
+            if rows >= INDEX_ROW_GROUP:
+                w.write_table(pa.concat_tables(pending), row_group_size=rows)
+                pending, rows = [], 0
+        if pending:
+            w.write_table(pa.concat_tables(pending), row_group_size=max(rows, 1))
+    num = sum(r[0] for r in ranges)
+    meta = {**meta, "num_samples": num, "chunks": units,
+            "duplicate_keys": duplicate_keys(ranges, lambda: pq.read_table(out_dir / INDEX, columns=["key"])["key"])}
     write_meta(out_dir, meta)
     return meta
+
+
+def _key_range(keys: pa.ChunkedArray) -> tuple[int, str | None, str | None, bool]:
+    """(rows, smallest key, largest key, whether the keys are distinct) of one chunk."""
+    if len(keys) == 0:
+        return 0, None, None, True
+    mm = pc.min_max(keys)
+    return len(keys), mm["min"].as_py(), mm["max"].as_py(), pc.count_distinct(keys).as_py() == len(keys)
+
+
+def duplicate_keys(ranges: list[tuple[int, str | None, str | None, bool]], all_keys) -> bool:
+    """Whether any key occurs twice, from per-chunk ``(rows, min, max, distinct)``.
+
+    Chunks with distinct keys and disjoint key ranges (every ingest dataset: keys are
+    positions, one shard per chunk) prove it without holding the keys; otherwise
+    ``all_keys()`` is loaded and counted.
+    """
+    if not all(r[3] for r in ranges):
+        return True
+    spans = sorted((lo, hi) for n, lo, hi, _ in ranges if n)
+    if all(a[1] < b[0] for a, b in zip(spans, spans[1:])):
+        return False
+    keys = all_keys()
+    return pc.count_distinct(keys).as_py() != len(keys)
 
 
 @dataclass

@@ -162,8 +162,12 @@ def test_merge_stopped_at_every_step_reruns_to_the_same_result(photos_dir, tmp_p
     with monkeypatch.context() as m:
         steps = _merge_steps(m, None)
         want = merge(_cfg(listing, ref))
-    assert steps == ["dedup", "rename 000001-0000.tar", "remove 000002-0001.tar",
-                     "rename manifest.parquet", "rename summary.json"], steps
+    assert steps == ["dedup", "rename 000000.parquet", "rename dedup.json",  # dups of chunks 0-63, digest
+                     "rename 000000.json",  # chunk 0's merge marker
+                     "rename 000001-0000.tar", "rename 000001.parquet", "rename 000001.json",
+                     "remove 000002-0001.tar", "rename 000002.parquet", "rename 000002.json",
+                     "rename manifest.parquet", "rename shards.parquet",
+                     "rename summary.json"], steps
     want_rows, want_shards = read_manifest(str(ref)).to_pylist(), _shards(ref)
 
     for n in range(len(steps)):

@@ -67,7 +67,7 @@ def test_ingest_photos_and_cifar_to_s3(s3_bucket, photos_dir, cifar_dir, tmp_pat
     assert n == 390
     # no temp or half-written objects: only the dataset layout
     keys = _objects(endpoint, bucket, "ds/")
-    assert {k.split("/")[1] for k in keys} == {"shards", "manifest.parquet", "summary.json", "_ingest"}
+    assert {k.split("/")[1] for k in keys} == {"shards", "manifest.parquet", "shards.parquet", "summary.json", "_ingest"}
     assert boto3.client("s3", endpoint_url=endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     # a rerun changes nothing (same objects, same ETags)
     again = ingest(cfg)

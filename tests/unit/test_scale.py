@@ -1,0 +1,240 @@
+"""The corpus-wide steps in their bounded-memory form give what the whole-corpus versions gave.
+
+Each test runs a step in its streaming / partitioned design on a small corpus and checks it
+against the simple in-memory answer; ``test_pseudo_label_join_memory_stays_flat_at_1m_rows``
+holds the memory ceiling at a million rows (docs/scale.md has the measurements).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from seerlike.data import shards as sh
+from seerlike.data.sources import ShardSource
+from seerlike.eval import features as fstore
+from seerlike.pseudo_labels import PseudoLabels, label_map, write_index
+from sharding import dedup, shuffle
+from sharding.config import IngestConfig
+from sharding.ingest import ingest, ingest_chunk, merge, merge_chunk, merge_finish, merge_prepare, plan
+from sharding.manifest import SHARDS, read_manifest, read_shard_index, shard_counts
+from sharding.stats import verify
+
+
+def _walk_position(source: ShardSource, plan: sh.WorkerPlan, records: int, block: int) -> dict:
+    """The position as a walk over the worker's shards (what every batch used to pay)."""
+    total = sum(source.counts[s] for s in plan.shards)
+    read = min(-(-records // block) * block, total) if block > 1 else records
+    done, pos = 0, 0
+    for s in plan.shards:
+        if pos + source.counts[s] > read:
+            return {"shards_done": done, "shard": source.urls[s], "shard_offset": read - pos}
+        done, pos = done + 1, pos + source.counts[s]
+    return {"shards_done": done, "shard": None, "shard_offset": 0}
+
+
+def test_resume_position_by_binary_search_matches_the_walk() -> None:
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 40, size=200).tolist()  # empty shards too
+    src = ShardSource([f"s/{i:04d}.tar" for i in range(200)], counts)
+    plan = sh.plan_epoch(src, epoch=2, seed=1, world_size=2, num_workers=3, batch_size=8)
+    for wp in (w for rank in plan.workers for w in rank):
+        total = sum(counts[s] for s in wp.shards)
+        for records in list(range(0, total + 40, 7)) + [total]:
+            for block in (1, 10, 1000):
+                assert sh.shard_position(src, wp, records, block) == _walk_position(src, wp, records, block)
+
+
+def test_vectorised_dedup_matches_the_list_form(tmp_path: Path) -> None:
+    pool = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(500)]
+    rng = np.random.default_rng(3)
+    chunks = [(np.arange(100, dtype=np.int64) + 1000 * k, [pool[p] for p in rng.choice(500, 100, replace=False)])
+              for k in range(8)]
+    as_lists = dedup.cross_chunk_duplicates(iter(chunks), partitions=5, tmp_dir=tmp_path)
+    as_arrow = dedup.cross_chunk_duplicates(((g, pa.array(h)) for g, h in reversed(chunks)), partitions=5,
+                                            tmp_dir=tmp_path)
+    assert len(as_lists[0]) > 100
+    for a, b in zip(as_lists, as_arrow):
+        assert a.tolist() == b.tolist()
+    assert dedup.digests(pa.array(pool[:3]).slice(1)).tolist() == [bytes.fromhex(h) for h in pool[1:3]]
+    with pytest.raises(ValueError, match="hexadecimal"):
+        dedup.digests(pa.array(["z" * 64]))
+
+
+# ---------------------------------------------------------------- pseudo-labels
+
+
+def _label_parts(folder: Path, n_parts: int, per_part: int, missing_every: int = 0) -> dict[str, int]:
+    """Parts ``features-shard-{p}`` of keys ``{p:06d}_{i:07d}`` (one shard each); returns the labels written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for p in range(n_parts):
+        keys = [f"{p:06d}_{i:07d}" for i in range(per_part) if not (missing_every and i % missing_every == 0)]
+        cl = (np.arange(len(keys)) * 7 + p) % 97
+        pq.write_table(pa.table({"key": keys, "cluster": pa.array(cl, pa.int32()),
+                                 "distance": pa.array(np.ones(len(keys)), pa.float32())}),
+                       folder / f"features-shard-{p:06d}.parquet")
+        written.update(zip(keys, cl.tolist()))
+    return written
+
+
+def test_pseudo_labels_by_part_match_the_dict(tmp_path: Path) -> None:
+    written = _label_parts(tmp_path / "labels", 12, 50, missing_every=9)
+    sizes, total, n = write_index(tmp_path, 97)
+    assert n == len(written) and sizes.sum() == n and total == pytest.approx(n)
+    lookup = label_map(tmp_path)
+    assert isinstance(lookup, PseudoLabels) and len(lookup) == len(written)
+    probes = [f"{p:06d}_{i:07d}" for p in range(-1, 14) for i in range(0, 60, 3)] + ["", "zzz"]
+    assert [lookup.get(k) for k in probes] == [written.get(k) for k in probes]
+    assert lookup == written  # Mapping equality: every key, every value
+    (tmp_path / "labels_index.parquet").unlink()  # an older cluster output: ranges read from the parts
+    assert isinstance(label_map(tmp_path / "labels"), PseudoLabels) and label_map(tmp_path / "labels") == written
+
+
+def test_pseudo_labels_with_overlapping_parts_fall_back_to_a_dict(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"key": ["a", "c"], "cluster": pa.array([1, 2], pa.int32())}), tmp_path / "x.parquet")
+    pq.write_table(pa.table({"key": ["b", "d"], "cluster": pa.array([3, 4], pa.int32())}), tmp_path / "y.parquet")
+    got = label_map(tmp_path)
+    assert type(got) is dict and got == {"a": 1, "c": 2, "b": 3, "d": 4}
+
+
+def test_pseudo_label_join_memory_stays_flat_at_1m_rows(tmp_path: Path) -> None:
+    """A rank's label join over a million pseudo-labels holds a few parts, not a dict of all of them."""
+    (tmp_path / "labels").mkdir()
+    for p in range(100):  # a million labels in 100 parts of 10,000
+        pq.write_table(pa.table({"key": [f"{p:06d}_{i:07d}" for i in range(10_000)],
+                                 "cluster": pa.array((np.arange(10_000) * 7 + p) % 97, pa.int32()),
+                                 "distance": pa.array(np.ones(10_000), pa.float32())}),
+                       tmp_path / "labels" / f"features-shard-{p:06d}.parquet")
+    write_index(tmp_path, 97)
+    wanted = [f"{p:06d}_{i:07d}" for p in (3, 4, 50, 98) for i in range(0, 10_000, 3)]
+    tracemalloc.start()
+    try:
+        lookup = label_map(tmp_path)
+        got = [lookup.get(k) for k in wanted]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [(i * 7 + p) % 97 for p in (3, 4, 50, 98) for i in range(0, 10_000, 3)]
+    assert len(lookup) == 1_000_000
+    # a dict of a million keys (the whole-corpus join) needs > 100 MB here; the parts' join a few
+    assert peak < 24e6, f"label join peaked at {peak / 1e6:.1f} MB of Python objects"
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_feature_index_streams_and_detects_duplicate_keys(tmp_path: Path) -> None:
+    for unit, keys in (("a", ["k1", "k2"]), ("b", ["k3"]), ("c", [])):
+        fstore.write_chunk(tmp_path, unit, keys, np.zeros((len(keys), 4), np.float32))
+    meta = fstore.finalize(tmp_path, {"dim": 4})
+    assert meta["num_samples"] == 3 and not meta["duplicate_keys"]
+    assert pq.read_table(tmp_path / fstore.INDEX).to_pylist() == [
+        {"key": "k1", "label": None, "chunk": "a", "row": 0}, {"key": "k2", "label": None, "chunk": "a", "row": 1},
+        {"key": "k3", "label": None, "chunk": "b", "row": 0}]
+    ranges = [(2, "a", "m", True), (2, "b", "z", True)]  # overlapping ranges: the keys decide
+    assert not fstore.duplicate_keys(ranges, lambda: pa.chunked_array([pa.array(["a", "m", "b", "z"])]))
+    assert fstore.duplicate_keys(ranges, lambda: pa.chunked_array([pa.array(["a", "m", "m", "z"])]))
+    assert fstore.duplicate_keys([(2, "a", "a", False)], lambda: pytest.fail("not needed"))
+
+
+def test_kmeans_sample_rows_match_a_mask_per_chunk(tmp_path: Path) -> None:
+    from seerlike.eval.cluster import draw_sample
+
+    rng = np.random.default_rng(0)
+    rows = 0
+    for u, n in enumerate([5, 0, 17, 3, 40]):
+        fstore.write_chunk(tmp_path, f"u{u}", [f"{u}-{i}" for i in range(n)],
+                           (np.arange(n)[:, None] + rows + np.zeros((1, 3))).astype(np.float32))
+        rows += n
+    fstore.finalize(tmp_path, {"dim": 3})
+    store = fstore.FeatureStore(tmp_path)
+    want = np.sort(np.random.default_rng(7).choice(rows, size=20, replace=False))
+    assert draw_sample(store, 20, 7)[:, 0].tolist() == want.tolist()
+    assert rng is not None
+
+
+# ---------------------------------------------------------------- ingest merge, shard index, readers
+
+
+@pytest.fixture(scope="module")
+def labelled_ingest(cifar_dir, tmp_path_factory):
+    """A labelled CSV of 24 CIFAR images plus 4 repeats in later chunks, ingested in chunks of 5."""
+    root = tmp_path_factory.mktemp("scale")
+    lines = (cifar_dir / "train.csv").read_text().splitlines()
+    rows = [f"{cifar_dir}/{t}" for t in lines[1::len(lines) // 24][:24]]  # every class
+    rows += [rows[1], rows[7], rows[3], rows[1]]
+    (root / "list.csv").write_text("path,label\n" + "\n".join(f"{r.split(',')[0]},{r.split(',')[1]}" for r in rows) + "\n")
+    cfg = IngestConfig(inputs=(str(root / "list.csv"),), out=str(root / "ds"), chunk_size=5, shard_max_samples=2,
+                       progress=False, shuffle=False)
+    summary = ingest(cfg)
+    return root, cfg, summary
+
+
+def test_merge_in_separate_steps_matches_one_merge(labelled_ingest, tmp_path: Path) -> None:
+    root, cfg, summary = labelled_ingest
+    assert summary["duplicates_across_chunks"] == 4 and summary["written"] == 24
+    cfg2 = cfg.replace(out=str(tmp_path / "ds"))
+    for k in plan(cfg2):
+        ingest_chunk(cfg2, k)
+    p = merge_prepare(cfg2)
+    for k in reversed(p.chunks):  # any order, as the tasks of a merge array finish
+        merge_chunk(cfg2, k)
+    mark = (tmp_path / "ds" / "_ingest" / "merged" / "000005.json").stat().st_mtime_ns
+    assert merge_chunk(cfg2, 5)["rewritten"]  # a rerun returns the recorded marker, rewrites nothing
+    assert (tmp_path / "ds" / "_ingest" / "merged" / "000005.json").stat().st_mtime_ns == mark
+    got = merge_finish(cfg2)
+    assert read_manifest(cfg2.out).to_pylist() == read_manifest(str(root / "ds")).to_pylist()
+    assert {p.name: p.read_bytes() for p in sorted((tmp_path / "ds" / "shards").iterdir())} == \
+        {p.name: p.read_bytes() for p in sorted((root / "ds" / "shards").iterdir())}
+    fields = ("seen", "written", "duplicate", "rejected", "rejected_by_reason", "duplicates_across_chunks",
+              "kept_original", "shards", "chunks", "bytes_in", "bytes_written")
+    assert {f: got[f] for f in fields} == {f: summary[f] for f in fields}
+    (tmp_path / "ds" / "_ingest" / "done" / "000002.json").write_text('{"chunk": 2, "seconds": 1}')  # chunk 2 redone
+    with pytest.raises(RuntimeError, match="chunk 2 is not merged against the current dedup"):
+        merge_finish(cfg2)
+
+
+def test_shard_index_matches_a_manifest_scan(labelled_ingest, tmp_path: Path) -> None:
+    root, _, _ = labelled_ingest
+    ds = root / "ds"
+    index = read_shard_index(str(ds))
+    rows = read_manifest(str(ds)).to_pylist()
+    scanned = {}
+    for i, r in enumerate(rows):
+        if r["status"] == "written":
+            e = scanned.setdefault(r["shard"], {"count": 0, "bytes": 0, "keys": [], "rows": []})
+            e["count"] += 1
+            e["bytes"] += r["size"]
+            e["keys"].append(r["key"])
+            e["rows"].append(i)
+    assert index["shard"].to_pylist() == sorted(scanned)
+    for e in index.to_pylist():
+        s = scanned[e["shard"]]
+        assert (e["count"], e["bytes"], e["first_key"], e["last_key"]) == (s["count"], s["bytes"], min(s["keys"]), max(s["keys"]))
+        assert (e["row_start"], e["row_end"]) == (min(s["rows"]), max(s["rows"]) + 1)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(ds / "manifest.parquet", bare / "manifest.parquet")
+    assert not (bare / SHARDS).exists() and shard_counts(str(bare)) == shard_counts(str(ds))
+    assert shard_counts(str(ds)) == [(s, v["count"]) for s, v in sorted(scanned.items())]
+
+
+def test_shard_index_read_by_range_from_s3(labelled_ingest, s3_bucket) -> None:
+    from seerlike import storage
+
+    root, _, _ = labelled_ingest
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/ds"
+    for name in ("manifest.parquet", "shards.parquet"):
+        storage.put_file(root / "ds" / name, f"{url}/{name}", endpoint_url=endpoint)
+    assert shard_counts(url, endpoint_url=endpoint) == shard_counts(str(root / "ds"))
