@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from seerlike import storage
+
 log = logging.getLogger(__name__)
 
 INDEX = "labels_index.parquet"
@@ -72,9 +74,8 @@ def write_index(out: str | os.PathLike, k: int) -> tuple[np.ndarray, float, int]
         mm = pc.min_max(t["key"]) if t.num_rows else None
         for name, v in zip(INDEX_SCHEMA.names, (p.name, t.num_rows, mm and mm["min"].as_py(), mm and mm["max"].as_py())):
             rows[name].append(v)
-    tmp = out / f".{INDEX}.tmp"
-    pq.write_table(pa.table(rows, schema=INDEX_SCHEMA), tmp)
-    os.replace(tmp, out / INDEX)
+    with storage.atomic_write(out / INDEX) as tmp:
+        pq.write_table(pa.table(rows, schema=INDEX_SCHEMA), tmp)
     return sizes, total, n
 
 
