@@ -325,3 +325,20 @@ def test_shard_index_and_labels_read_by_range_from_s3(labelled_ingest, s3_bucket
     remote, classes = manifest_labels(url, endpoint)
     local, local_classes = manifest_labels(str(root / "ds"))
     assert classes == local_classes and dict(remote.items()) == dict(local.items()) and len(remote) == 24
+
+
+def test_a_full_manifest_scan_holds_one_row_group_not_the_file(tmp_path: Path) -> None:
+    from sharding.manifest import iter_manifest
+
+    n = 400_000
+    shards = pa.array(bytes.hex(os.urandom(16 * n), " ", 16).split())  # incompressible: 32 hex chars a row
+    pq.write_table(pa.table({"shard": shards, "status": pa.array(["written"] * n)}), tmp_path / "manifest.parquet",
+                   row_group_size=20_000)
+    assert (tmp_path / "manifest.parquet").stat().st_size > 8e6
+    base = pa.total_allocated_bytes()
+    peak, rows = 0, 0
+    for batch in iter_manifest(str(tmp_path), ["shard", "status"]):
+        rows += batch.num_rows
+        peak = max(peak, pa.total_allocated_bytes() - base)
+    # pre-buffered reads would keep every column chunk read: the file's 13 MB by the end
+    assert rows == n and peak < 6e6, f"scan held {peak / 1e6:.1f} MB"
