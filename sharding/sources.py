@@ -156,7 +156,7 @@ def _iter_list_entries(local: str, ref: str, base: str, cfg: IngestConfig) -> It
     else:
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(local)
+        pf = pq.ParquetFile(local, pre_buffer=False, buffer_size=1 << 20)  # a billion-row list file: one row group held
         names = pf.schema_arrow.names
         column = _pick_column(names, ref, cfg)
         cols = [column] + ([cfg.label_column] if cfg.label_column in names and cfg.label_column != column else [])

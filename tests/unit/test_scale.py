@@ -8,7 +8,6 @@ holds the memory ceiling at a million rows (docs/scale.md has the measurements).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tracemalloc
@@ -25,7 +24,7 @@ from seerlike.eval import features as fstore
 from seerlike.pseudo_labels import PseudoLabels, label_map, write_index
 from sharding import dedup, shuffle
 from sharding.config import IngestConfig
-from sharding.ingest import ingest, ingest_chunk, merge, merge_chunk, merge_finish, merge_prepare, plan
+from sharding.ingest import ingest, ingest_chunk, merge_chunk, merge_finish, merge_prepare, plan
 from sharding.manifest import SHARDS, read_manifest, read_shard_index, shard_counts
 from sharding.stats import verify
 
@@ -150,7 +149,6 @@ def test_feature_index_streams_and_detects_duplicate_keys(tmp_path: Path) -> Non
 def test_kmeans_sample_rows_match_a_mask_per_chunk(tmp_path: Path) -> None:
     from seerlike.eval.cluster import draw_sample
 
-    rng = np.random.default_rng(0)
     rows = 0
     for u, n in enumerate([5, 0, 17, 3, 40]):
         fstore.write_chunk(tmp_path, f"u{u}", [f"{u}-{i}" for i in range(n)],
@@ -159,8 +157,7 @@ def test_kmeans_sample_rows_match_a_mask_per_chunk(tmp_path: Path) -> None:
     fstore.finalize(tmp_path, {"dim": 3})
     store = fstore.FeatureStore(tmp_path)
     want = np.sort(np.random.default_rng(7).choice(rows, size=20, replace=False))
-    assert draw_sample(store, 20, 7)[:, 0].tolist() == want.tolist()
-    assert rng is not None
+    assert draw_sample(store, 20, 7)[:, 0].tolist() == want.tolist()  # row i of the store holds value i
 
 
 # ---------------------------------------------------------------- ingest merge, shard index, readers
@@ -229,6 +226,74 @@ def test_shard_index_matches_a_manifest_scan(labelled_ingest, tmp_path: Path) ->
     assert shard_counts(str(ds)) == [(s, v["count"]) for s, v in sorted(scanned.items())]
 
 
+def test_verify_chunk_by_chunk_finds_what_the_whole_check_finds(labelled_ingest, tmp_path: Path) -> None:
+    from sharding.manifest import SCHEMA
+
+    root, _, _ = labelled_ingest
+    ds = tmp_path / "ds"
+    shutil.copytree(root / "ds", ds)
+    assert verify(str(ds)) == []
+    shards = sorted((ds / "shards").iterdir())
+    shards[1].unlink()
+    (ds / "shards" / "999999-0000.tar").write_bytes(shards[0].read_bytes())
+    rows = read_manifest(str(ds)).to_pylist()
+    moved = next(r for r in rows if r["shard"] == f"shards/{shards[4].name}")
+    moved["offset"] += 1
+    dup = next(r for r in rows if r["status"] == "duplicate")
+    dup["shard"] = "shards/000000-0000.tar"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), ds / "manifest.parquet")
+    streamed = verify(str(ds))
+    # the same manifest without its chunk column is checked all at once
+    pq.write_table(pq.read_table(ds / "manifest.parquet").drop(["chunk"]), ds / "manifest.parquet")
+    whole = verify(str(ds))
+    assert sorted(streamed) == sorted(whole) == sorted([
+        f"shards/{shards[1].name}: missing", "shards/999999-0000.tar: shard not in the manifest",
+        f"shards/{shards[4].name}: {moved['key']} bytes differ at offset {moved['offset']}",
+        f"{dup['key']}: status duplicate but has shard shards/000000-0000.tar"])
+
+
+def test_jobs_status_asks_sacct_once_per_array(tmp_path: Path, monkeypatch) -> None:
+    from launchers import jobs
+
+    calls = tmp_path / "calls"
+    sacct = tmp_path / "bin" / "sacct"
+    sacct.parent.mkdir()
+    # like sacct -X for an array whose task 2 is still pending (shown as a range)
+    sacct.write_text('#!/bin/sh\necho "$@" >> "%s"\n'
+                     'printf "77_0|COMPLETED\\n77_1|FAILED\\n77_[2-2]|PENDING\\n78|CANCELLED by 0\\n"\n' % calls)
+    sacct.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{sacct.parent}:{os.environ['PATH']}")
+    got = jobs._slurm_states(["77_0", "77_1", "77_2", "78", "79"])
+    assert got == {"77_0": "COMPLETED", "77_1": "FAILED", "77_2": "PENDING", "78": "CANCELLED", "79": "PENDING"}
+    assert calls.read_text().splitlines() == ["-j 77,78,79 -X -n -P -o JobID,State"]  # one call, by array
+
+
+def test_listing_shuffle_spilled_to_buckets_is_a_seeded_permutation(tmp_path: Path, monkeypatch) -> None:
+    from sharding.sources import Source
+
+    listing = [Source(f"/site{i // 50:03d}/{i:05d}.jpg", f"site{i // 50}") for i in range(1000)]  # sorted by site
+    spilled = [s for t in shuffle.shuffled(listing, 3, str(tmp_path / "s"), in_memory=64, buckets=8)
+               for s in t["source"].to_pylist()]
+    again = [s for t in shuffle.shuffled(listing, 3, str(tmp_path / "s"), in_memory=64, buckets=8)
+             for s in t["source"].to_pylist()]
+    in_memory = [s for t in shuffle.shuffled(listing, 3, str(tmp_path / "m")) for s in t["source"].to_pylist()]
+    assert sorted(spilled) == sorted(in_memory) == [s.ref for s in listing]
+    assert spilled == again and spilled != in_memory and not (tmp_path / "s").exists()
+    # every run of 50 consecutive planned inputs (a chunk) mixes many of the 20 sites
+    assert min(len({s.split("/")[1] for s in spilled[i:i + 50]}) for i in range(0, 1000, 50)) >= 10
+    # the plan: chunk lists cut from the spilled shuffle, every input once
+    monkeypatch.setattr(shuffle, "IN_MEMORY", 64)
+    monkeypatch.setattr(shuffle, "BUCKETS", 8)
+    (tmp_path / "list.txt").write_text("\n".join(s.ref for s in listing) + "\n")
+    cfg = IngestConfig(inputs=(str(tmp_path / "list.txt"),), out=str(tmp_path / "out"), chunk_size=30, progress=False)
+    p = plan(cfg)
+    chunks = [pq.read_table(tmp_path / "out" / "_ingest" / "chunks" / f"{k:06d}.parquet") for k in p.chunks]
+    assert p.n_inputs == 1000 and p.n_chunks == 34 and [c.num_rows for c in chunks] == [30] * 33 + [10]
+    planned = [s for c in chunks for s in c["source"].to_pylist()]
+    assert sorted(planned) == [s.ref for s in listing] and planned != [s.ref for s in listing]
+    assert not list((tmp_path / "out" / "_ingest").rglob("*.arrow"))
+
+
 def test_shard_index_read_by_range_from_s3(labelled_ingest, s3_bucket) -> None:
     from seerlike import storage
 
@@ -238,3 +303,20 @@ def test_shard_index_read_by_range_from_s3(labelled_ingest, s3_bucket) -> None:
     for name in ("manifest.parquet", "shards.parquet"):
         storage.put_file(root / "ds" / name, f"{url}/{name}", endpoint_url=endpoint)
     assert shard_counts(url, endpoint_url=endpoint) == shard_counts(str(root / "ds"))
+
+
+def test_a_full_manifest_scan_holds_one_row_group_not_the_file(tmp_path: Path) -> None:
+    from sharding.manifest import iter_manifest
+
+    n = 400_000
+    shards = pa.array(bytes.hex(os.urandom(16 * n), " ", 16).split())  # incompressible: 32 hex chars a row
+    pq.write_table(pa.table({"shard": shards, "status": pa.array(["written"] * n)}), tmp_path / "manifest.parquet",
+                   row_group_size=20_000)
+    assert (tmp_path / "manifest.parquet").stat().st_size > 8e6
+    base = pa.total_allocated_bytes()
+    peak, rows = 0, 0
+    for batch in iter_manifest(str(tmp_path), ["shard", "status"]):
+        rows += batch.num_rows
+        peak = max(peak, pa.total_allocated_bytes() - base)
+    # pre-buffered reads would keep every column chunk read: the file's 13 MB by the end
+    assert rows == n and peak < 6e6, f"scan held {peak / 1e6:.1f} MB"
