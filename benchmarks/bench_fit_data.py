@@ -10,11 +10,12 @@ Variants (``--variants``, comma-separated):
   today   the recipe as registered (24 px views), images as the ingest keeps them (shorter side <= 512),
           kNN at 32 px: what `seerlike quickstart --no-fit-data` does
   rule    what ``seerlike.recipes.fit_data`` chooses for these images and this budget
-  rN      resolution N forced (views 0.75 N, the rule's geometry): the rule's neighbours
+  vVrR    views of V px (every group scaled with the first) from images ingested at R px, kNN at R: the
+          rule's neighbours
 
     python benchmarks/bench_fit_data.py --images ../shared/data/imagenette-dev/unlabeled \\
         --eval-train ../shared/data/imagenette-dev/train.csv --eval-val ../shared/data/imagenette-dev/val.csv \\
-        --variants today,rule,r80 --minutes 7.5 --also-eval 64 --json rows.json
+        --variants today,rule,v32r64 --minutes 7.5 --also-eval 64 --json rows.json
 
 docs/fit_data.md has the figures and docs/benchmarks.md ("Fitting the recipe to the data") the runs.
 """
@@ -22,7 +23,9 @@ docs/fit_data.md has the figures and docs/benchmarks.md ("Fitting the recipe to 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,14 +42,17 @@ def variant_settings(name: str, stats: fit_data.DataStats, recipe: str, budget_s
     """(ingest overrides, training overrides, kNN size, reasons) of one variant."""
     cfg = recipes.get(recipe)
     if name == "today":
-        return {"ingest": [], "train": [], "size": IMAGE_SIZE, "reasons": ["the recipe as registered"]}
+        return {"ingest": [], "train": [], "size": IMAGE_SIZE, "views": [v.size for v in cfg.data.augment.views],
+                "reasons": ["the recipe as registered, kNN at 32 px"]}
     if name == "rule":
         fit = fit_data.choose(stats, cfg, budget_s=budget_s)
-    elif name.startswith("r") and name[1:].isdigit():
-        r = int(name[1:])
-        fit = fit_data.choose(fit_data.DataStats(stats.count, (r,), f"forced {r} px"), cfg, budget_s=1e9)
+    elif m := re.fullmatch(r"v(\d+)r(\d+)", name):
+        view, r = int(m[1]), int(m[2])
+        fit = fit_data.choose(stats, cfg, budget_s=budget_s)
+        views = [round(v.size * view / cfg.data.augment.views[0].size) for v in cfg.data.augment.views]
+        fit = dataclasses.replace(fit, view_sizes=tuple(views), resolution=r, reasons=(f"forced: views {view}, {r} px",))
     else:
-        raise SystemExit(f"unknown variant {name!r}: today, rule or rN")
+        raise SystemExit(f"unknown variant {name!r}: today, rule or vVIEWrRESOLUTION (e.g. v24r48)")
     return {"ingest": [f"resize_short_side={fit.resolution}"], "train": fit_data.overrides(fit, cfg),
             "size": fit.resolution, "reasons": list(fit.reasons), "views": list(fit.view_sizes)}
 
@@ -67,7 +73,8 @@ def run_variant(name: str, args: argparse.Namespace, stats: fit_data.DataStats) 
         if seerlike_main(["ingest", args.images, "--out", str(data), "--no-progress", "shard_max_samples=200",
                           *s["ingest"]]) != 0:
             raise SystemExit(f"ingest for {name} failed")
-    run = root / f"{args.method}_{name}_seed{args.seed}_{args.minutes:g}min"
+    where = f"r{s['size']}" if s["ingest"] else "native"  # runs are named by their settings: variants share them
+    run = root / f"{args.method}_v{s['views'][0]}_{where}_seed{args.seed}_{args.minutes:g}min"
     t0 = time.monotonic()
     if not (run / "DONE").is_file():
         argv = ["train", "--recipe", f"tiny_{args.method}", "--data", str(data), "--run-dir", str(run), "--nproc", "2",
@@ -82,7 +89,7 @@ def run_variant(name: str, args: argparse.Namespace, stats: fit_data.DataStats) 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     out = {"variant": name, "method": args.method, "seed": args.seed, "minutes": args.minutes, "size": s["size"],
-           "views": s.get("views", [recipes.tiny.TRAIN_SIZE]), "reasons": s["reasons"],
+           "views": s["views"], "reasons": s["reasons"], "run": str(run),
            "steps": max(r["step"] for r in rows), "wall_s": round(wall, 1),
            "step_s": next((r["calibrated_step_s"] for r in rows if "calibrated_step_s" in r), None),
            "first_loss": losses[0], "final_loss": losses[-1], "knn": {}}

@@ -1,25 +1,26 @@
-"""Fit a tiny recipe to the images and the time budget: working resolution, views, batch (docs/fit_data.md).
+"""Fit a tiny recipe to the images and the time budget: views, working resolution, batch (docs/fit_data.md).
 
-The ``tiny_*`` recipes were tuned on 32 px CIFAR images (``RECIPE_SIDE``), and what was tuned is
-relative: views of a fraction of the image's side (24 px of 32 for the joint-embedding recipes,
-the whole 32 px image for rotation, 60 px upsampled puzzles for jigsaw) cut at a scale range, kNN and
-k-means features on whole images at the working resolution. This module keeps those ratios
-and chooses the absolute sizes from what the data gives and what the budget buys:
+The ``tiny_*`` recipes were tuned on 32 px CIFAR images: 24 px views cut at a scale range of
+the image's area, kNN and k-means features on whole images. On other images this module keeps
+the recipe and chooses the absolute sizes from what the data give and what the budget buys:
 
-1. **native side**: the 25th percentile of the images' shorter sides (three images in four
-   have at least this many pixels), from the ingest manifest or from a sample of headers;
-2. **working resolution R**: the largest multiple of 8 between ``MIN_RESOLUTION`` and the
-   native side (the native side itself when it is smaller) at which the stage's budget still
-   trains on ``MIN_IMAGES`` images (steps x global batch), by the step-cost model ``StepCost``;
-3. **views**: every view group of the recipe scaled by ``R / RECIPE_SIDE`` (so each keeps its
-   ratio to the image), scale ranges unchanged (they are fractions of the image);
+1. **native side**: the 25% quantile of the images' shorter sides (three images in four have at
+   least this many pixels), from the ingest manifest or from a sample of headers;
+2. **views**: the recipe's own size, grown in steps of 8 px only while the stage's budget still
+   trains on ``MIN_IMAGES`` images (steps x global batch) by the step-cost model ``StepCost``,
+   and no larger than the smallest crop of a native image (at these budgets steps are worth
+   more than pixels: docs/fit_data.md, "Measured"); every view group scaled together, scale
+   ranges unchanged;
+3. **working resolution R** (the ingest's shorter side; kNN, k-means and export on whole images
+   at R): the smallest multiple of 8 at which the smallest crop of the first view group is cut
+   at no fewer pixels than the view (never upsampled), capped at the native side;
 4. **batch**: the recipe's, unless the data are too few for two batches per rank per epoch;
    **shards** of at most ``SHARD_SAMPLES`` images, at least one per rank.
 
-On 32 px images the rule returns the recipes' own settings (R 32, 24 px views) whatever the
-budget: ``MIN_RESOLUTION`` is 32. Pure functions of (statistics, budget, recipe); the callers
-(`seerlike quickstart`, ``seerlike train --fit-data``) turn a :class:`Fit` into explicit
-``key=value`` overrides, so the chosen values are in the run's config.yaml.
+On 32 px images the rule returns the recipes' own settings (24 px views, R 32) whatever the
+budget. Pure functions of (statistics, budget, recipe); the callers (`seerlike quickstart`,
+``seerlike train --fit-data``) turn a :class:`Fit` into explicit ``key=value`` overrides, so the
+chosen values are in the run's config.yaml.
 """
 
 from __future__ import annotations
@@ -33,13 +34,11 @@ from typing import Any
 
 from seerlike.config import ConfigError, to_dict
 
-RECIPE_SIDE = 32
-"""The image side the tiny recipes' view sizes were chosen for (CIFAR): views scale by R / RECIPE_SIDE."""
-MIN_RESOLUTION = 32
-"""Smallest working resolution chosen (24 px views): below it resnet10_cifar's last stage sees 2 x 2 maps."""
-MIN_IMAGES = 51_200
-"""Images (steps x global batch, each with all its views) a stage's budget must buy at the chosen resolution:
-400 steps of the tiny recipes' global batch 128 (docs/fit_data.md, "How many images")."""
+MIN_IMAGES = 160_000
+"""Images (steps x global batch, each with all its views) a stage's budget must train on before its views grow
+past the recipe's: 1,250 steps of the tiny recipes' global batch 128 (docs/fit_data.md, "How many images")."""
+VIEW_STEP = 8
+"""Views grow from the recipe's size in steps of this many pixels; resolutions are multiples of it."""
 NATIVE_QUANTILE = 0.25
 """Quantile of the images' shorter sides taken as the data's native side."""
 SHARD_SAMPLES = 200
@@ -197,9 +196,6 @@ class Fit:
     """The data's native shorter side (see ``DataStats.native_side``)."""
     resolution: int
     """Working resolution: the ingest's shorter side, kNN / k-means / export image size."""
-    view_basis: int
-    """The resolution the views are sized for (views scaled by it over ``RECIPE_SIDE``): ``resolution``, or less for a later
-    stage whose budget affords less than its images' resolution."""
     view_sizes: tuple[int, ...]
     """Side of each view group of the recipe, in its order."""
     batch_size: int
@@ -219,8 +215,10 @@ class Fit:
         return asdict(self)
 
 
-def _scaled_views(cfg: Any, resolution: int) -> list[int]:
-    return [max(1, round(v.size * resolution / RECIPE_SIDE)) for v in cfg.data.augment.views]
+def _scaled_views(cfg: Any, first: int) -> list[int]:
+    """Every view group's size with the first one at ``first`` (DINO's local crops stay half the global ones)."""
+    base = cfg.data.augment.views[0].size
+    return [max(1, round(v.size * first / base)) for v in cfg.data.augment.views]
 
 
 def _batch(cfg: Any, count: int, ranks: int) -> int:
@@ -231,58 +229,71 @@ def _batch(cfg: Any, count: int, ranks: int) -> int:
     return min(cfg.data.batch_size, per_rank // 2)
 
 
+def smallest_crop(cfg: Any) -> float:
+    """Side of the smallest crop of the recipe's first view group, as a fraction of the image's side."""
+    return math.sqrt(cfg.data.augment.views[0].scale[0])
+
+
 def choose(stats: DataStats, cfg: Any, *, budget_s: float, ranks: int = 2, max_resolution: int | None = None,
            cost: StepCost = StepCost()) -> Fit:
-    """The working resolution, views and batch of recipe ``cfg`` for these data and ``budget_s`` seconds of steps.
+    """The views, working resolution and batch of recipe ``cfg`` for these data and ``budget_s`` seconds of steps.
 
     ``max_resolution``: the images are already at this resolution (a later stage of a pipeline
-    whose ingest resized them for its first stage); only the views are chosen, sized for the
-    largest resolution up to it that the budget affords.
+    whose ingest resized them for its first stage); only the views are chosen.
     """
     if budget_s <= 0:
         raise ConfigError(f"the rule needs a time budget in seconds (> 0), got {budget_s}")
     native = stats.native_side
-    top = min(native, max_resolution) if max_resolution else native
+    side = min(native, max_resolution) if max_resolution else native  # of the images the views are cut from
     batch = _batch(cfg, stats.count, ranks)
-    # multiples of 8 from MIN_RESOLUTION, and the top itself (smaller images: only it)
-    candidates = sorted(set(range(MIN_RESOLUTION, top + 1, 8)) | {top})
+    base, crop = cfg.data.augment.views[0].size, smallest_crop(cfg)
+    largest = int(side * crop)  # a larger view would upsample the smallest crop of an image
+    candidates = [base] + list(range((base // VIEW_STEP + 1) * VIEW_STEP, largest + 1, VIEW_STEP))
 
-    def plan(r: int) -> tuple[list[int], float, int, int]:
-        views = _scaled_views(cfg, r)
+    def plan(view: int) -> tuple[list[int], float, int, int]:
+        views = _scaled_views(cfg, view)
         step_s = cost.step_s(cfg, views, batch)
         steps = int(budget_s / step_s)
         return views, step_s, steps, steps * batch * ranks
 
-    fits = [r for r in candidates if plan(r)[3] >= MIN_IMAGES]
-    basis = max(fits) if fits else candidates[0]
-    resolution = top if max_resolution else basis
-    views, step_s, steps, images = plan(basis)
-    what = f"views sized for {basis} px" if max_resolution else f"resolution {basis} px"
-    buys = f"{budget_s:.0f} s buy ~{steps} steps x {batch * ranks} = {images:,} images ({step_s:.3f} s/step)"
-    reasons = [f"native side {native} px: the {NATIVE_QUANTILE:.0%} quantile of the shorter sides of {stats.where}"]
-    if basis == top and fits:
-        why = f"the images' {top} px" if max_resolution else "the native side"
-        reasons.append(f"{what} = {why}: {buys}, >= {MIN_IMAGES:,}")
-    elif fits:
-        nxt = min(r for r in candidates if r > basis)
-        reasons.append(f"{what}: the largest multiple of 8 up to {top} px at which the budget trains on "
-                       f">= {MIN_IMAGES:,} images: {buys}; {nxt} px: {plan(nxt)[3]:,}")
+    fits = [v for v in candidates if plan(v)[3] >= MIN_IMAGES]
+    view = max(fits) if fits else base
+    views, step_s, steps, images = plan(view)
+    if max_resolution:
+        resolution = side
     else:
-        reasons.append(f"{what}: the smallest considered; {buys}, fewer than {MIN_IMAGES:,} even there")
-    reasons.append(f"views {' + '.join(f'{v.count} x {s}' for v, s in zip(cfg.data.augment.views, views))} px: "
-                   f"the recipe's sizes x {basis}/{RECIPE_SIDE} (its views of {RECIPE_SIDE} px images), scale ranges kept")
+        resolution = min(native, math.ceil(view / crop / VIEW_STEP) * VIEW_STEP)
+    buys = f"{budget_s:.0f} s buy ~{steps} steps x {batch * ranks} = {images:,} images ({step_s:.3f} s/step)"
+    group = " + ".join(f"{v.count} x {s}" for v, s in zip(cfg.data.augment.views, views))
+    reasons = [f"native side {native} px: the {NATIVE_QUANTILE:.0%} quantile of the shorter sides of {stats.where}"]
+    if not fits:
+        reasons.append(f"views {group} px, the recipe's: {buys}, fewer than {MIN_IMAGES:,} even there")
+    elif view == candidates[-1]:
+        reasons.append(f"views {group} px: {buys} (>= {MIN_IMAGES:,}); larger views would upsample the smallest "
+                       f"crops ({crop:.2f} of the {side} px side)")
+    else:
+        nxt = candidates[candidates.index(view) + 1]
+        own = "the recipe's, " if view == base else ""
+        reasons.append(f"views {group} px: {own}the largest at which {buys} (>= {MIN_IMAGES:,}); "
+                       f"{nxt} px: {plan(nxt)[3]:,}")
+    if max_resolution:
+        reasons.append(f"images at the pipeline's {resolution} px")
+    else:
+        capped = " (the native side)" if resolution == native else ""
+        reasons.append(f"resolution {resolution} px{capped}: the smallest multiple of {VIEW_STEP} at which the "
+                       f"smallest crops (scale {cfg.data.augment.views[0].scale[0]:g}: {crop:.2f} of the side) are "
+                       f"cut at >= {view} px, never upsampled; kNN, k-means and export on whole images at it")
     if batch != cfg.data.batch_size:
         reasons.append(f"batch {batch} per rank (recipe {cfg.data.batch_size}): {stats.count} images on {ranks} "
                        "ranks allow two batches per rank per epoch")
     shard = max(1, min(SHARD_SAMPLES, math.ceil(stats.count / ranks)))
-    return Fit(native_side=native, resolution=resolution, view_basis=basis, view_sizes=tuple(views),
-               batch_size=batch, shard_samples=shard, step_s=round(step_s, 4), steps=steps, images=images,
-               reasons=tuple(reasons))
+    return Fit(native_side=native, resolution=resolution, view_sizes=tuple(views), batch_size=batch,
+               shard_samples=shard, step_s=round(step_s, 4), steps=steps, images=images, reasons=tuple(reasons))
 
 
 def overrides(fit: Fit, cfg: Any) -> list[str]:
     """``key=value`` strings that set the fit on ``cfg``: the whole view list (sizes replaced), the batch, and
-    the kNN monitor's crop (whole images at the working resolution)."""
+    the evaluation crop of the run's own features (whole images at the working resolution)."""
     views = []
     for v, size in zip(cfg.data.augment.views, fit.view_sizes):
         d = to_dict(v)

@@ -50,13 +50,14 @@ def test_train_fit_data_saves_the_fitted_values_in_config_yaml(tmp_path, capsys)
         (images / f"{i:02d}.jpg").write_bytes(_jpeg(96, 80))
     run = tmp_path / "run"
     argv = ["train", "--recipe", "tiny_swav", "--data", str(images), "--run-dir", str(run), "--max-steps", "1",
-            "--fit-data", "loop.time_budget_s=1500", "loop.tensorboard=false", "loop.progress=false",
+            "--fit-data", "loop.time_budget_s=3000", "loop.tensorboard=false", "loop.progress=false",
             "optim.warmup_steps=1"]
     assert main(argv) == 0
     saved = config.load(run / "config.yaml", TrainConfig)
-    # 16 images of 80 px on 1 rank: batch 8 (two per epoch); 1,500 s afford their native 80 px (views 60)
+    # 16 images of 80 px on 1 rank: batch 8 (two per epoch); 3,000 s afford views of 40 px, the smallest crop
+    # of an 80 px image (scale 0.25: half its side), so the images stay at their native 80 px
     assert saved.data.batch_size == 8
-    assert [(v.count, v.size) for v in saved.data.augment.views] == [(2, 60)]
+    assert [(v.count, v.size) for v in saved.data.augment.views] == [(2, 40)]
     assert saved.eval.image_size == saved.eval.resize == 80
     assert saved.data.augment.views[0].scale == recipes.get("tiny_swav").data.augment.views[0].scale
-    assert "fit-data: resolution 80 px = the native side" in capsys.readouterr().err
+    assert "fit-data: resolution 80 px (the native side)" in capsys.readouterr().err

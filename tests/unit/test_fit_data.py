@@ -49,37 +49,43 @@ def test_on_32px_images_every_tiny_recipe_keeps_its_own_settings_at_any_budget(t
         assert (cfg.eval.image_size, cfg.eval.resize) == (32, 32)
 
 
-def test_on_224px_photos_the_budget_sets_the_largest_resolution_that_trains_on_enough_images(tmp_path):
+def test_on_224px_photos_views_grow_only_while_the_budget_trains_on_enough_images(tmp_path):
     root = _manifest(tmp_path / "photos", [(224, 224)] * 3905)
     swav = recipes.get("tiny_swav")
-    fits = {b: _fit(root, budget_s=b) for b in (60.0, 150.0, 450.0, 1800.0, 1e6)}
-    resolutions = [f.resolution for f in fits.values()]
-    assert resolutions == sorted(resolutions) and resolutions[-1] == 224  # more time, more pixels, up to native
-    assert resolutions[0] == 32  # too little time for more: the smallest considered, not below
+    fits = {b: _fit(root, budget_s=b) for b in (60.0, 225.0, 450.0, 900.0, 1800.0, 1e7)}
+    views = [f.view_sizes[0] for f in fits.values()]
+    assert views == sorted(views) and views[0] == 24 and views[-1] == 112  # up to the smallest crop of 224 px
     for b, fit in fits.items():
-        assert fit.view_sizes == (round(0.75 * fit.resolution),)
-        cost = fd.StepCost().step_s(swav, [round(0.75 * fit.resolution)], 64)
+        # the resolution at which the smallest crop (scale 0.25: half the side) is cut at the view's size
+        assert fit.resolution == min(224, -(-2 * fit.view_sizes[0] // 8) * 8)
+        cost = fd.StepCost().step_s(swav, list(fit.view_sizes), 64)
         assert fit.step_s == pytest.approx(cost, rel=1e-3) and fit.steps == int(b / cost)
         assert fit.images == fit.steps * 128
-        if fit.resolution < 224 and fit.images >= fd.MIN_IMAGES:  # the next 8 px would fall below the floor
-            assert int(b / fd.StepCost().step_s(swav, [round(0.75 * (fit.resolution + 8))], 64)) * 128 < fd.MIN_IMAGES
-    # the quickstart's 450 s of pretraining: 2 x 48 px views of 64 px images
-    assert (fits[450.0].resolution, fits[450.0].view_sizes, fits[450.0].batch_size) == (64, (48,), 64)
-    assert "64 px: the largest multiple of 8" in fits[450.0].reasons[1]
-    cfg = _applied(fits[450.0], "tiny_swav")
+        if fit.view_sizes[0] < 112 and fit.images >= fd.MIN_IMAGES:  # 8 px more would fall below the floor
+            assert int(b / fd.StepCost().step_s(swav, [fit.view_sizes[0] + 8], 64)) * 128 < fd.MIN_IMAGES
+    # the quickstart's 450 s of pretraining: the recipe's 24 px views (steps first), kNN and ingest at 48 px
+    assert (fits[450.0].resolution, fits[450.0].view_sizes, fits[450.0].batch_size) == (48, (24,), 64)
+    assert (fits[900.0].resolution, fits[900.0].view_sizes) == (64, (32,))
+    assert "the recipe's, the largest at which 450 s buy" in fits[450.0].reasons[1]
+    assert fits[450.0].reasons[2].startswith("resolution 48 px: the smallest multiple of 8")
+    cfg = _applied(fits[1800.0], "tiny_swav")
     assert cfg.data.augment.views[0].size == 48 and cfg.data.augment.views[0].scale == swav.data.augment.views[0].scale
-    assert (cfg.eval.image_size, cfg.eval.resize) == (64, 64)
+    assert (cfg.eval.image_size, cfg.eval.resize) == (96, 96)
+    # BYOL crops down to scale 0.14: the same views need more pixels per image
+    assert _fit(root, "tiny_byol").resolution == 72
 
 
 def test_mixed_sizes_take_the_side_three_images_in_four_have(tmp_path):
     small_quarter = _manifest(tmp_path / "a", [(32, 32)] * 30 + [(300, 224)] * 70)
     assert fd.data_stats(small_quarter).native_side == 32
-    assert _fit(small_quarter, budget_s=1e6).resolution == 32
+    assert _fit(small_quarter, budget_s=1e7).resolution == 32
     few_small = _manifest(tmp_path / "b", [(32, 40)] * 20 + [(500, 96)] * 80, rejected=7)
     stats = fd.data_stats(few_small)
     assert stats.count == 100 and stats.native_side == 96  # the shorter side, written rows only
-    assert _fit(few_small, budget_s=1e6).resolution == 96  # the native side (not a multiple of 8 above it)
-    assert _fit(few_small, budget_s=1e6, max_resolution=64).resolution == 64  # a later stage of the same pipeline
+    big = fd.choose(stats, recipes.get("tiny_swav"), budget_s=1e7, ranks=1)
+    assert (big.view_sizes, big.resolution) == ((48,), 96)  # capped by the native side, not a multiple above it
+    later = fd.choose(stats, recipes.get("tiny_swav"), budget_s=1e7, ranks=1, max_resolution=64)
+    assert (later.view_sizes, later.resolution) == ((32,), 64)  # a later stage: views from its 64 px images
 
 
 def test_tiny_counts_shrink_the_batch_and_the_shards_and_too_few_images_fail(tmp_path):
@@ -95,12 +101,12 @@ def test_tiny_counts_shrink_the_batch_and_the_shards_and_too_few_images_fail(tmp
 
 def test_view_groups_scale_together_and_a_cheaper_student_affords_more_pixels(tmp_path):
     root = _manifest(tmp_path / "p", [(224, 224)] * 3905)
-    dino = _fit(root, "tiny_dino")
-    assert dino.view_sizes == (round(0.75 * dino.resolution), round(0.75 * dino.resolution / 2))  # local = global / 2
+    dino = _fit(root, "tiny_dino", budget_s=3600)
+    assert dino.view_sizes[0] > 24 and dino.view_sizes == (dino.view_sizes[0], dino.view_sizes[0] // 2)
     distill = recipes.get("distill_tiny")
     student = config.apply_overrides(distill, ["model.name=resnet10_cifar_w16"])
     stats = fd.data_stats(root)
-    assert (fd.choose(stats, student, budget_s=150).resolution > fd.choose(stats, distill, budget_s=150).resolution)
+    assert fd.choose(stats, student, budget_s=600).view_sizes[0] > fd.choose(stats, distill, budget_s=600).view_sizes[0]
     assert fd.flops_ratio("resnet10_cifar_w16") == pytest.approx(0.25, abs=0.01)
 
 
@@ -128,14 +134,16 @@ def test_train_fit_data_writes_the_choice_as_overrides_and_the_users_own_win(tmp
     from seerlike.commands.train import build_config
 
     root = _manifest(tmp_path / "p", [(224, 224)] * 3905)
-    cfg = build_config(_train_args(data=root, overrides=["loop.time_budget_s=450"]))
-    assert cfg.data.augment.views[0].size == 48 and cfg.eval.image_size == 64 and cfg.data.batch_size == 64
-    assert "fit-data: resolution 64 px" in capsys.readouterr().err
-    own = build_config(_train_args(data=root, overrides=["loop.time_budget_s=450", "data.batch_size=16"]))
-    # the user's batch wins and the rule fits the views to it (more, cheaper steps: the fixed cost counts more)
-    assert own.data.batch_size == 16 and own.data.augment.views[0].size == 42
-    off = build_config(_train_args(data=root, fit_data=False, overrides=["loop.time_budget_s=450"]))
-    assert off.data.augment.views[0].size == 24  # nothing derived unless asked
+    cfg = build_config(_train_args(data=root, overrides=["loop.time_budget_s=1800"]))
+    assert cfg.data.augment.views[0].size == 48 and cfg.eval.image_size == 96 and cfg.data.batch_size == 64
+    assert "fit-data: views 2 x 48 px" in capsys.readouterr().err
+    own = build_config(_train_args(data=root, overrides=["loop.time_budget_s=1800", "data.batch_size=16"]))
+    # the user's batch wins, and the rule fitted the views to it
+    fitted = fd.choose(fd.data_stats(root), config.apply_overrides(recipes.get("tiny_swav"), ["data.batch_size=16"]),
+                       budget_s=1800)
+    assert own.data.batch_size == 16 and own.data.augment.views[0].size == fitted.view_sizes[0]
+    off = build_config(_train_args(data=root, fit_data=False, overrides=["loop.time_budget_s=1800"]))
+    assert off.data.augment.views[0].size == 24 and off.eval.image_size == 224  # nothing derived unless asked
     with pytest.raises(ConfigError, match="loop.time_budget_s"):
         build_config(_train_args(data=root))
     with pytest.raises(ConfigError, match="give --recipe"):
@@ -146,10 +154,10 @@ def test_config_command_shows_the_fitted_recipe(tmp_path, capsys):
     from seerlike.cli import main
 
     root = _manifest(tmp_path / "p", [(224, 224)] * 3905)
-    assert main(["config", "--recipe", "tiny_swav", "--fit-data", root, "--nproc", "2", "loop.time_budget_s=450"]) == 0
+    assert main(["config", "--recipe", "tiny_swav", "--fit-data", root, "--nproc", "2", "loop.time_budget_s=1800"]) == 0
     out = capsys.readouterr()
     shown = config.loads(out.out)
-    assert shown.data.augment.views[0].size == 48 and shown.eval.image_size == 64 and shown.data.source == root
+    assert shown.data.augment.views[0].size == 48 and shown.eval.image_size == 96 and shown.data.source == root
     assert "fit-data: views 2 x 48 px" in out.err
 
 
@@ -161,26 +169,33 @@ def test_quickstart_fits_every_stage_and_off_keeps_the_cifar_pipeline(tmp_path):
     photos = str(DATA / "imagenette-dev" / "unlabeled")
     budget = budget_for(15)
     fit = fit_stages(photos, budget, "swav", 2)
-    assert fit.resolution == 64 and fit.ingest == ("shard_max_samples=200", "resize_short_side=64")
+    # 15 minutes: the recipes' 24 px views in every stage (steps first), the images and kNN at 48 px
+    assert fit.resolution == 48 and fit.ingest == ("shard_max_samples=200", "resize_short_side=48")
+    assert {st: list(f["view_sizes"]) for st, f in fit.summary["stages"].items()} == {
+        "pretrain": [24], "clusterfit": [24], "distill": [24, 24]}
     p = build_pipeline(tmp_path, images=photos, eval_train="t.csv", eval_val="v.csv", budget=budget, fit=fit)
     args = {stage.name: argv for stage, argv, _ in resolve(p)}  # as the stages run them (placeholders filled)
-    assert args["ingest"][-2:] == ["shard_max_samples=200", "resize_short_side=64"]
+    assert args["ingest"][-2:] == ["shard_max_samples=200", "resize_short_side=48"]
     for name in ("eval_random", "eval_pretrain", "eval_clusterfit", "eval_distilled", "eval_random_student", "extract"):
-        assert args[name][args[name].index("--image-size") + 1] == "64", name
-        assert args[name][args[name].index("--resize") + 1] == "64", name
-    assert args["export"][args["export"].index("--image-size") + 1] == "64"
-    for stage in ("pretrain", "clusterfit", "distill"):
-        views = [a for a in args[stage] if a.startswith("data.augment.views=")]
-        assert len(views) == 1 and f"eval.image_size={fit.resolution}" in args[stage], stage
-        sizes = [v["size"] for v in json.loads(views[0].partition("=")[2])]
-        assert sizes == list(fit.summary["stages"][stage]["view_sizes"]) and max(sizes) <= 48, stage
-    # ClusterFit and distillation have a third of pretraining's seconds: views no larger, up to its resolution
-    assert all(f["resolution"] <= 64 for f in fit.summary["stages"].values())
+        assert args[name][args[name].index("--image-size") + 1] == "48", name
+        assert args[name][args[name].index("--resize") + 1] == "48", name
+    assert args["export"][args["export"].index("--image-size") + 1] == "48"
     lines = fit_lines(fit)
-    assert lines[1].startswith("working resolution 64 px") and len(lines) == 5
+    assert lines[1].startswith("working resolution 48 px") and len(lines) == 5
     (tmp_path / "fit_data.json").write_text(json.dumps(fit.summary))
     report = fit_report(tmp_path)
-    assert "**64 px**" in report and "| pretrain | 48 | 64 |" in report
+    assert "**48 px**" in report and "| pretrain | 24 | 64 |" in report
+
+    # 45 minutes: each stage's own seconds size its views; the later ones cut them from the 96 px images
+    long = fit_stages(photos, budget_for(45), "swav", 2)
+    args = {stage.name: argv for stage, argv, _ in resolve(build_pipeline(
+        tmp_path, images=photos, eval_train="t.csv", eval_val="v.csv", budget=budget_for(45), fit=long))}
+    sizes = {}
+    for stage in ("pretrain", "clusterfit", "distill"):
+        views = [a for a in args[stage] if a.startswith("data.augment.views=")]
+        assert len(views) == 1 and "eval.image_size=96" in args[stage], stage
+        sizes[stage] = [v["size"] for v in json.loads(views[0].partition("=")[2])]
+    assert sizes == {"pretrain": [48], "clusterfit": [24], "distill": [56, 56]}
 
     off = build_pipeline(tmp_path, images=photos, eval_train="t.csv", eval_val="v.csv", budget=budget, fit=DataFit())
     args = {stage.name: argv for stage, argv, _ in resolve(off)}
