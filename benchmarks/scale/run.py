@@ -147,6 +147,8 @@ def fmt_s(s: float | None) -> str:
         return f"{s / 86400:.3g} d"
     if s >= 3600:
         return f"{s / 3600:.3g} h"
+    if s >= 60:
+        return f"{s / 60:.3g} min"
     return f"{s:.3g} s"
 
 
