@@ -137,14 +137,14 @@ class DataFit:
     ingest: tuple[str, ...] = ("shard_max_samples=200",)
     """Ingest overrides (shard size; the shorter side the images are resized to)."""
     train: dict[str, list[str]] = field(default_factory=dict)
-    """Per training stage, the overrides of its views and batch."""
+    """Per training stage, the overrides of its views, batch and evaluation size."""
     summary: dict = field(default_factory=dict)
     """What was chosen and why (RUN_DIR/fit_data.json, the report)."""
 
 
 def fit_stages(images: str, budget: Budget, method: str, nproc: int) -> DataFit:
-    """``fit_data``'s choice for every training stage: pretraining sets the resolution (it has the largest
-    budget); ClusterFit and distillation choose their views from their own seconds, up to it."""
+    """``fit_data``'s choice for every training stage: pretraining sets the working resolution (it has the
+    largest budget); ClusterFit and distillation size their views from their own seconds, on images at it."""
     from seerlike import recipes
     from seerlike.recipes import fit_data
 
