@@ -56,8 +56,6 @@ STUDENT = "resnet10_cifar_w16"
 """Distillation student: the same net at half width (a quarter of the parameters)."""
 IMAGE_SIZE = 32
 """Evaluation and k-means resolution with ``--no-fit-data``: whole CIFAR images (views: recipes.tiny.TRAIN_SIZE)."""
-TRAIN_VIEWS = 24
-"""Training view side of the tiny recipes (``recipes.tiny.TRAIN_SIZE``), used as they are with ``--no-fit-data``."""
 K = 200
 """k-means clusters = ClusterFit classes (the clusterfit_tiny recipe's sweep: k 200 beat 50 and 100)."""
 
@@ -143,14 +141,14 @@ class DataFit:
     ingest: tuple[str, ...] = ("shard_max_samples=200",)
     """Ingest overrides (shard size; the shorter side the images are resized to)."""
     train: dict[str, list[str]] = field(default_factory=dict)
-    """Per training stage, the overrides of its views and batch."""
+    """Per training stage, the overrides of its views, batch and evaluation size."""
     summary: dict = field(default_factory=dict)
     """What was chosen and why (RUN_DIR/fit_data.json, the report)."""
 
 
 def fit_stages(images: str, budget: Budget, method: str, nproc: int) -> DataFit:
-    """``fit_data``'s choice for every training stage: pretraining sets the resolution (it has the largest
-    budget); ClusterFit and distillation choose their views from their own seconds, up to it."""
+    """``fit_data``'s choice for every training stage: pretraining sets the working resolution (it has the
+    largest budget); ClusterFit and distillation size their views from their own seconds, on images at it."""
     from seerlike import recipes
     from seerlike.recipes import fit_data
 
@@ -176,7 +174,9 @@ def fit_stages(images: str, budget: Budget, method: str, nproc: int) -> DataFit:
 def fit_lines(fit: DataFit) -> list[str]:
     """The choice in words: one line for the data, one per stage with its reasons."""
     if not fit.summary:
-        return [f"fit-data off: the tiny recipes' CIFAR settings (views {TRAIN_VIEWS} px, kNN at {fit.resolution} px)"]
+        from seerlike.recipes.tiny import TRAIN_SIZE
+
+        return [f"fit-data off: the tiny recipes' CIFAR settings (views {TRAIN_SIZE} px, kNN at {fit.resolution} px)"]
     lines = [f"data: {fit.summary['data']}",
              f"working resolution {fit.resolution} px (ingest, kNN, k-means, export), by {fit.summary['rule']}"]
     for stage, f in fit.summary["stages"].items():
@@ -190,8 +190,10 @@ def fit_report(run_dir: Path) -> str:
     path = run_dir / FIT_JSON
     fit = json.loads(path.read_text()) if path.is_file() else {"rule": "off"}
     if fit.get("rule") == "off":
+        from seerlike.recipes.tiny import TRAIN_SIZE
+
         return (f"## Resolution and views\n\nFitting to the data was off (`--no-fit-data`): the tiny recipes' CIFAR "
-                f"settings, {TRAIN_VIEWS} px views, kNN / k-means / export on whole images at {IMAGE_SIZE} px.\n")
+                f"settings, {TRAIN_SIZE} px views, kNN / k-means / export on whole images at {IMAGE_SIZE} px.\n")
     rows = "\n".join(f"| {stage} | {' + '.join(str(v) for v in f['view_sizes'])} | {f['batch_size']} | {f['steps']} "
                      f"| {'; '.join(f['reasons'][1:])} |" for stage, f in fit["stages"].items())
     return f"""## Resolution and views

@@ -9,7 +9,7 @@ the recipe and chooses the absolute sizes from what the data give and what the b
 2. **views**: the recipe's own size, grown in steps of 8 px only while the stage's budget still
    trains on ``MIN_IMAGES`` images (steps x global batch) by the step-cost model ``StepCost``,
    and no larger than the smallest crop of a native image (at these budgets steps are worth
-   more than pixels: docs/fit_data.md, "Measured"); every view group scaled together, scale
+   more than pixels: docs/fit_data.md, "Why steps first"); every view group scaled together, scale
    ranges unchanged;
 3. **working resolution R** (the ingest's shorter side; kNN, k-means and export on whole images
    at R): the smallest multiple of 8 at which the smallest crop of the first view group is cut
@@ -36,7 +36,7 @@ from seerlike.config import ConfigError, to_dict
 
 MIN_IMAGES = 160_000
 """Images (steps x global batch, each with all its views) a stage's budget must train on before its views grow
-past the recipe's: 1,250 steps of the tiny recipes' global batch 128 (docs/fit_data.md, "How many images")."""
+past the recipe's: 1,250 steps of the tiny recipes' global batch 128 (docs/fit_data.md, "Why steps first, and why 160,000 images")."""
 VIEW_STEP = 8
 """Views grow from the recipe's size in steps of this many pixels; resolutions are multiples of it."""
 NATIVE_QUANTILE = 0.25
