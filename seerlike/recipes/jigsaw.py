@@ -28,10 +28,12 @@ TINY_SIZE = 60
 """View side of ``tiny_jigsaw``: 32 px CIFAR crops upsampled to 60, cut into 20 px cells and 15 px tiles."""
 
 
-def puzzle_view(size: int, min_scale: float) -> AugmentConfig:
-    """One square random crop per image, flipped, grayscale with probability 0.66 (VISSL), no colour jitter."""
+def puzzle_view(size: int, min_scale: float, grayscale_p: float = 0.66) -> AugmentConfig:
+    """One square random crop per image, flipped, grayscale with probability ``grayscale_p`` (VISSL's jigsaw: 0.66),
+    no colour jitter (the patch-based pretext tasks share it)."""
     return AugmentConfig(views=[ViewConfig(count=1, size=size, scale=(min_scale, 1.0), ratio=(1.0, 1.0),
-                                           jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, grayscale_p=0.66, blur_p=0.0)])
+                                           jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, grayscale_p=grayscale_p,
+                                           blur_p=0.0)])
 
 
 def jigsaw_resnet50() -> TrainConfig:

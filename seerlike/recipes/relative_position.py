@@ -12,7 +12,7 @@ warmup from 0.025, cosine over 105 epochs.
 
 from __future__ import annotations
 
-from seerlike.data.augment import AugmentConfig, ViewConfig
+from seerlike.data.augment import AugmentConfig
 from seerlike.data.pipeline import DataConfig
 from seerlike.engine.checkpoint import CheckpointConfig
 from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
@@ -20,18 +20,17 @@ from seerlike.engine.optim import OptimConfig
 from seerlike.engine.parallelize import ParallelConfig
 from seerlike.engine.precision import PrecisionConfig
 from seerlike.methods.relative_position import RelativePosition
+from seerlike.recipes.jigsaw import STEPS_PER_EPOCH, puzzle_view
 from seerlike.recipes.tiny import _common
 
-STEPS_PER_EPOCH = 5005  # 1,281,167 images / 256
 
 TINY_SIZE = 60
 """View side of ``tiny_relative_position``: 32 px CIFAR crops upsampled to 60, 20 px cells, 13 px patches."""
 
 
 def patch_view(size: int, min_scale: float) -> AugmentConfig:
-    """One square random crop per image and a flip; no colour augmentation (colour dropping happens per patch)."""
-    return AugmentConfig(views=[ViewConfig(count=1, size=size, scale=(min_scale, 1.0), ratio=(1.0, 1.0),
-                                           jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)])
+    """Jigsaw's view without grayscale: colour dropping happens per patch."""
+    return puzzle_view(size, min_scale, grayscale_p=0.0)
 
 
 def relative_position_resnet50() -> TrainConfig:
