@@ -1,13 +1,14 @@
 """The corpus-wide steps in their bounded-memory form give what the whole-corpus versions gave.
 
 Each test runs a step in its streaming / partitioned design on a small corpus and checks it
-against the simple in-memory answer; ``test_pseudo_label_join_memory_stays_flat_at_1m_rows``
-holds the memory ceiling at a million rows (docs/scale.md has the measurements).
+against the simple in-memory answer; the ``..._at_1m_rows`` tests hold memory ceilings at a
+million rows (docs/scale.md has the measurements).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tracemalloc
@@ -106,19 +107,27 @@ def test_pseudo_labels_with_overlapping_parts_fall_back_to_a_dict(tmp_path: Path
     assert type(got) is dict and got == {"a": 1, "c": 2, "b": 3, "d": 4}
 
 
-def test_pseudo_label_join_memory_stays_flat_at_1m_rows(tmp_path: Path) -> None:
-    """A rank's label join over a million pseudo-labels holds a few parts, not a dict of all of them."""
-    (tmp_path / "labels").mkdir()
-    for p in range(100):  # a million labels in 100 parts of 10,000
+@pytest.fixture(scope="module")
+def million_labels(tmp_path_factory) -> Path:
+    """A cluster output of a million pseudo-labels in 100 parts of 10,000, with its index and sizes."""
+    out = tmp_path_factory.mktemp("labels1m")
+    (out / "labels").mkdir()
+    for p in range(100):
         pq.write_table(pa.table({"key": [f"{p:06d}_{i:07d}" for i in range(10_000)],
                                  "cluster": pa.array((np.arange(10_000) * 7 + p) % 97, pa.int32()),
                                  "distance": pa.array(np.ones(10_000), pa.float32())}),
-                       tmp_path / "labels" / f"features-shard-{p:06d}.parquet")
-    write_index(tmp_path, 97)
+                       out / "labels" / f"features-shard-{p:06d}.parquet")
+    sizes, _, _ = write_index(out, 97)
+    (out / "cluster_stats.json").write_text(json.dumps({"num_clusters": 97, "sizes": sizes.tolist()}))
+    return out
+
+
+def test_pseudo_label_join_memory_stays_flat_at_1m_rows(million_labels: Path) -> None:
+    """A rank's label join over a million pseudo-labels holds a few parts, not a dict of all of them."""
     wanted = [f"{p:06d}_{i:07d}" for p in (3, 4, 50, 98) for i in range(0, 10_000, 3)]
     tracemalloc.start()
     try:
-        lookup = label_map(tmp_path)
+        lookup = label_map(million_labels)
         got = [lookup.get(k) for k in wanted]
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -127,6 +136,63 @@ def test_pseudo_label_join_memory_stays_flat_at_1m_rows(tmp_path: Path) -> None:
     assert len(lookup) == 1_000_000
     # a dict of a million keys (the whole-corpus join) needs > 100 MB here; the parts' join a few
     assert peak < 24e6, f"label join peaked at {peak / 1e6:.1f} MB of Python objects"
+
+
+def test_contact_sheet_members_match_the_in_memory_draw(tmp_path: Path) -> None:
+    from seerlike.eval.members import cluster_sizes, draw_members, pick_clusters
+    from seerlike.pseudo_labels import read_labels
+
+    _label_parts(tmp_path / "labels", 6, 40, missing_every=7)  # 97 clusters of 1-3 members
+    labels = read_labels(tmp_path)
+    cl, keys = labels["cluster"].to_numpy(), labels["key"].to_pylist()
+    sizes = np.bincount(cl, minlength=97)
+    assert cluster_sizes(tmp_path).tolist() == sizes.tolist()  # counted: no cluster_stats.json
+    picked = pick_clusters(sizes, 12, 0)
+    chosen = [c for cs in picked.values() for c in cs]
+    # a cluster of at most per_cluster members: all of them, in label order (no draw involved)
+    assert draw_members(tmp_path, chosen, 3, seed=5) == {c: [k for k, x in zip(keys, cl) if x == c] for c in chosen}
+    # larger clusters: per_cluster distinct members of the cluster, the same for the same seed
+    got = draw_members(tmp_path, chosen, 2, seed=5)
+    assert got == draw_members(tmp_path, chosen, 2, seed=5)
+    for c in chosen:
+        members = [k for k, x in zip(keys, cl) if x == c]
+        assert len(got[c]) == min(2, len(members)) and set(got[c]) <= set(members)
+        assert got[c] == [k for k in members if k in got[c]]  # in label order
+    # the draw is uniform over a cluster whose members span every part
+    pq.write_table(pa.table({"key": [f"{i:03d}" for i in range(60)], "cluster": pa.array([1] * 60, pa.int32())}),
+                   tmp_path / "one.parquet")
+    counts = np.zeros(60)
+    for seed in range(400):
+        for k in draw_members(tmp_path / "one.parquet", [1], 6, seed)[1]:
+            counts[int(k)] += 1
+    assert counts.sum() == 2400 and counts.min() > 15 and counts.max() < 65  # 40 expected per key
+    sizes_file = tmp_path / "cluster_stats.json"
+    write_index(tmp_path, 97)
+    sizes_file.write_text(json.dumps({"sizes": (sizes * 2).tolist()}))  # stale sizes: recounted
+    assert cluster_sizes(tmp_path).tolist() == sizes.tolist()
+    sizes_file.write_text(json.dumps({"sizes": sizes[::-1].tolist()}))  # recorded sizes are used
+    assert cluster_sizes(tmp_path).tolist() == sizes[::-1].tolist()
+
+
+def test_contact_sheet_members_memory_stays_flat_at_1m_rows(million_labels: Path, tmp_path: Path) -> None:
+    """Picking contact-sheet members from a million labels holds a part and the picks, not every label."""
+    from PIL import Image
+
+    from seerlike.eval.members import cluster_members, pick_clusters
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")  # no member is here: the lookup is trivial
+    tracemalloc.start()
+    try:
+        groups = cluster_members(million_labels, str(tmp_path / "images"), clusters=6, per_cluster=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    sizes = np.bincount(((np.arange(10_000)[None, :] * 7 + np.arange(100)[:, None]) % 97).ravel())
+    assert {kind: [title for title, _ in rows] for kind, rows in groups.items()} == \
+        {kind: [f"cluster {c} (n={sizes[c]})" for c in cs] for kind, cs in pick_clusters(sizes, 6, 0).items()}
+    # every key as a Python string (the in-memory draw) is > 60 MB here; the streamed draw a few
+    assert peak < 8e6, f"contact-sheet members peaked at {peak / 1e6:.1f} MB of Python objects"
 
 
 # ---------------------------------------------------------------- features
