@@ -14,6 +14,8 @@ import json
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from seerlike import storage
 from sharding.manifest import SUMMARY, dataset_root, iter_manifest, open_manifest
@@ -22,41 +24,54 @@ from sharding.writer import iter_tar
 _RESERVOIR = 100_000
 
 
+def _count(counter: Counter, column: pa.Array, skip_empty: bool = True) -> None:
+    """Add a string column's values (non-empty ones when ``skip_empty``) to ``counter``, in first-seen order."""
+    vc = pc.value_counts(column)
+    for value, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()):
+        if value or not skip_empty:
+            counter[value] += n
+
+
 def manifest_stats(dataset: str, *, endpoint_url: str | None = None, seed: int = 0) -> dict:
-    """Counts per status / reason / format and quantiles of stored sizes, from the manifest."""
+    """Counts per status / reason / format and quantiles of stored sizes, from the manifest.
+
+    Vectorised per record batch. The quantiles come from a uniform sample of at most
+    ``_RESERVOIR`` written rows (those with the smallest of a seeded uniform draw per row:
+    every row when there are fewer); min and max are exact.
+    """
     rng = np.random.default_rng(seed)
     status: Counter = Counter()
     reasons: Counter = Counter()
     formats: Counter = Counter()
     shards: set[str] = set()
     kept = 0
-    seen_written = 0
-    sample: dict[str, list] = {"width": [], "height": [], "size": []}
+    names = ("width", "height", "size")
+    sample = np.zeros((0, len(names)))
+    draws = np.zeros(0)
+    lo, hi = np.full(len(names), np.inf), np.full(len(names), -np.inf)
     cols = ["status", "reason", "orig_format", "shard", "width", "height", "size", "kept_original"]
     for batch in iter_manifest(dataset, cols, endpoint_url=endpoint_url):
-        d = batch.to_pydict()
-        status.update(d["status"])
-        reasons.update(r for r in d["reason"] if r)
-        formats.update(f for f in d["orig_format"] if f)
-        for st, shard, w, h, size, ko in zip(d["status"], d["shard"], d["width"], d["height"], d["size"], d["kept_original"]):
-            if st != "written":
-                continue
-            shards.add(shard)
-            kept += bool(ko)
-            seen_written += 1
-            # Reservoir sampling keeps the quantiles' memory fixed for any corpus size.
-            slot = seen_written - 1 if seen_written <= _RESERVOIR else int(rng.integers(seen_written))
-            if slot < _RESERVOIR:
-                for name, v in (("width", w), ("height", h), ("size", size)):
-                    if slot == len(sample[name]):
-                        sample[name].append(v)
-                    else:
-                        sample[name][slot] = v
-    q = (0.0, 0.05, 0.5, 0.95, 1.0)
+        _count(status, batch.column("status"), skip_empty=False)
+        _count(reasons, batch.column("reason"))
+        _count(formats, batch.column("orig_format"))
+        written = batch.filter(pc.equal(batch.column("status"), "written"))
+        if not written.num_rows:
+            continue
+        shards.update(pc.unique(written.column("shard")).to_pylist())
+        kept += int(pc.sum(written.column("kept_original")).as_py() or 0)
+        values = np.stack([written.column(n).to_numpy(zero_copy_only=False).astype(float) for n in names], axis=1)
+        lo, hi = np.fmin(lo, values.min(axis=0)), np.fmax(hi, values.max(axis=0))
+        sample = np.concatenate([sample, values])
+        draws = np.concatenate([draws, rng.random(len(values))])
+        if len(draws) > _RESERVOIR:  # keep the smallest draws: a uniform sample of fixed size
+            keep = np.sort(np.argpartition(draws, _RESERVOIR - 1)[:_RESERVOIR])
+            sample, draws = sample[keep], draws[keep]
+    q = (0.05, 0.5, 0.95)
     quantiles = {
-        name: dict(zip(("min", "p5", "p50", "p95", "max"), np.quantile(np.asarray(v, float), q).round(1).tolist()))
-        for name, v in sample.items()
-        if v
+        name: dict(zip(("min", "p5", "p50", "p95", "max"),
+                       np.round([lo[i], *np.quantile(sample[:, i], q), hi[i]], 1).tolist()))
+        for i, name in enumerate(names)
+        if len(sample)
     }
     return {
         "rows": sum(status.values()),

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,57 @@ def test_verify_chunk_by_chunk_finds_what_the_whole_check_finds(labelled_ingest,
         f"shards/{shards[1].name}: missing", "shards/999999-0000.tar: shard not in the manifest",
         f"shards/{shards[4].name}: {moved['key']} bytes differ at offset {moved['offset']}",
         f"{dup['key']}: status duplicate but has shard shards/000000-0000.tar"])
+
+
+def _stats_by_row(dataset: str) -> dict:
+    """ingest-stats as a loop over every row, with every written row's sizes kept (exact quantiles)."""
+    rows = read_manifest(dataset, ["status", "reason", "orig_format", "shard", "width", "height", "size",
+                                   "kept_original"]).to_pylist()
+    written = [r for r in rows if r["status"] == "written"]
+    q = (0.0, 0.05, 0.5, 0.95, 1.0)
+    count = lambda col: Counter(r[col] for r in rows if r[col])  # noqa: E731
+    return {"rows": len(rows), "status": dict(Counter(r["status"] for r in rows)),
+            "rejected_by_reason": dict(count("reason").most_common()),
+            "orig_formats": dict(count("orig_format").most_common()),
+            "shards": len({r["shard"] for r in written}), "kept_original": sum(bool(r["kept_original"]) for r in written),
+            "stored": {n: dict(zip(("min", "p5", "p50", "p95", "max"),
+                                   np.quantile([float(r[n]) for r in written], q).round(1).tolist()))
+                       for n in ("width", "height", "size")} if written else {}}
+
+
+def test_ingest_stats_by_batch_match_the_row_loop(labelled_ingest, tmp_path: Path, monkeypatch) -> None:
+    from sharding import stats
+    from sharding.manifest import SCHEMA
+
+    root, _, _ = labelled_ingest
+    assert stats.manifest_stats(str(root / "ds")) == _stats_by_row(str(root / "ds"))
+    # 100,000 rows in several record batches: every written row in the reservoir, exact quantiles
+    rng = np.random.default_rng(1)
+    n = 100_000
+    st = rng.choice(["written", "duplicate", "rejected"], n, p=[0.9, 0.04, 0.06])
+    w = st == "written"
+    reason = np.where(w, None, rng.choice(["too_small", "truncated", "fetch_failed"], n, p=[0.5, 0.3, 0.2]))
+    mask = lambda a: pa.array(np.where(w, a, None).tolist(), mask=~w)  # noqa: E731
+    table = pa.table({"status": st, "reason": pa.array(reason.tolist()),
+                      "orig_format": rng.choice(["JPEG", "PNG", "WEBP"], n, p=[0.8, 0.15, 0.05]),
+                      "shard": mask(np.char.add("shards/", (np.arange(n) // 1000).astype(str))),
+                      "width": mask(rng.integers(64, 2000, n)), "height": mask(rng.integers(64, 2000, n)),
+                      "size": mask(rng.lognormal(11.4, 0.8, n).astype(int)), "kept_original": mask(rng.random(n) < 0.3)})
+    table = table.cast(pa.schema([SCHEMA.field(c) for c in table.column_names]))
+    pq.write_table(table, tmp_path / "manifest.parquet", row_group_size=30_000)
+    want = _stats_by_row(str(tmp_path))
+    assert stats.manifest_stats(str(tmp_path)) == want
+    # a reservoir of 10,000 of the 90,000 written rows: exact counts and extremes, close quantiles
+    monkeypatch.setattr(stats, "_RESERVOIR", 10_000)
+    got = stats.manifest_stats(str(tmp_path), seed=3)
+    assert got == stats.manifest_stats(str(tmp_path), seed=3) != stats.manifest_stats(str(tmp_path), seed=4)
+    assert {k: v for k, v in got.items() if k != "stored"} == {k: v for k, v in want.items() if k != "stored"}
+    for name, q in got["stored"].items():
+        exact = want["stored"][name]
+        values = table[name].drop_null().to_numpy()
+        assert (q["min"], q["max"]) == (exact["min"], exact["max"])
+        for p, at in (("p5", 0.05), ("p50", 0.5), ("p95", 0.95)):
+            assert abs((values <= q[p]).mean() - at) < 0.02  # 4 standard errors of a 10,000-row sample
 
 
 def test_jobs_status_asks_sacct_once_per_array(tmp_path: Path, monkeypatch) -> None:
