@@ -319,6 +319,54 @@ def test_verify_chunk_by_chunk_finds_what_the_whole_check_finds(labelled_ingest,
         f"{dup['key']}: status duplicate but has shard shards/000000-0000.tar"])
 
 
+def test_verify_in_parts_finds_what_one_process_finds(labelled_ingest, tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from seerlike.config import ConfigError
+    from sharding.manifest import SCHEMA
+    from sharding.stats import parse_part
+    from sharding.stats import run as stats_command
+
+    root, _, _ = labelled_ingest
+    ds = tmp_path / "ds"
+    shutil.copytree(root / "ds", ds)
+    shards = sorted((ds / "shards").iterdir())
+    assert len(shards) >= 8 and [verify(str(ds), part=(i, 3)) for i in range(3)] == [[], [], []]
+    shards[1].unlink()
+    shards[6].write_bytes(shards[6].read_bytes()[:1024])  # cut after its first member
+    (ds / "shards" / "999999-0000.tar").write_bytes(shards[0].read_bytes())  # named past the last chunk
+    (ds / "shards" / "000003-0099.tar").write_bytes(shards[0].read_bytes())  # named for a middle chunk
+    (ds / "shards" / "other.tar").write_bytes(shards[0].read_bytes())  # not an ingest name
+    rows = read_manifest(str(ds)).to_pylist()
+    moved = next(r for r in rows if r["shard"] == f"shards/{shards[4].name}")
+    moved["offset"] += 1
+    dup = next(r for r in rows if r["status"] == "duplicate")
+    dup["shard"] = "shards/000000-0000.tar"
+    late = [r for r in rows if r["status"] == "written"][-1]  # the last chunk's row lists a shard named for chunk 0
+    late["shard"] = f"shards/{shards[0].name}"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), ds / "manifest.parquet", row_group_size=4)
+    whole = verify(str(ds))
+    assert len(whole) >= 7 and f"shards/{shards[1].name}: missing" in whole
+    assert f"{late['key']}: a row of chunk 4 lists shard shards/{shards[0].name} of chunk 0" in whole
+    assert any(p.startswith(f"shards/{shards[6].name}: ") and "absent" in p for p in whole)
+    for n in (1, 2, 3, 4, 9):  # 9 parts of 6 chunks: some parts are empty
+        parts = [verify(str(ds), part=(i, n)) for i in range(n)]
+        assert sorted(p for got in parts for p in got) == sorted(whole), n
+    args = argparse.Namespace(dataset=str(ds), verify=True, part="1/3", endpoint_url=None)
+    assert stats_command(args) == 1  # the command: only this part's check, its problems listed
+    assert json.loads(capsys.readouterr().out)["verify"] == {
+        "part": "1/3", "ok": False, "problems": verify(str(ds), part=(1, 3)), "n_problems": 4}
+    with pytest.raises(ConfigError, match="add --verify"):
+        stats_command(argparse.Namespace(dataset=str(ds), verify=False, part="0/2", endpoint_url=None))
+    with pytest.raises(ConfigError, match="I/N"):
+        parse_part("3")
+    with pytest.raises(ConfigError, match="0..N-1"):
+        parse_part("4/4")
+    pq.write_table(pq.read_table(ds / "manifest.parquet").drop(["chunk"]), ds / "manifest.parquet")
+    with pytest.raises(ConfigError, match="chunk column"):
+        verify(str(ds), part=(0, 2))
+
+
 def _stats_by_row(dataset: str) -> dict:
     """ingest-stats as a loop over every row, with every written row's sizes kept (exact quantiles)."""
     rows = read_manifest(dataset, ["status", "reason", "orig_format", "shard", "width", "height", "size",
