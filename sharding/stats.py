@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 
@@ -111,10 +112,23 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
+_INGEST_SHARD = re.compile(r"^shards/(?P<chunk>\d+)-")
+
+
 def _shard_chunk(name: str) -> int | None:
     """The chunk an ingest shard's name carries (``shards/CCCCCC-SSSS.tar``), None for other names."""
-    head = name.removeprefix("shards/").split("-", 1)[0]
-    return int(head) if head.isdigit() else None
+    m = _INGEST_SHARD.match(name)
+    return int(m.group("chunk")) if m else None
+
+
+def _named_chunks(shards: pa.Array, chunks: list[int]) -> dict[int, int]:
+    """``{row: chunk its shard's name carries}`` for the rows whose shard is named for another chunk than theirs."""
+    found = pc.extract_regex(shards, _INGEST_SHARD.pattern)  # null where a name is not an ingest shard's
+    if found.null_count == len(found):
+        return {}
+    named = pc.if_else(pc.is_valid(found), found.field("chunk"), "-1").cast(pa.int64()).to_numpy()
+    rows = np.flatnonzero((named >= 0) & (named != np.asarray(chunks)))
+    return {int(i): int(named[i]) for i in rows}
 
 
 class _Part:
@@ -201,11 +215,12 @@ def verify(dataset: str, *, endpoint_url: str | None = None, part: tuple[int, in
         chunks = d["chunk"] if streaming else [0] * len(d["key"])
         if streaming and chunks and (chunks[0] < last or (np.diff(chunks) < 0).any()):
             raise ConfigError(f"the manifest of {root} is not in chunk order: check it without --part")
-        for key, st, shard, off, size, chunk in zip(d["key"], d["status"], d["shard"], d["offset"], d["size"], chunks):
+        named = _named_chunks(batch.column("shard"), chunks) if streaming else {}
+        for i, (key, st, shard, off, size, chunk) in enumerate(zip(d["key"], d["status"], d["shard"], d["offset"],
+                                                                     d["size"], chunks)):
             if st == "written":
-                named = _shard_chunk(shard) if streaming and shard else None
-                if named is not None and named != chunk:  # an ingest shard holds its own chunk's samples only
-                    problems.append(f"{key}: a row of chunk {chunk} lists shard {shard} of chunk {named}")
+                if i in named:  # an ingest shard holds its own chunk's samples only
+                    problems.append(f"{key}: a row of chunk {chunk} lists shard {shard} of chunk {named[i]}")
                     continue
                 pending.setdefault(shard, {})[key] = (off, size)
                 chunk_of[shard] = chunk
