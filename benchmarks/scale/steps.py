@@ -163,6 +163,16 @@ def step_verify(root: Path) -> dict:
     return {"seconds": time.perf_counter() - t0, "problems": len(problems)}
 
 
+def step_verify_part(root: Path) -> dict:
+    """One job of an 8-job `ingest-stats --verify --part I/8` array (part 3): its manifest side."""
+    from sharding.stats import verify
+
+    yield_point()
+    t0 = time.perf_counter()
+    problems = verify(str(root / "ingest"), part=(3, 8))
+    return {"seconds": time.perf_counter() - t0, "problems": len(problems)}
+
+
 # ---------------------------------------------------------------- reading for training
 
 

@@ -70,8 +70,9 @@ def cluster_sizes(cluster_dir: str | os.PathLike) -> np.ndarray:
 
 
 def draw_members(cluster_dir: str | os.PathLike, clusters: list[int], per_cluster: int,
-                 seed: int = 0) -> dict[int, list[str]]:
-    """Up to ``per_cluster`` random member keys of each cluster in ``clusters``, in label-part order.
+                 seed: int = 0) -> tuple[dict[int, list[str]], set[str]]:
+    """Up to ``per_cluster`` random member keys of each cluster in ``clusters``, in label-part order,
+    and the feature units (``labels/features-{unit}.parquet``) they were drawn from.
 
     One pass over the label parts keeps, per cluster, the ``per_cluster`` rows with the
     smallest of a seeded uniform draw per candidate row (a uniform sample without
@@ -84,8 +85,10 @@ def draw_members(cluster_dir: str | os.PathLike, clusters: list[int], per_cluste
     kept_pri = np.zeros(0, np.float64)
     kept_pos = np.zeros(0, np.int64)  # row position over all parts: the order the members come out in
     kept_key: list[str] = []
+    part_starts: list[tuple[int, str]] = []  # (first row position, unit) of each part
     start = 0
     for part in _label_parts(Path(cluster_dir)):
+        part_starts.append((start, part.stem.removeprefix("features-")))
         t = pq.read_table(part, columns=["key", "cluster"])
         cl = t["cluster"].to_numpy()
         rows = np.flatnonzero(np.isin(cl, wanted))
@@ -105,7 +108,9 @@ def draw_members(cluster_dir: str | os.PathLike, clusters: list[int], per_cluste
     members: dict[int, list[str]] = {int(c): [] for c in wanted}
     for i in np.argsort(kept_pos, kind="stable"):
         members[int(kept_cl[i])].append(kept_key[i])
-    return members
+    firsts = np.asarray([p for p, _ in part_starts], np.int64)
+    units = {part_starts[int(j)][1] for j in np.searchsorted(firsts, kept_pos, side="right") - 1}
+    return members, units
 
 
 def cluster_members(cluster_dir: str | os.PathLike, data: str, *, clusters: int = 12, per_cluster: int = 12,
@@ -113,16 +118,21 @@ def cluster_members(cluster_dir: str | os.PathLike, data: str, *, clusters: int 
     """Random member images of the largest, smallest and random clusters (what a contact sheet shows).
 
     ``{"largest"|"smallest"|"random": [(title, [uint8 HxWx3 thumbnails])]}``. The members
-    are drawn by ``draw_members``; their images are found by key in one pass over ``data``
-    (the source the features were extracted from), stopping as soon as every wanted key was
-    seen.
+    are drawn by ``draw_members``; their images are found by key in ``data`` (the source the
+    features were extracted from): in a shard source only the shards they came from are
+    read (at most ``clusters x per_cluster``), otherwise one pass stops as soon as every
+    wanted key was seen.
     """
     sizes = cluster_sizes(cluster_dir)
     picked = pick_clusters(sizes, clusters, seed)
-    members = draw_members(cluster_dir, [c for cs in picked.values() for c in cs], per_cluster, seed)
+    members, member_units = draw_members(cluster_dir, [c for cs in picked.values() for c in cs], per_cluster, seed)
     wanted = {k for keys in members.values() for k in keys}
+    units = list_units(data)
+    if all(u.name.startswith("shard-") for u in units) and member_units <= {u.name for u in units}:
+        # a shard source's units are its shards, as in the extraction: read only the members' shards
+        units = [u for u in units if u.name in member_units]
     images: dict[str, np.ndarray] = {}
-    for unit in list_units(data):
+    for unit in units:
         for s in unit.read():
             if s.key in wanted and s.key not in images:
                 view = decode_view(s, thumb, thumb)

@@ -151,20 +151,21 @@ def test_contact_sheet_members_match_the_in_memory_draw(tmp_path: Path) -> None:
     picked = pick_clusters(sizes, 12, 0)
     chosen = [c for cs in picked.values() for c in cs]
     # a cluster of at most per_cluster members: all of them, in label order (no draw involved)
-    assert draw_members(tmp_path, chosen, 3, seed=5) == {c: [k for k, x in zip(keys, cl) if x == c] for c in chosen}
+    assert draw_members(tmp_path, chosen, 3, seed=5)[0] == {c: [k for k, x in zip(keys, cl) if x == c] for c in chosen}
     # larger clusters: per_cluster distinct members of the cluster, the same for the same seed
-    got = draw_members(tmp_path, chosen, 2, seed=5)
-    assert got == draw_members(tmp_path, chosen, 2, seed=5)
+    got, units = draw_members(tmp_path, chosen, 2, seed=5)
+    assert (got, units) == draw_members(tmp_path, chosen, 2, seed=5)
     for c in chosen:
         members = [k for k, x in zip(keys, cl) if x == c]
         assert len(got[c]) == min(2, len(members)) and set(got[c]) <= set(members)
         assert got[c] == [k for k in members if k in got[c]]  # in label order
+    assert units == {f"shard-{k[:6]}" for keys in got.values() for k in keys}  # the parts the members are in
     # the draw is uniform over a cluster whose members span every part
     pq.write_table(pa.table({"key": [f"{i:03d}" for i in range(60)], "cluster": pa.array([1] * 60, pa.int32())}),
                    tmp_path / "one.parquet")
     counts = np.zeros(60)
     for seed in range(400):
-        for k in draw_members(tmp_path / "one.parquet", [1], 6, seed)[1]:
+        for k in draw_members(tmp_path / "one.parquet", [1], 6, seed)[0][1]:
             counts[int(k)] += 1
     assert counts.sum() == 2400 and counts.min() > 15 and counts.max() < 65  # 40 expected per key
     sizes_file = tmp_path / "cluster_stats.json"
@@ -317,6 +318,38 @@ def test_verify_chunk_by_chunk_finds_what_the_whole_check_finds(labelled_ingest,
         f"shards/{shards[1].name}: missing", "shards/999999-0000.tar: shard not in the manifest",
         f"shards/{shards[4].name}: {moved['key']} bytes differ at offset {moved['offset']}",
         f"{dup['key']}: status duplicate but has shard shards/000000-0000.tar"])
+
+
+def test_contact_sheet_images_are_read_from_the_members_shards_only(labelled_ingest, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    import dataclasses
+
+    from seerlike.eval import members as members_mod
+    from seerlike.eval.extract import decode_view, list_units
+
+    root, _, _ = labelled_ingest
+    units = list_units(str(root / "ds"))
+    samples = {u.name: list(u.read()) for u in units}
+    (tmp_path / "labels").mkdir()
+    for i, u in enumerate(units):  # labels as `seerlike cluster` writes them: one part per extracted unit
+        keys = [s.key for s in samples[u.name]]
+        pq.write_table(pa.table({"key": keys, "cluster": pa.array([i % 6] * len(keys), pa.int32()),
+                                 "distance": pa.array(np.zeros(len(keys)), pa.float32())}),
+                       tmp_path / "labels" / f"features-{u.name}.parquet")
+    read: list[str] = []
+
+    def counted(data: str):
+        return [dataclasses.replace(u, read=lambda u=u: (read.append(u.name), u.read())[1]) for u in list_units(data)]
+
+    monkeypatch.setattr(members_mod, "list_units", counted)
+    groups = members_mod.cluster_members(tmp_path, str(root / "ds"), clusters=2, per_cluster=1, thumb=8)
+    drawn, from_units = members_mod.draw_members(tmp_path, [c for c in range(6) if any(
+        t.startswith(f"cluster {c} ") for rows in groups.values() for t, _ in rows)], 1)
+    assert len(units) >= 10 and sorted(read) == sorted(from_units) and len(read) <= 2
+    by_key = {s.key: s for ss in samples.values() for s in ss}
+    images = [im for rows in groups.values() for _, ims in rows for im in ims]
+    want = [decode_view(by_key[k], 8, 8) for c in sorted(drawn) for k in drawn[c]]
+    assert len(images) == 2 and all(any(np.array_equal(a, b) for b in want) for a in images)
 
 
 def test_verify_in_parts_finds_what_one_process_finds(labelled_ingest, tmp_path: Path, capsys) -> None:
