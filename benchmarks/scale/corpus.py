@@ -9,7 +9,8 @@ stateless hash functions of the global row id, so any chunk can be made on its o
   (``sharding.manifest.SCHEMA``), done markers and ``_ingest/config.json``, ready for
   ``sharding.ingest.merge`` (its shard rewrites are stubbed by the harness: no tar exists);
 - a features directory (``seerlike.eval.features`` layout, one unit per shard);
-- a pseudo-label directory (``labels/features-shard-*.parquet``: ``key, cluster, distance``).
+- a pseudo-label directory (``labels/features-shard-*.parquet``: ``key, cluster, distance``, with
+  ``labels_index.parquet`` and the sizes in ``cluster_stats.json``).
 
 Shape, per row: a 14-character key ``{chunk:06d}_{index:07d}``, a 67-character source URL
 (``https://imgNN.cdn-example.com/sNNNNNNN/YYYYMM/<16 hex>.jpg``, sites Zipf-sized and in
@@ -286,10 +287,16 @@ def write_pseudo_labels(spec: Spec, out: str | Path, k: int = 16000) -> Path:
         table = pa.table({"key": keys, "cluster": pa.array(np.minimum(k * u**1.5, k - 1).astype(np.int32)),
                           "distance": pa.array((0.5 + u).astype(np.float32))})
         pq.write_table(table, out / "labels" / f"features-shard-{name}.parquet")
+    write_cluster_index(out, k)
+    return out
+
+
+def write_cluster_index(out: str | Path, k: int = 16000) -> None:
+    """What `seerlike cluster` writes beside the labels: their index and the cluster sizes (older code ignores both)."""
     from seerlike.pseudo_labels import write_index
 
-    write_index(out, k)  # what `seerlike cluster` writes beside the labels (older code ignores it)
-    return out
+    sizes, _, _ = write_index(out, k)
+    (Path(out) / "cluster_stats.json").write_text(json.dumps({"num_clusters": k, "sizes": sizes.tolist()}))
 
 
 def write_features(spec: Spec, out: str | Path, dim: int | None = None) -> Path:

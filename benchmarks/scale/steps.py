@@ -163,6 +163,16 @@ def step_verify(root: Path) -> dict:
     return {"seconds": time.perf_counter() - t0, "problems": len(problems)}
 
 
+def step_verify_part(root: Path) -> dict:
+    """One job of an 8-job `ingest-stats --verify --part I/8` array (part 3): its manifest side."""
+    from sharding.stats import verify
+
+    yield_point()
+    t0 = time.perf_counter()
+    problems = verify(str(root / "ingest"), part=(3, 8))
+    return {"seconds": time.perf_counter() - t0, "problems": len(problems)}
+
+
 # ---------------------------------------------------------------- reading for training
 
 
@@ -244,6 +254,25 @@ def step_pseudo_labels(root: Path) -> dict:
     look_s = time.perf_counter() - t0
     return {"seconds": load_s + look_s, "load_seconds": load_s, "lookup_seconds": look_s,
             "lookups": len(keys), "found": found}
+
+
+def step_contact_sheets(root: Path) -> dict:
+    """`seerlike cluster --contact-sheets 12`: pick 12 clusters and 12 members each from the labels.
+
+    The image lookup runs over a one-image folder (no image of the corpus exists), so what
+    is measured is the pick over the labels.
+    """
+    from PIL import Image
+
+    from seerlike.eval.members import cluster_members
+
+    images = root / "contact-images"
+    images.mkdir(exist_ok=True)
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    yield_point()
+    t0 = time.perf_counter()
+    groups = cluster_members(root / "cluster", str(images), clusters=12, per_cluster=12)
+    return {"seconds": time.perf_counter() - t0, "clusters": sum(len(rows) for rows in groups.values())}
 
 
 def step_feature_index(root: Path) -> dict:

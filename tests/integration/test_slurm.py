@@ -215,3 +215,40 @@ def test_pipeline_chains_stages_with_afterok_and_skips_completed_ones(slurm, tmp
     again = run_pipeline(pipeline_from_dict(spec))
     assert [r["job_id"] for r in again] == ["", "", ""]  # nothing resubmitted
     assert [r["state"] for r in status(pipeline_from_dict(spec))] == ["DONE"] * 3
+
+
+def test_ingest_split_merge_as_jobs_equals_a_local_ingest(slurm, photos_dir, tmp_path):
+    """Dedup job, an array of merge-chunk tasks and the finish job give the dataset a local ingest gives."""
+    from launchers.submit import submit_ingest
+    from sharding.manifest import read_manifest
+
+    photos = sorted(p for p in photos_dir.iterdir() if p.suffix.lower() in (".jpg", ".png"))[:36]
+    inputs = [str(p) for p in photos] + [str(photos[i]) for i in (1, 9, 17, 2)]  # repeats in later chunks
+    (tmp_path / "list.txt").write_text("\n".join(inputs) + "\n")
+    ingest_args = ["chunk_size=8", "shuffle=false", "shard_max_samples=3", "--no-progress"]
+    local = _seerlike("ingest", str(tmp_path / "list.txt"), "--out", str(tmp_path / "local"), *ingest_args)
+    assert local.returncode == 0, local.stdout + local.stderr
+    jobs, finish = submit_ingest(_cfg(tmp_path, array_parallelism=2),
+                                 [str(tmp_path / "list.txt"), "--out", str(tmp_path / "slurm"), *ingest_args])
+    assert len(jobs) == 5 and _wait(finish, timeout_s=480) == "COMPLETED", finish.stderr()
+    deadline = time.monotonic() + 30
+    while True:  # slurmdbd records job ends asynchronously
+        acct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State", "-S", "now-1hour"],
+                              capture_output=True, text=True).stdout.splitlines()
+        ours = sorted((n, s) for j, n, s in (line.split("|") for line in acct)
+                      if int(j.split("_")[0]) >= int(jobs[0].job_id.split("_")[0]))
+        if all(s == "COMPLETED" for _, s in ours) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    # 5 chunk tasks, the dedup job, 2 merge-chunk tasks (chunks 0, 2, 4 and 1, 3), the finish job
+    assert ours == sorted([("seerlike-ingest", "COMPLETED")] * 5 + [("seerlike-ingest-merge-chunks", "COMPLETED")] * 2
+                          + [("seerlike-ingest-dedup", "COMPLETED"), ("seerlike-ingest-merge", "COMPLETED")])
+    got, want = tmp_path / "slurm", tmp_path / "local"
+    summary = json.loads((got / "summary.json").read_text())
+    assert (summary["written"], summary["duplicates_across_chunks"], summary["chunks"], summary["shards"]) == (36, 4, 5, 14)
+    assert read_manifest(str(got)).to_pylist() == read_manifest(str(want)).to_pylist()
+    assert {p.name: p.read_bytes() for p in sorted((got / "shards").iterdir())} == \
+        {p.name: p.read_bytes() for p in sorted((want / "shards").iterdir())}
+    assert (got / "shards.parquet").read_bytes() == (want / "shards.parquet").read_bytes()
+    fields = ("seen", "written", "duplicate", "rejected", "rejected_by_reason", "duplicates_across_chunks", "shards")
+    assert {f: summary[f] for f in fields} == {f: json.loads((want / "summary.json").read_text())[f] for f in fields}

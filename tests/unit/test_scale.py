@@ -1,16 +1,18 @@
 """The corpus-wide steps in their bounded-memory form give what the whole-corpus versions gave.
 
 Each test runs a step in its streaming / partitioned design on a small corpus and checks it
-against the simple in-memory answer; ``test_pseudo_label_join_memory_stays_flat_at_1m_rows``
-holds the memory ceiling at a million rows (docs/scale.md has the measurements).
+against the simple in-memory answer; the ``..._at_1m_rows`` tests hold memory ceilings at a
+million rows (docs/scale.md has the measurements).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -106,19 +108,27 @@ def test_pseudo_labels_with_overlapping_parts_fall_back_to_a_dict(tmp_path: Path
     assert type(got) is dict and got == {"a": 1, "c": 2, "b": 3, "d": 4}
 
 
-def test_pseudo_label_join_memory_stays_flat_at_1m_rows(tmp_path: Path) -> None:
-    """A rank's label join over a million pseudo-labels holds a few parts, not a dict of all of them."""
-    (tmp_path / "labels").mkdir()
-    for p in range(100):  # a million labels in 100 parts of 10,000
+@pytest.fixture(scope="module")
+def million_labels(tmp_path_factory) -> Path:
+    """A cluster output of a million pseudo-labels in 100 parts of 10,000, with its index and sizes."""
+    out = tmp_path_factory.mktemp("labels1m")
+    (out / "labels").mkdir()
+    for p in range(100):
         pq.write_table(pa.table({"key": [f"{p:06d}_{i:07d}" for i in range(10_000)],
                                  "cluster": pa.array((np.arange(10_000) * 7 + p) % 97, pa.int32()),
                                  "distance": pa.array(np.ones(10_000), pa.float32())}),
-                       tmp_path / "labels" / f"features-shard-{p:06d}.parquet")
-    write_index(tmp_path, 97)
+                       out / "labels" / f"features-shard-{p:06d}.parquet")
+    sizes, _, _ = write_index(out, 97)
+    (out / "cluster_stats.json").write_text(json.dumps({"num_clusters": 97, "sizes": sizes.tolist()}))
+    return out
+
+
+def test_pseudo_label_join_memory_stays_flat_at_1m_rows(million_labels: Path) -> None:
+    """A rank's label join over a million pseudo-labels holds a few parts, not a dict of all of them."""
     wanted = [f"{p:06d}_{i:07d}" for p in (3, 4, 50, 98) for i in range(0, 10_000, 3)]
     tracemalloc.start()
     try:
-        lookup = label_map(tmp_path)
+        lookup = label_map(million_labels)
         got = [lookup.get(k) for k in wanted]
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -127,6 +137,64 @@ def test_pseudo_label_join_memory_stays_flat_at_1m_rows(tmp_path: Path) -> None:
     assert len(lookup) == 1_000_000
     # a dict of a million keys (the whole-corpus join) needs > 100 MB here; the parts' join a few
     assert peak < 24e6, f"label join peaked at {peak / 1e6:.1f} MB of Python objects"
+
+
+def test_contact_sheet_members_match_the_in_memory_draw(tmp_path: Path) -> None:
+    from seerlike.eval.members import cluster_sizes, draw_members, pick_clusters
+    from seerlike.pseudo_labels import read_labels
+
+    _label_parts(tmp_path / "labels", 6, 40, missing_every=7)  # 97 clusters of 1-3 members
+    labels = read_labels(tmp_path)
+    cl, keys = labels["cluster"].to_numpy(), labels["key"].to_pylist()
+    sizes = np.bincount(cl, minlength=97)
+    assert cluster_sizes(tmp_path).tolist() == sizes.tolist()  # counted: no cluster_stats.json
+    picked = pick_clusters(sizes, 12, 0)
+    chosen = [c for cs in picked.values() for c in cs]
+    # a cluster of at most per_cluster members: all of them, in label order (no draw involved)
+    assert draw_members(tmp_path, chosen, 3, seed=5)[0] == {c: [k for k, x in zip(keys, cl) if x == c] for c in chosen}
+    # larger clusters: per_cluster distinct members of the cluster, the same for the same seed
+    got, units = draw_members(tmp_path, chosen, 2, seed=5)
+    assert (got, units) == draw_members(tmp_path, chosen, 2, seed=5)
+    for c in chosen:
+        members = [k for k, x in zip(keys, cl) if x == c]
+        assert len(got[c]) == min(2, len(members)) and set(got[c]) <= set(members)
+        assert got[c] == [k for k in members if k in got[c]]  # in label order
+    assert units == {f"shard-{k[:6]}" for keys in got.values() for k in keys}  # the parts the members are in
+    # the draw is uniform over a cluster whose members span every part
+    pq.write_table(pa.table({"key": [f"{i:03d}" for i in range(60)], "cluster": pa.array([1] * 60, pa.int32())}),
+                   tmp_path / "one.parquet")
+    counts = np.zeros(60)
+    for seed in range(400):
+        for k in draw_members(tmp_path / "one.parquet", [1], 6, seed)[0][1]:
+            counts[int(k)] += 1
+    assert counts.sum() == 2400 and counts.min() > 15 and counts.max() < 65  # 40 expected per key
+    sizes_file = tmp_path / "cluster_stats.json"
+    write_index(tmp_path, 97)
+    sizes_file.write_text(json.dumps({"sizes": (sizes * 2).tolist()}))  # stale sizes: recounted
+    assert cluster_sizes(tmp_path).tolist() == sizes.tolist()
+    sizes_file.write_text(json.dumps({"sizes": sizes[::-1].tolist()}))  # recorded sizes are used
+    assert cluster_sizes(tmp_path).tolist() == sizes[::-1].tolist()
+
+
+def test_contact_sheet_members_memory_stays_flat_at_1m_rows(million_labels: Path, tmp_path: Path) -> None:
+    """Picking contact-sheet members from a million labels holds a part and the picks, not every label."""
+    from PIL import Image
+
+    from seerlike.eval.members import cluster_members, pick_clusters
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")  # no member is here: the lookup is trivial
+    tracemalloc.start()
+    try:
+        groups = cluster_members(million_labels, str(tmp_path / "images"), clusters=6, per_cluster=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    sizes = np.bincount(((np.arange(10_000)[None, :] * 7 + np.arange(100)[:, None]) % 97).ravel())
+    assert {kind: [title for title, _ in rows] for kind, rows in groups.items()} == \
+        {kind: [f"cluster {c} (n={sizes[c]})" for c in cs] for kind, cs in pick_clusters(sizes, 6, 0).items()}
+    # every key as a Python string (the in-memory draw) is > 60 MB here; the streamed draw a few
+    assert peak < 8e6, f"contact-sheet members peaked at {peak / 1e6:.1f} MB of Python objects"
 
 
 # ---------------------------------------------------------------- features
@@ -250,6 +318,137 @@ def test_verify_chunk_by_chunk_finds_what_the_whole_check_finds(labelled_ingest,
         f"shards/{shards[1].name}: missing", "shards/999999-0000.tar: shard not in the manifest",
         f"shards/{shards[4].name}: {moved['key']} bytes differ at offset {moved['offset']}",
         f"{dup['key']}: status duplicate but has shard shards/000000-0000.tar"])
+
+
+def test_contact_sheet_images_are_read_from_the_members_shards_only(labelled_ingest, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    import dataclasses
+
+    from seerlike.eval import members as members_mod
+    from seerlike.eval.extract import decode_view, list_units
+
+    root, _, _ = labelled_ingest
+    units = list_units(str(root / "ds"))
+    samples = {u.name: list(u.read()) for u in units}
+    (tmp_path / "labels").mkdir()
+    for i, u in enumerate(units):  # labels as `seerlike cluster` writes them: one part per extracted unit
+        keys = [s.key for s in samples[u.name]]
+        pq.write_table(pa.table({"key": keys, "cluster": pa.array([i % 6] * len(keys), pa.int32()),
+                                 "distance": pa.array(np.zeros(len(keys)), pa.float32())}),
+                       tmp_path / "labels" / f"features-{u.name}.parquet")
+    read: list[str] = []
+
+    def counted(data: str):
+        return [dataclasses.replace(u, read=lambda u=u: (read.append(u.name), u.read())[1]) for u in list_units(data)]
+
+    monkeypatch.setattr(members_mod, "list_units", counted)
+    groups = members_mod.cluster_members(tmp_path, str(root / "ds"), clusters=2, per_cluster=1, thumb=8)
+    drawn, from_units = members_mod.draw_members(tmp_path, [c for c in range(6) if any(
+        t.startswith(f"cluster {c} ") for rows in groups.values() for t, _ in rows)], 1)
+    assert len(units) >= 10 and sorted(read) == sorted(from_units) and len(read) <= 2
+    by_key = {s.key: s for ss in samples.values() for s in ss}
+    images = [im for rows in groups.values() for _, ims in rows for im in ims]
+    want = [decode_view(by_key[k], 8, 8) for c in sorted(drawn) for k in drawn[c]]
+    assert len(images) == 2 and all(any(np.array_equal(a, b) for b in want) for a in images)
+
+
+def test_verify_in_parts_finds_what_one_process_finds(labelled_ingest, tmp_path: Path, capsys) -> None:
+    import argparse
+
+    from seerlike.config import ConfigError
+    from sharding.manifest import SCHEMA
+    from sharding.stats import parse_part
+    from sharding.stats import run as stats_command
+
+    root, _, _ = labelled_ingest
+    ds = tmp_path / "ds"
+    shutil.copytree(root / "ds", ds)
+    shards = sorted((ds / "shards").iterdir())
+    assert len(shards) >= 8 and [verify(str(ds), part=(i, 3)) for i in range(3)] == [[], [], []]
+    shards[1].unlink()
+    shards[6].write_bytes(shards[6].read_bytes()[:1024])  # cut after its first member
+    (ds / "shards" / "999999-0000.tar").write_bytes(shards[0].read_bytes())  # named past the last chunk
+    (ds / "shards" / "000003-0099.tar").write_bytes(shards[0].read_bytes())  # named for a middle chunk
+    (ds / "shards" / "other.tar").write_bytes(shards[0].read_bytes())  # not an ingest name
+    rows = read_manifest(str(ds)).to_pylist()
+    moved = next(r for r in rows if r["shard"] == f"shards/{shards[4].name}")
+    moved["offset"] += 1
+    dup = next(r for r in rows if r["status"] == "duplicate")
+    dup["shard"] = "shards/000000-0000.tar"
+    late = [r for r in rows if r["status"] == "written"][-1]  # the last chunk's row lists a shard named for chunk 0
+    late["shard"] = f"shards/{shards[0].name}"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), ds / "manifest.parquet", row_group_size=4)
+    whole = verify(str(ds))
+    assert len(whole) >= 7 and f"shards/{shards[1].name}: missing" in whole
+    assert f"{late['key']}: a row of chunk 4 lists shard shards/{shards[0].name} of chunk 0" in whole
+    assert any(p.startswith(f"shards/{shards[6].name}: ") and "absent" in p for p in whole)
+    for n in (1, 2, 3, 4, 9):  # 9 parts of 6 chunks: some parts are empty
+        parts = [verify(str(ds), part=(i, n)) for i in range(n)]
+        assert sorted(p for got in parts for p in got) == sorted(whole), n
+    args = argparse.Namespace(dataset=str(ds), verify=True, part="1/3", endpoint_url=None)
+    assert stats_command(args) == 1  # the command: only this part's check, its problems listed
+    assert json.loads(capsys.readouterr().out)["verify"] == {
+        "part": "1/3", "ok": False, "problems": verify(str(ds), part=(1, 3)), "n_problems": 4}
+    with pytest.raises(ConfigError, match="add --verify"):
+        stats_command(argparse.Namespace(dataset=str(ds), verify=False, part="0/2", endpoint_url=None))
+    with pytest.raises(ConfigError, match="I/N"):
+        parse_part("3")
+    with pytest.raises(ConfigError, match="0..N-1"):
+        parse_part("4/4")
+    pq.write_table(pq.read_table(ds / "manifest.parquet").drop(["chunk"]), ds / "manifest.parquet")
+    with pytest.raises(ConfigError, match="chunk column"):
+        verify(str(ds), part=(0, 2))
+
+
+def _stats_by_row(dataset: str) -> dict:
+    """ingest-stats as a loop over every row, with every written row's sizes kept (exact quantiles)."""
+    rows = read_manifest(dataset, ["status", "reason", "orig_format", "shard", "width", "height", "size",
+                                   "kept_original"]).to_pylist()
+    written = [r for r in rows if r["status"] == "written"]
+    q = (0.0, 0.05, 0.5, 0.95, 1.0)
+    count = lambda col: Counter(r[col] for r in rows if r[col])  # noqa: E731
+    return {"rows": len(rows), "status": dict(Counter(r["status"] for r in rows)),
+            "rejected_by_reason": dict(count("reason").most_common()),
+            "orig_formats": dict(count("orig_format").most_common()),
+            "shards": len({r["shard"] for r in written}), "kept_original": sum(bool(r["kept_original"]) for r in written),
+            "stored": {n: dict(zip(("min", "p5", "p50", "p95", "max"),
+                                   np.quantile([float(r[n]) for r in written], q).round(1).tolist()))
+                       for n in ("width", "height", "size")} if written else {}}
+
+
+def test_ingest_stats_by_batch_match_the_row_loop(labelled_ingest, tmp_path: Path, monkeypatch) -> None:
+    from sharding import stats
+    from sharding.manifest import SCHEMA
+
+    root, _, _ = labelled_ingest
+    assert stats.manifest_stats(str(root / "ds")) == _stats_by_row(str(root / "ds"))
+    # 100,000 rows in several record batches: every written row in the reservoir, exact quantiles
+    rng = np.random.default_rng(1)
+    n = 100_000
+    st = rng.choice(["written", "duplicate", "rejected"], n, p=[0.9, 0.04, 0.06])
+    w = st == "written"
+    reason = np.where(w, None, rng.choice(["too_small", "truncated", "fetch_failed"], n, p=[0.5, 0.3, 0.2]))
+    mask = lambda a: pa.array(np.where(w, a, None).tolist(), mask=~w)  # noqa: E731
+    table = pa.table({"status": st, "reason": pa.array(reason.tolist()),
+                      "orig_format": rng.choice(["JPEG", "PNG", "WEBP"], n, p=[0.8, 0.15, 0.05]),
+                      "shard": mask(np.char.add("shards/", (np.arange(n) // 1000).astype(str))),
+                      "width": mask(rng.integers(64, 2000, n)), "height": mask(rng.integers(64, 2000, n)),
+                      "size": mask(rng.lognormal(11.4, 0.8, n).astype(int)), "kept_original": mask(rng.random(n) < 0.3)})
+    table = table.cast(pa.schema([SCHEMA.field(c) for c in table.column_names]))
+    pq.write_table(table, tmp_path / "manifest.parquet", row_group_size=30_000)
+    want = _stats_by_row(str(tmp_path))
+    assert stats.manifest_stats(str(tmp_path)) == want
+    # a reservoir of 10,000 of the 90,000 written rows: exact counts and extremes, close quantiles
+    monkeypatch.setattr(stats, "_RESERVOIR", 10_000)
+    got = stats.manifest_stats(str(tmp_path), seed=3)
+    assert got == stats.manifest_stats(str(tmp_path), seed=3) != stats.manifest_stats(str(tmp_path), seed=4)
+    assert {k: v for k, v in got.items() if k != "stored"} == {k: v for k, v in want.items() if k != "stored"}
+    for name, q in got["stored"].items():
+        exact = want["stored"][name]
+        values = table[name].drop_null().to_numpy()
+        assert (q["min"], q["max"]) == (exact["min"], exact["max"])
+        for p, at in (("p5", 0.05), ("p50", 0.5), ("p95", 0.95)):
+            assert abs((values <= q[p]).mean() - at) < 0.02  # 4 standard errors of a 10,000-row sample
 
 
 def test_jobs_status_asks_sacct_once_per_array(tmp_path: Path, monkeypatch) -> None:
