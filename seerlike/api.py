@@ -190,8 +190,9 @@ def pretrain(data: PathLike | None = None, out: PathLike = "runs/pretrain", *,
         rc = launch(_child_argv(recipe, out, extra), nproc)
     else:
         from seerlike.engine.loop import train
+        from seerlike.eval.knn_monitor import knn_scorer
 
-        rc = train(cfg, out)
+        rc = train(cfg, out, scorer=knn_scorer(cfg.eval))
     return _run_result(out, cfg, rc)
 
 

@@ -65,5 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
         return launch(_child_argv(args), args.nproc)
     from seerlike.engine.loop import train
+    from seerlike.eval.knn_monitor import knn_scorer
 
-    return train(cfg, args.run_dir)
+    return train(cfg, args.run_dir, scorer=knn_scorer(cfg.eval))

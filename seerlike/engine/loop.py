@@ -30,7 +30,7 @@ from seerlike.engine.checkpoint import Checkpointer, prepare_run_dir
 from seerlike.engine.config import TrainConfig
 from seerlike.engine.dist import DistInfo, init_distributed, setup_logging, teardown
 from seerlike.engine.metrics import MetricsLogger, Throughput, peak_memory_mb
-from seerlike.engine.monitor import build_monitor
+from seerlike.engine.monitor import MakeScorer, build_monitor
 from seerlike.engine.optim import LRSchedule, build_optimizer
 from seerlike.engine.parallelize import parallelize
 from seerlike.engine.precision import grad_scaler
@@ -79,10 +79,12 @@ def _after_finish(signum, _frame) -> None:
     log.warning("caught %s after training finished: nothing left to stop, exiting normally", signal.Signals(signum).name)
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None, scorer: MakeScorer | None = None) -> int:
     """Train on the ranks of the environment; returns 0, or REQUEUE_EXIT_CODE after a stop signal.
 
     ``data`` replaces the configured pipeline (tests); it must behave like ``TrainData``.
+    ``scorer`` builds what the online monitor scores on its schedule (seerlike.engine.monitor): the
+    entry points pass ``seerlike.eval.knn_monitor.knn_scorer(cfg.eval)``.
     """
     owns_group = not dist.is_initialized()  # a caller's process group is left to the caller
     info = init_distributed()
@@ -91,7 +93,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
     if cfg.loop.num_threads:
         torch.set_num_threads(cfg.loop.num_threads)
     try:
-        return _train(cfg, Path(run_dir), info, data)
+        return _train(cfg, Path(run_dir), info, data, scorer)
     except DiskFullError as e:  # says which file and what to do: no traceback needed
         log.error("training failed on rank %d: %s", info.rank, e)
         raise
@@ -103,7 +105,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None) -> int:
             teardown()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
+def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data, scorer: MakeScorer | None) -> int:
     rank, world, device = info.rank, info.world_size, info.device
     loop = cfg.loop
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +170,7 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data) -> int:
     clock = SegmentClock(start)
     monitor = None
     try:
-        monitor = build_monitor(cfg, method, metrics=metrics, device=device, start_step=start, budget=budget)
+        monitor = build_monitor(cfg, method, scorer, metrics=metrics, device=device, start_step=start, budget=budget)
         while step < loop.max_steps:
             lr = schedule.apply(optimizer, step)
             t_start = time.perf_counter()

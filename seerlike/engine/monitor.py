@@ -1,33 +1,24 @@
-"""Online kNN monitor: kNN top-1 of the backbone being trained, every few steps or minutes.
+"""Online monitor: a score of the backbone being trained (kNN top-1), every few steps or minutes.
 
-Given a labeled split (``eval.train`` as the memory bank, ``eval.val`` as queries: a
-``path,label`` CSV or a class-folder tree, what `seerlike eval knn` takes), the loop asks
-:meth:`KNNMonitor.after_step` after every step; now and then all ranks stop, embed the split
-with ``method.backbone`` and score it with the same weighted kNN as `seerlike eval knn`
-(seerlike.eval.knn; k 20, cosine, T 0.07). The row goes to metrics.jsonl and TensorBoard
-(``monitor/knn_top1``). docs/engine.md, "Watching it learn", has the user's side; the design:
+The engine decides when to score and keeps the books; what is scored is injected. The entry
+points (`seerlike train`, ``seerlike.pretrain``, the distillation and semi-supervised stages)
+build the scorer from the ``eval.*`` section (seerlike.eval.knn_monitor: the weighted kNN of
+`seerlike eval knn` on a labeled split) and pass it to :func:`seerlike.engine.loop.train` as a
+:data:`MakeScorer`; once the method exists the loop builds it and asks
+:meth:`Monitor.after_step` after every step; now and then all ranks stop and call the
+:class:`Scorer`. The row goes to metrics.jsonl and TensorBoard (``monitor/knn_top1``).
+docs/engine.md, "Watching it learn", has the user's side; the engine's part of the design:
 
-- **What is measured**: the trunk a checkpoint keeps (``method.backbone``), in eval mode and
-  without gradients, then every module back in its own mode. BatchNorm running statistics
-  differ per rank without SyncBN; the ranks borrow rank 0's for the evaluation (they are what a
-  checkpoint saves) and get their own back, so the number equals `seerlike eval knn` of a
-  checkpoint written at that step. The forward runs in fp32.
-- **Sharded over ranks**: rank r embeds the r-th contiguous slice of the images (padded so
-  every rank runs the same number of batches: under FSDP2 each forward is a collective), the
-  features are all-gathered, rank 0 scores the kNN and broadcasts the result. DDP is bypassed
-  (the unwrapped backbone is called); under FSDP2 the root unit is unsharded for the duration
-  and the blocks gather their own parameters as in training.
 - **When**: ranks must agree without a collective on every step. All of them know the next
   "sync step"; there rank 0 decides (a cadence of ``every_steps`` / ``every_minutes`` of
   training, under the ``max_fraction`` cost cap) and broadcasts whether to evaluate now and the
   next sync step, estimated from the measured step time. Always at the start of a fresh run
   and after the last step (``at_start`` / ``at_end``).
-- **Cost**: the split is listed, capped at ``max_per_class`` images per class and decoded once
-  (each rank its slice, kept as uint8); an evaluation is then forward passes and one matrix
-  product. The wall seconds spent (set-up included) are logged as ``monitor_s`` and
-  ``monitor_frac``. ``max_fraction`` (5 %) holds the share: a reading between the first and the
-  last waits until it and the last fit under it; with a time budget the split is also cut (from a
-  timed probe of a few images) so that READINGS_PLANNED readings and the decoding fit in it.
+- **Cost**: the wall seconds spent (the scorer's set-up included) are logged as ``<name>_s``
+  (one reading, ``knn_s``), ``monitor_s`` and ``monitor_frac``. ``max_fraction`` (5 %) holds the
+  share: a reading between the first and the last waits until it and the last fit under it. With
+  a time budget the scorer is told the budget (``ScoringContext.run_s``) so that it can size its
+  work to fit (the kNN scorer cuts its split).
 - **Time budget**: monitor time does not count against ``loop.time_budget_s``: the loop pauses
   the budget's clock while the monitor runs, so switching the monitor on changes neither the
   calibrated step time nor the number of steps (the run trains exactly as without it); its cost
@@ -40,28 +31,35 @@ import contextlib
 import logging
 import math
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-
-from seerlike.config import ConfigError
-from seerlike.eval.knn import KNNConfig, knn_eval
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 MONITOR_LAYERS = ("pool", "res4", "res5")
-READINGS_PLANNED = 4
-"""With a time budget the split is cut so that this many readings (first, last, two between) fit in
-max_fraction of it."""
-MIN_PER_CLASS = 5
-"""Fewest images per class the budget may cut the split to."""
-PROBE_IMAGES = 16
-"""Images decoded and embedded (after a 2-image warm-up) to estimate a reading's cost."""
+
+
+@dataclass(kw_only=True)
+class KNNConfig:
+    """The weighted kNN's settings (seerlike.eval.knn); here, so that the training config's eval.knn can hold them."""
+
+    k: int = 20
+    """Neighbours that vote."""
+    temperature: float = 0.07
+    """Vote weight is exp(cosine / temperature)."""
+    chunk: int = 1024
+    """Query rows scored at a time (bounds memory at chunk x num_train)."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"knn k must be >= 1, got {self.k}")
+        if self.temperature <= 0:
+            raise ValueError(f"knn temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(kw_only=True)
@@ -117,136 +115,52 @@ class MonitorConfig:
         return self.resize or round(self.image_size / 0.875)
 
 
-# ---------------------------------------------------------------- the labeled split, decoded once
+# ---------------------------------------------------------------- the scorer an entry point injects
 
 
-@dataclass
-class Split:
-    """This rank's slice of a labeled split, decoded; the labels of the whole split."""
+@dataclass(frozen=True)
+class ScoringContext:
+    """What a scorer is built from once the loop has the method: the trunk, where it runs, the run's budget."""
 
-    images: np.ndarray
-    """uint8 ``(per_rank, size, size, 3)`` centre views of this rank's slice, zero-padded."""
-    ok: np.ndarray
-    """bool ``(per_rank,)``: the row is a real, decodable image."""
-    labels: list[str]
-    """Class name of every selected image of the split, in order (all ranks)."""
-
-
-def labeled_files(path: str, what: str):
-    """The split's files and labels (``seerlike.data.sources.FileSource``), or a ConfigError naming ``what``."""
-    from seerlike.data.sources import FileSource, resolve
-
-    try:
-        src = resolve(path)
-    except (ConfigError, OSError) as e:
-        raise ConfigError(f"{what} {path}: {e}") from None
-    if not isinstance(src, FileSource) or not len(src) or any(lb is None for lb in src.labels):
-        raise ConfigError(f"{what} {path}: expected labeled images, a path,label CSV or a class-folder tree")
-    return src
+    backbone: nn.Module
+    """The trunk a checkpoint keeps (``method.backbone``)."""
+    root: nn.Module
+    """The method being trained: under FSDP2 the root unit to unshard for a reading."""
+    device: torch.device
+    """Where the backbone's parameters are."""
+    autocast_dtype: torch.dtype | None = None
+    """Forward under autocast to this dtype (FSDP2 gathers the parameters in it); None: fp32."""
+    channels_last: bool = False
+    """The model's inputs are NHWC (``model.channels_last``)."""
+    run_s: float = 0.0
+    """The run's time budget (``loop.time_budget_s``; 0: none): a scorer may size its work to fit in it."""
+    clock: Callable[[], float] = time.perf_counter
+    """The monitor's clock (tests replace it)."""
 
 
-def first_per_class(labels: list, cap: int) -> list[int]:
-    """Indices of the first ``cap`` items of every class, in order (all when ``cap`` is 0)."""
-    seen: Counter = Counter()
-    keep = []
-    for i, lb in enumerate(labels):
-        if cap and seen[lb] >= cap:
-            continue
-        seen[lb] += 1
-        keep.append(i)
-    return keep
+class Scorer(Protocol):
+    """Scores the backbone now; seerlike.eval.knn_monitor.KNNScorer is the one the entry points build."""
+
+    name: str
+    """What it scores: a reading's cost is logged as ``<name>_s``."""
+
+    def __call__(self) -> dict[str, float]:
+        """The scores: a collective (every rank calls it at the same step) with the same keys on every rank;
+        rank 0's values are the ones logged and returned."""
+        ...
 
 
-def rank_slice(n: int, rank: int, world: int) -> tuple[range, int]:
-    """Rank ``rank``'s contiguous slice of ``n`` rows and the slice length every rank pads to."""
-    per = -(-n // world)
-    return range(min(rank * per, n), min((rank + 1) * per, n)), per
+MakeScorer = Callable[[ScoringContext], Scorer]
+"""Builds the scorer once the loop has the method; its set-up time counts as monitor time."""
 
 
-def per_class_within(label_lists: list[list], cap: int, images: float) -> int:
-    """The largest per-class cap (<= ``cap``; 0 = none) whose subsets of all lists hold at most ``images`` rows.
-
-    Never below ``MIN_PER_CLASS``: a smaller memory bank says little (the share may then exceed its cap).
-    """
-    counts = [list(Counter(labels).values()) for labels in label_lists]
-    most = max(max(c) for c in counts)
-    hi = min(cap, most) if cap else most
-    total = lambda c: sum(min(n, c) for cs in counts for n in cs)  # noqa: E731
-    lo = min(MIN_PER_CLASS, hi)
-    while lo < hi:  # the largest c in [lo, hi] with total(c) <= images (total grows with c)
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if total(mid) <= images else (lo, mid - 1)
-    return lo
-
-
-def decode_rows(src, rows: list[int], size: int, resize: int, out: np.ndarray, ok: np.ndarray) -> None:
-    """Centre views of ``src``'s ``rows`` into ``out`` / ``ok`` (undecodable images are logged and stay False)."""
-    from seerlike.data.shards import raw_file_stream
-    from seerlike.eval.extract import Sample, decode_view
-
-    with ThreadPoolExecutor(2) as pool:
-        samples = (Sample(rec.key, rec.data, None, rec.error) for rec in raw_file_stream(src, rows, 0))
-        for j, view in enumerate(pool.map(lambda s: decode_view(s, size, resize), samples)):
-            if view is not None:
-                out[j], ok[j] = view, True
-
-
-def load_split(src, per_class: int, cfg: MonitorConfig, rank: int, world: int) -> Split:
-    """Keep ``per_class`` images per class of ``src`` and decode this rank's slice."""
-    chosen = first_per_class(src.labels, per_class)
-    mine, per = rank_slice(len(chosen), rank, world)
-    images = np.zeros((per, cfg.image_size, cfg.image_size, 3), np.uint8)
-    ok = np.zeros(per, bool)
-    decode_rows(src, [chosen[i] for i in mine], cfg.image_size, cfg.resize_side, images, ok)
-    return Split(images, ok, [src.classes[src.labels[i]] for i in chosen])
-
-
-# ---------------------------------------------------------------- the backbone, borrowed for inference
-
-
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
-@contextlib.contextmanager
-def inference_mode(backbone: nn.Module, root: nn.Module, world: int):
-    """``backbone`` in eval mode without gradients, with rank 0's BatchNorm statistics on every rank.
-
-    Every module gets its own training flag back and every rank its own buffers afterwards;
-    an FSDP2 ``root`` is unsharded for the duration (its blocks gather their own parameters).
-    """
-    modes = [(m, m.training) for m in backbone.modules()]
-    bufs = [b for b in backbone.buffers() if b.is_floating_point() and not hasattr(b, "to_local")]
-    own = [b.detach().clone() for b in bufs] if world > 1 else []
-    fsdp = world > 1 and _is_fsdp(root)
-    try:
-        with torch.no_grad():
-            for dtype in dict.fromkeys(b.dtype for b in own):  # one broadcast per dtype, same order on every rank
-                group = [b for b in bufs if b.dtype == dtype]
-                flat = torch.cat([b.reshape(-1) for b in group])
-                dist.broadcast(flat, 0)
-                offset = 0
-                for b in group:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
-            backbone.eval()
-            if fsdp:
-                # FSDP2 takes the first module run as its root; before the first training step that
-                # would be a block of ours, so make the method the root first (torch is pinned: the
-                # private call is stable; the root's forward does the same)
-                root._get_fsdp_state()._lazy_init()
-                root.unshard()
-            yield
-    finally:
-        if fsdp:
-            root.reshard()
-        with torch.no_grad():
-            for b, saved in zip(bufs, own):
-                b.copy_(saved)
-        for m, training in modes:
-            m.training = training
+def share(values: tuple[float, ...], device: torch.device) -> tuple[float, ...]:
+    """Rank 0's ``values`` on every rank, as floats."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tuple(float(v) for v in values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(t, 0)
+    return tuple(t.tolist())
 
 
 # ---------------------------------------------------------------- when (rank 0 decides)
@@ -301,70 +215,22 @@ class Schedule:
 # ---------------------------------------------------------------- the monitor
 
 
-class KNNMonitor:
-    """Evaluates kNN top-1 of ``backbone`` on a labeled split; every rank calls the same methods at the same steps."""
+class Monitor:
+    """Calls a scorer on the schedule and logs its row; every rank calls the same methods at the same steps."""
 
-    def __init__(self, cfg: MonitorConfig, backbone: nn.Module, *, root: nn.Module, metrics, device: torch.device,
-                 start_step: int, run_s: float = 0.0, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, clock=time.perf_counter):
-        from seerlike.checkpoints import Loaded
-        from seerlike.eval.extract import feature_fn
-
-        self.cfg, self.backbone, self.root, self.metrics, self.device = cfg, backbone, root, metrics, device
+    def __init__(self, cfg: MonitorConfig, make_scorer: MakeScorer, context: ScoringContext, *, metrics,
+                 start_step: int):
+        self.cfg, self.metrics, self.device = cfg, metrics, context.device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.autocast_dtype = autocast_dtype
-        self.channels_last = channels_last or device.type == "cuda"
-        self.fn = feature_fn(Loaded(backbone, "", "training"), cfg.layer)  # the features `seerlike eval` takes
-        self.clock = clock
-        self.t0 = clock()
-        bank_src, query_src = labeled_files(cfg.train, "eval.train"), labeled_files(cfg.val, "eval.val")
-        self.per_class = cfg.max_per_class
-        if run_s > 0 and cfg.max_fraction > 0:
-            self.per_class = self._per_class_for_budget(bank_src, query_src, run_s)
-        self.bank = load_split(bank_src, self.per_class, cfg, self.rank, self.world)
-        self.queries = load_split(query_src, self.per_class, cfg, self.rank, self.world)
-        self.classes = sorted(set(self.bank.labels))
-        unknown = sorted(set(self.queries.labels) - set(self.classes))
-        if unknown:
-            raise ConfigError(f"eval.val {cfg.val} has classes absent from eval.train {cfg.train}: {unknown[:5]}")
-        self.bank_ok, self.queries_ok = self._whole_mask(self.bank), self._whole_mask(self.queries)
-        if not (self.bank_ok.any() and self.queries_ok.any()):
-            raise ConfigError(f"eval.train {cfg.train} or eval.val {cfg.val}: no image could be decoded")
+        self.clock = context.clock
+        self.t0 = self.clock()
+        self.scorer = make_scorer(context)
         # wall seconds this rank spent in the monitor, set-up included (rank 0's drive the schedule)
-        self.spent_s = clock() - self.t0
+        self.spent_s = self.clock() - self.t0
         self.schedule = Schedule(every_steps=cfg.every_steps, every_minutes=cfg.every_minutes,
                                  max_fraction=cfg.max_fraction, start_step=start_step, last_step=start_step,
                                  reserve_end=cfg.at_end)
         self.next_sync = start_step + 1  # known to every rank: where rank 0 is asked next
-        log.info("kNN monitor: %d memory-bank and %d query images (at most %s per class), %d px, set up in %.1f s",
-                 len(self.bank.labels), len(self.queries.labels), self.per_class or "all", cfg.image_size, self.spent_s)
-
-    def _per_class_for_budget(self, bank_src, query_src, run_s: float) -> int:
-        """Images per class such that READINGS_PLANNED readings and the decoding fit in max_fraction of ``run_s``.
-
-        The cost per image is measured on a few images of the memory bank (every rank embeds the same
-        ones: a collective under FSDP2), rank 0's figures decide for all.
-        """
-        rows = first_per_class(bank_src.labels, self.cfg.max_per_class)[:PROBE_IMAGES + 2]
-        if len(rows) < 3:  # too few images to be worth cutting (the same on every rank)
-            return self.cfg.max_per_class
-        views = np.zeros((len(rows), self.cfg.image_size, self.cfg.image_size, 3), np.uint8)
-        t = self.clock()
-        decode_rows(bank_src, rows, self.cfg.image_size, self.cfg.resize_side, views, np.zeros(len(rows), bool))
-        decode_s = (self.clock() - t) / len(rows)
-        with inference_mode(self.backbone, self.root, self.world):
-            self._embed(views[:2], batch_size=2)  # allocator and kernel warm-up
-            t = self.clock()
-            self._embed(views[2:], batch_size=len(views)).cpu()  # .cpu(): wait for the device
-            forward_s = (self.clock() - t) / max(len(views) - 2, 1)
-        decode_s, forward_s = self._share((decode_s, forward_s))
-        images = self.world * self.cfg.max_fraction * run_s / max(READINGS_PLANNED * forward_s + decode_s, 1e-9)
-        per_class = per_class_within([bank_src.labels, query_src.labels], self.cfg.max_per_class, images)
-        log.info("kNN monitor: %.1f ms per image to embed, %.1f ms to decode: %d per class let %d readings fit "
-                 "in %.0f%% of the %.0f s budget", 1e3 * forward_s, 1e3 * decode_s, per_class, READINGS_PLANNED,
-                 100 * self.cfg.max_fraction, run_s)
-        return per_class
 
     # ------------------------------------------------------------ hooks the loop calls
 
@@ -388,7 +254,7 @@ class KNNMonitor:
             if self.rank == 0:
                 wait = self.schedule.wait_steps(step, self.train_s(), self.spent_s)
                 decision = (1.0, 0.0) if wait <= 0 else (0.0, float(step + max(1, math.ceil(wait))))
-            now, later = self._share(decision if self.rank == 0 else (0.0, 0.0))
+            now, later = share(decision if self.rank == 0 else (0.0, 0.0), self.device)
             self.spent_s += self.clock() - t
             if now:
                 self.evaluate(step)
@@ -398,33 +264,24 @@ class KNNMonitor:
     # ------------------------------------------------------------ one evaluation
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """kNN top-1/top-5 now (a collective: every rank calls it); rank 0 logs the row."""
+        """The scores now and the monitor's books (a collective: every rank calls it); rank 0 logs the row."""
         t = self.clock()
         train_s = self.train_s()
-        with inference_mode(self.backbone, self.root, self.world):
-            bank_x = self._gather(self._embed(self.bank.images), self.bank)
-            query_x = self._gather(self._embed(self.queries.images), self.queries)
-        top1 = top5 = 0.0
-        if self.rank == 0:
-            index = {c: i for i, c in enumerate(self.classes)}
-            ty = torch.tensor([index[c] for c, ok in zip(self.bank.labels, self.bank_ok) if ok])
-            vy = torch.tensor([index[c] for c, ok in zip(self.queries.labels, self.queries_ok) if ok])
-            scores, _ = knn_eval(bank_x[self.bank_ok], ty, query_x[self.queries_ok], vy, len(self.classes),
-                                 self.cfg.knn)
-            top1, top5 = scores["top1"], scores["top5"]
+        scores = self.scorer()
         cost = self.clock() - t
         self.spent_s += cost
         self.schedule.evaluated(step, train_s, cost)
         nxt = self.schedule.next_step(step, self.train_s(), self.spent_s) if self.rank == 0 else 0
-        top1, top5, nxt = self._share((top1, top5, nxt))
+        *shared, nxt = share((*scores.values(), nxt), self.device)
+        if self.rank != 0:
+            scores = dict(zip(scores, shared))
         self.next_sync = int(nxt)
         self.spent_s += self.clock() - t - cost
-        row = {"knn_top1": top1, "knn_top5": top5, "knn_s": cost, "monitor_s": self.spent_s,
-               "monitor_frac": self.fraction(), "elapsed_s": t - self.t0,
-               "knn_images": len(self.bank.labels) + len(self.queries.labels)}
+        row = {**scores, f"{self.scorer.name}_s": cost, "monitor_s": self.spent_s,
+               "monitor_frac": self.fraction(), "elapsed_s": t - self.t0}
         self.metrics.log(step, row, group="monitor")
-        log.info("step %d: kNN top-1 %.2f (%.1f s; monitor %.1f%% of the run so far)",
-                 step, top1, cost, 100 * row["monitor_frac"])
+        log.info("step %d: %s (%.1f s; monitor %.1f%% of the run so far)", step,
+                 ", ".join(f"{k} {v:g}" for k, v in scores.items()), cost, 100 * row["monitor_frac"])
         return row
 
     def train_s(self) -> float:
@@ -436,63 +293,30 @@ class KNNMonitor:
         total = self.clock() - self.t0
         return self.spent_s / total if total > 0 else 0.0
 
-    def _embed(self, images: np.ndarray, batch_size: int | None = None) -> Tensor:
-        """Features of this rank's padded slice: the same number of batches on every rank."""
-        from seerlike.eval.extract import to_batch
-
-        out = []
-        batch_size = batch_size or self.cfg.batch_size
-        for i in range(0, len(images), batch_size):
-            x = to_batch(images[i:i + batch_size]).to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                  else contextlib.nullcontext()):
-                out.append(self.fn(x).float())
-        return torch.cat(out)
-
-    def _gather(self, local: Tensor, split: Split) -> Tensor:
-        """Every rank's features in split order (the padding rows dropped), on the CPU."""
-        if self.world > 1:
-            parts = [torch.empty_like(local) for _ in range(self.world)]
-            dist.all_gather(parts, local.contiguous())
-            local = torch.cat(parts)
-        return local[:len(split.labels)].cpu()
-
-    def _whole_mask(self, split: Split) -> Tensor:
-        """Which rows of the whole split decoded (every rank's slice; a collective, once at set-up)."""
-        ok = torch.from_numpy(split.ok.astype(np.uint8)).to(self.device)
-        if self.world > 1:
-            parts = [torch.empty_like(ok) for _ in range(self.world)]
-            dist.all_gather(parts, ok)
-            ok = torch.cat(parts)
-        return ok[:len(split.labels)].bool().cpu()
-
-    def _share(self, values: tuple[float, ...]) -> tuple[float, ...]:
-        """Rank 0's ``values`` on every rank."""
-        if self.world == 1:
-            return tuple(float(v) for v in values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.broadcast(t, 0)
-        return tuple(t.tolist())
-
 
 def _paused(budget):
     """The time budget's clock stops while the monitor runs (module docstring, "Time budget")."""
     return budget.paused() if budget is not None else contextlib.nullcontext()
 
 
-def build_monitor(cfg, method: nn.Module, *, metrics, device: torch.device, start_step: int,
-                  budget=None) -> KNNMonitor | None:
-    """The monitor of a TrainConfig, set up and at its starting point (None without ``eval.train``/``eval.val``)."""
-    if not cfg.eval.enabled:
+def build_monitor(cfg, method: nn.Module, make_scorer: MakeScorer | None, *, metrics, device: torch.device,
+                  start_step: int, budget=None) -> Monitor | None:
+    """The monitor of a TrainConfig with its scorer, set up and at its starting point (None without a scorer).
+
+    A config that names a labeled split (``eval.train``/``eval.val``) but comes without a scorer is
+    refused rather than trained without its readings.
+    """
+    if make_scorer is None:
+        if cfg.eval.enabled:
+            raise ValueError("eval.train/eval.val are set but train() got no scorer: pass "
+                             "scorer=seerlike.eval.knn_monitor.knn_scorer(cfg.eval)")
         return None
     mixed = (cfg.parallel.strategy == "fsdp" and cfg.parallel.mixed_precision_params
              and cfg.precision.torch_dtype != torch.float32)  # parameters gathered in the compute dtype
-    with _paused(budget):
-        monitor = KNNMonitor(cfg.eval, method.backbone, root=method, metrics=metrics, device=device,
-                             start_step=start_step, run_s=cfg.loop.time_budget_s,
+    context = ScoringContext(backbone=method.backbone, root=method, device=device,
                              autocast_dtype=cfg.precision.torch_dtype if mixed else None,
-                             channels_last=cfg.model.channels_last)
+                             channels_last=cfg.model.channels_last, run_s=cfg.loop.time_budget_s)
+    with _paused(budget):
+        monitor = Monitor(cfg.eval, make_scorer, context, metrics=metrics, start_step=start_step)
     monitor.start(start_step, budget)
     return monitor

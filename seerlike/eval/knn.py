@@ -7,27 +7,13 @@ Cosine similarity to every training feature, the ``k`` nearest vote with weight
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-@dataclass(kw_only=True)
-class KNNConfig:
-    k: int = 20
-    """Neighbours that vote."""
-    temperature: float = 0.07
-    """Vote weight is exp(cosine / temperature)."""
-    chunk: int = 1024
-    """Query rows scored at a time (bounds memory at chunk x num_train)."""
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"knn k must be >= 1, got {self.k}")
-        if self.temperature <= 0:
-            raise ValueError(f"knn temperature must be > 0, got {self.temperature}")
+# KNNConfig is defined beside the training config's eval section (its eval.knn), which the engine must import
+from seerlike.engine.monitor import KNNConfig
 
 
 def knn_scores(train_x: Tensor, train_y: Tensor, query_x: Tensor, num_classes: int,

@@ -16,16 +16,11 @@ its 176 px crops gave 44x44).
 from __future__ import annotations
 
 from seerlike.data.augment import AugmentConfig, ViewConfig
-from seerlike.data.pipeline import DataConfig
-from seerlike.engine.checkpoint import CheckpointConfig
-from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
+from seerlike.engine.config import TrainConfig
 from seerlike.engine.optim import OptimConfig
-from seerlike.engine.parallelize import ParallelConfig
-from seerlike.engine.precision import PrecisionConfig
 from seerlike.methods.colorization import Colorization
+from seerlike.recipes.pretext import resnet50_pretext
 from seerlike.recipes.tiny import _common
-
-STEPS_PER_EPOCH = 5005  # 1,281,167 images / 256
 
 
 def colour_view(size: int, min_scale: float) -> AugmentConfig:
@@ -36,18 +31,11 @@ def colour_view(size: int, min_scale: float) -> AugmentConfig:
 
 def colorization_resnet50() -> TrainConfig:
     """8 ranks x 32 images of 224 px; AdamW 1.92e-4 per 256 (the paper's 3e-5 at 40), betas (0.9, 0.99), 14 epochs."""
-    return TrainConfig(
-        model=ModelConfig(name="resnet50"),
-        method=Colorization.Config(soft_neighbours=5, soft_sigma=5.0, rebalance_lambda=0.5, prior_sigma=5.0,
-                                   target_cells=4),
-        data=DataConfig(batch_size=32, num_workers=8, augment=colour_view(224, 0.3)),
-        optim=OptimConfig(name="adamw", lr=3e-5 * 256 / 40, final_lr=0.0, warmup_steps=0, betas=(0.9, 0.99),
-                          weight_decay=1e-3),
-        parallel=ParallelConfig(strategy="ddp"),
-        precision=PrecisionConfig(dtype="bf16"),
-        checkpoint=CheckpointConfig(every_steps=STEPS_PER_EPOCH, keep_last=3),
-        loop=LoopConfig(max_steps=14 * STEPS_PER_EPOCH, log_every=100),
-    )
+    method = Colorization.Config(soft_neighbours=5, soft_sigma=5.0, rebalance_lambda=0.5, prior_sigma=5.0,
+                                 target_cells=4)
+    optim = OptimConfig(name="adamw", lr=3e-5 * 256 / 40, final_lr=0.0, warmup_steps=0, betas=(0.9, 0.99),
+                        weight_decay=1e-3)
+    return resnet50_pretext(method, colour_view(224, 0.3), optim=optim, epochs=14)  # the paper's optimiser
 
 
 def tiny_colorization() -> TrainConfig:

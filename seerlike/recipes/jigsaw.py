@@ -13,16 +13,10 @@ over the run (the engine's schedule).
 from __future__ import annotations
 
 from seerlike.data.augment import AugmentConfig, ViewConfig
-from seerlike.data.pipeline import DataConfig
-from seerlike.engine.checkpoint import CheckpointConfig
-from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
-from seerlike.engine.optim import OptimConfig
-from seerlike.engine.parallelize import ParallelConfig
-from seerlike.engine.precision import PrecisionConfig
+from seerlike.engine.config import TrainConfig
 from seerlike.methods.jigsaw import Jigsaw
+from seerlike.recipes.pretext import resnet50_pretext, vissl_sgd
 from seerlike.recipes.tiny import _common
-
-STEPS_PER_EPOCH = 5005  # 1,281,167 images / 256
 
 TINY_SIZE = 60
 """View side of ``tiny_jigsaw``: 32 px CIFAR crops upsampled to 60, cut into 20 px cells and 15 px tiles."""
@@ -38,17 +32,8 @@ def puzzle_view(size: int, min_scale: float, grayscale_p: float = 0.66) -> Augme
 
 def jigsaw_resnet50() -> TrainConfig:
     """8 ranks x 32 images of 255 px; 2000 permutations; SGD 0.1 per 256 after 5 warmup epochs, 105 epochs."""
-    return TrainConfig(
-        model=ModelConfig(name="resnet50"),
-        method=Jigsaw.Config(num_permutations=2000, gap=0.25, tile_norm=False, tile_dims=(1000,), hidden_dims=()),
-        data=DataConfig(batch_size=32, num_workers=8, augment=puzzle_view(255, 0.5)),
-        optim=OptimConfig(name="sgd", lr=0.1, warmup_lr=0.025, final_lr=0.0, warmup_steps=5 * STEPS_PER_EPOCH,
-                          momentum=0.9, weight_decay=1e-4),
-        parallel=ParallelConfig(strategy="ddp"),
-        precision=PrecisionConfig(dtype="bf16"),
-        checkpoint=CheckpointConfig(every_steps=STEPS_PER_EPOCH, keep_last=3),
-        loop=LoopConfig(max_steps=105 * STEPS_PER_EPOCH, log_every=100),
-    )
+    jigsaw = Jigsaw.Config(num_permutations=2000, gap=0.25, tile_norm=False, tile_dims=(1000,), hidden_dims=())
+    return resnet50_pretext(jigsaw, puzzle_view(255, 0.5), optim=vissl_sgd(warmup_epochs=5))
 
 
 def tiny_jigsaw() -> TrainConfig:

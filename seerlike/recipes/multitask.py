@@ -15,19 +15,13 @@ the RGB trunk as a gray image (methods/multitask.py).
 from __future__ import annotations
 
 from seerlike.data.augment import AugmentConfig
-from seerlike.data.pipeline import DataConfig
-from seerlike.engine.checkpoint import CheckpointConfig
-from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
-from seerlike.engine.optim import OptimConfig
-from seerlike.engine.parallelize import ParallelConfig
-from seerlike.engine.precision import PrecisionConfig
+from seerlike.engine.config import TrainConfig
 from seerlike.methods.multitask import MultiTask
 from seerlike.recipes.colorization import colour_view
 from seerlike.recipes.jigsaw import TINY_SIZE, puzzle_view
+from seerlike.recipes.pretext import resnet50_pretext
 from seerlike.recipes.rotnet import rotation_view
 from seerlike.recipes.tiny import _common
-
-STEPS_PER_EPOCH = 5005  # 1,281,167 images / 256
 
 TASKS = ("rotnet", "jigsaw", "colorization")
 
@@ -40,17 +34,9 @@ def multitask_resnet50() -> TrainConfig:
                 "jigsaw": {"num_permutations": 2000, "gap": 0.25, "tile_norm": False, "tile_dims": [1000],
                            "hidden_dims": []},
                 "colorization": {"soft_neighbours": 5, "soft_sigma": 5.0, "rebalance_lambda": 0.5, "target_cells": 4}}
-    return TrainConfig(
-        model=ModelConfig(name="resnet50"),
-        method=MultiTask.Config(tasks=TASKS, weights=(1.0, 1.0, 1.0), schedule="sum", views=((0,), (1,), (2,)),
-                                settings=settings),
-        data=DataConfig(batch_size=32, num_workers=8, augment=views),
-        optim=OptimConfig(name="sgd", lr=0.1, final_lr=0.0, warmup_steps=0, momentum=0.9, weight_decay=1e-4),
-        parallel=ParallelConfig(strategy="ddp"),
-        precision=PrecisionConfig(dtype="bf16"),
-        checkpoint=CheckpointConfig(every_steps=STEPS_PER_EPOCH, keep_last=3),
-        loop=LoopConfig(max_steps=105 * STEPS_PER_EPOCH, log_every=100),
-    )
+    method = MultiTask.Config(tasks=TASKS, weights=(1.0, 1.0, 1.0), schedule="sum", views=((0,), (1,), (2,)),
+                              settings=settings)
+    return resnet50_pretext(method, views)
 
 
 def tiny_multitask() -> TrainConfig:

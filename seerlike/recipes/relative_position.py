@@ -13,14 +13,10 @@ warmup from 0.025, cosine over 105 epochs.
 from __future__ import annotations
 
 from seerlike.data.augment import AugmentConfig
-from seerlike.data.pipeline import DataConfig
-from seerlike.engine.checkpoint import CheckpointConfig
-from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
-from seerlike.engine.optim import OptimConfig
-from seerlike.engine.parallelize import ParallelConfig
-from seerlike.engine.precision import PrecisionConfig
+from seerlike.engine.config import TrainConfig
 from seerlike.methods.relative_position import RelativePosition
-from seerlike.recipes.jigsaw import STEPS_PER_EPOCH, puzzle_view
+from seerlike.recipes.jigsaw import puzzle_view
+from seerlike.recipes.pretext import resnet50_pretext, vissl_sgd
 from seerlike.recipes.tiny import _common
 
 
@@ -35,18 +31,9 @@ def patch_view(size: int, min_scale: float) -> AugmentConfig:
 
 def relative_position_resnet50() -> TrainConfig:
     """8 ranks x 32 images of 432 px, one pair each; the paper's patches; VISSL's jigsaw optimisation."""
-    return TrainConfig(
-        model=ModelConfig(name="resnet50"),
-        method=RelativePosition.Config(gap=0.5, jitter=0.073, colour_drop=True, all_pairs=False,
-                                       patch_dims=(4096,), pair_dims=(4096, 4096)),
-        data=DataConfig(batch_size=32, num_workers=8, augment=patch_view(432, 0.5)),
-        optim=OptimConfig(name="sgd", lr=0.1, warmup_lr=0.025, final_lr=0.0, warmup_steps=5 * STEPS_PER_EPOCH,
-                          momentum=0.9, weight_decay=1e-4),
-        parallel=ParallelConfig(strategy="ddp"),
-        precision=PrecisionConfig(dtype="bf16"),
-        checkpoint=CheckpointConfig(every_steps=STEPS_PER_EPOCH, keep_last=3),
-        loop=LoopConfig(max_steps=105 * STEPS_PER_EPOCH, log_every=100),
-    )
+    method = RelativePosition.Config(gap=0.5, jitter=0.073, colour_drop=True, all_pairs=False,
+                                     patch_dims=(4096,), pair_dims=(4096, 4096))
+    return resnet50_pretext(method, patch_view(432, 0.5), optim=vissl_sgd(warmup_epochs=5))
 
 
 def tiny_relative_position() -> TrainConfig:

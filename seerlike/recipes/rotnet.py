@@ -11,16 +11,10 @@ decays biases but not BN parameters; here neither is decayed (``exclude_bias_and
 from __future__ import annotations
 
 from seerlike.data.augment import AugmentConfig, ViewConfig
-from seerlike.data.pipeline import DataConfig
-from seerlike.engine.checkpoint import CheckpointConfig
-from seerlike.engine.config import LoopConfig, ModelConfig, TrainConfig
-from seerlike.engine.optim import OptimConfig
-from seerlike.engine.parallelize import ParallelConfig
-from seerlike.engine.precision import PrecisionConfig
+from seerlike.engine.config import TrainConfig
 from seerlike.methods.rotnet import RotNet
+from seerlike.recipes.pretext import resnet50_pretext
 from seerlike.recipes.tiny import TRAIN_SIZE, _common
-
-STEPS_PER_EPOCH = 5005  # 1,281,167 images / 256
 
 
 def rotation_view(size: int, min_scale: float) -> AugmentConfig:
@@ -31,16 +25,7 @@ def rotation_view(size: int, min_scale: float) -> AugmentConfig:
 
 def rotnet_resnet50() -> TrainConfig:
     """8 ranks x 32 images, one rotation each; SGD 0.1 per 256, wd 1e-4, 105 epochs (cosine for VISSL's steps)."""
-    return TrainConfig(
-        model=ModelConfig(name="resnet50"),
-        method=RotNet.Config(all_rotations=False, head_dims=()),
-        data=DataConfig(batch_size=32, num_workers=8, augment=rotation_view(224, 0.08)),
-        optim=OptimConfig(name="sgd", lr=0.1, final_lr=0.0, warmup_steps=0, momentum=0.9, weight_decay=1e-4),
-        parallel=ParallelConfig(strategy="ddp"),
-        precision=PrecisionConfig(dtype="bf16"),
-        checkpoint=CheckpointConfig(every_steps=STEPS_PER_EPOCH, keep_last=3),
-        loop=LoopConfig(max_steps=105 * STEPS_PER_EPOCH, log_every=100),
-    )
+    return resnet50_pretext(RotNet.Config(all_rotations=False, head_dims=()), rotation_view(224, 0.08))
 
 
 def tiny_rotnet() -> TrainConfig:

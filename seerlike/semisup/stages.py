@@ -168,9 +168,10 @@ def _recorded_classes(spec: str) -> list[str] | None:
 def run(cfg, run_dir: str | os.PathLike, *, layer_lr: LayerLR = LayerLR(), progress: bool = True) -> int:
     """Train the stage of ``cfg`` in ``run_dir`` on the ranks of the environment; 0 or the requeue status."""
     from seerlike.engine.loop import train
+    from seerlike.eval.knn_monitor import knn_scorer
 
     if cfg.method.name == "finetune":
-        return train(cfg, run_dir)
+        return train(cfg, run_dir, scorer=knn_scorer(cfg.eval))
     import torch.distributed as dist
 
     from seerlike.engine.dist import init_distributed, setup_logging, teardown
@@ -192,10 +193,11 @@ def run(cfg, run_dir: str | os.PathLike, *, layer_lr: LayerLR = LayerLR(), progr
 
 def _train_mixed(cfg, run_dir: Path, info) -> int:
     from seerlike.engine.loop import train
+    from seerlike.eval.knn_monitor import knn_scorer
     from seerlike.semisup.data import build_mixed_data
 
     data = build_mixed_data(cfg, rank=info.rank, world_size=info.world_size, device=info.device)
-    return train(cfg, run_dir, data=data)
+    return train(cfg, run_dir, data=data, scorer=knn_scorer(cfg.eval))
 
 
 def iteration_dir(run_dir: str | os.PathLike, k: int) -> Path:
@@ -258,6 +260,7 @@ def _noisy_student(cfg, run_dir: Path, info, layer_lr: LayerLR, progress: bool) 
     import torch.distributed as dist
 
     from seerlike.engine.loop import train
+    from seerlike.eval.knn_monitor import knn_scorer
     from seerlike.semisup.data import build_mixed_data
     from seerlike.semisup.labeling import default_path, label_unlabeled, teacher_tag
 
@@ -274,7 +277,7 @@ def _noisy_student(cfg, run_dir: Path, info, layer_lr: LayerLR, progress: bool) 
                         device=info.device, barrier=barrier, progress=progress and cfg.loop.progress, parts=parts)
         student = student_config(cfg, k, teacher, str(out), layer_lr)
         data = build_mixed_data(student, rank=info.rank, world_size=info.world_size, device=info.device)
-        rc = train(student, iteration_dir(run_dir, k), data=data)
+        rc = train(student, iteration_dir(run_dir, k), data=data, scorer=knn_scorer(student.eval))
         if rc != 0:
             return rc
         teacher = str(iteration_dir(run_dir, k))

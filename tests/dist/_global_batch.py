@@ -14,31 +14,16 @@ from seerlike.engine.parallelize import ParallelConfig, parallelize
 from seerlike.engine.precision import PrecisionConfig
 from seerlike.engine.step import train_step
 from seerlike.testing import micro_batch
+# the BN-free trunk: the projector's BatchNorms (SyncBN on ranks) are the only other batch statistics
+from tests.dist._equivalence import Linear, full
 
 GLOBAL_BATCH, STEPS = 8, 3
 STRATEGIES = ("ddp", "fsdp")
 
 
-class Linear(nn.Module):
-    """A BN-free trunk: the projector's BatchNorms (SyncBN on ranks) are the only other batch statistics."""
-
-    out_dim = 6
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(12, 6)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-
-
 def views(step: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(step)
     return [torch.randn(GLOBAL_BATCH, 3, 2, 2, generator=g) * (1 + step) for _ in range(2)]
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
 def train(make: Callable[[nn.Module], nn.Module], rank: int, world: int, strategy: str) -> dict:

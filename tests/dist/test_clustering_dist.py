@@ -6,16 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from seerlike.engine.optim import OptimConfig, build_optimizer
+from seerlike.engine.optim import OptimConfig
 from seerlike.engine.parallelize import ParallelConfig, parallelize
-from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.step import train_step
 from seerlike.methods.deepcluster_v2 import DeepClusterV2, initial_centroids, spherical_kmeans
 from seerlike.methods.pass_memory import all_gather_rows
 from seerlike.methods.sela import SeLa
-from seerlike.testing import micro_batch, run_on_ranks
+from seerlike.testing import run_on_ranks
+from tests.dist._equivalence import Linear, train_steps
 
 pytestmark = pytest.mark.dist
 torch.set_num_threads(1)
@@ -31,19 +29,6 @@ CASES = {
 }
 
 
-class _Linear(nn.Module):
-    """A BN-free trunk so that per-rank batches give exactly the global-batch gradients."""
-
-    out_dim = 6
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(12, 6)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-
-
 def _batch(step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The global batch of a step: a fresh permutation of the samples every pass."""
     epoch, pos = divmod(step, N // GLOBAL)
@@ -52,14 +37,10 @@ def _batch(step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     return [torch.randn(GLOBAL, 3, 2, 2, generator=g) for _ in range(2)], idx
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
-
-
 def _train(rank: int, world: int, case: str) -> dict:
     cls, kw, strategy = CASES[case]
     torch.manual_seed(0)
-    m = cls(cls.Config(crops_for_assign=(0, 1), **kw), _Linear(), num_samples=N)
+    m = cls(cls.Config(crops_for_assign=(0, 1), **kw), Linear(), num_samples=N)
     if world > 1 and strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -67,18 +48,10 @@ def _train(rank: int, world: int, case: str) -> dict:
         model = m
     else:
         model = parallelize(m, ParallelConfig(strategy="ddp"))
-    opt = build_optimizer(OptimConfig(name="sgd", lr=0.5, weight_decay=0.0), m)
-    grads, losses = [], []
-    m.on_after_backward = lambda step: grads.append(  # after the gradients were averaged over the ranks
-        {n: _full(p.grad) for n, p in m.named_parameters() if p.grad is not None})
-    for step in range(STEPS):
-        views, idx = _batch(step)
-        batch = micro_batch([v.chunk(world)[rank] for v in views], indices=idx.chunk(world)[rank])
-        losses.append(train_step(model, m, opt, None, [batch], step=step, max_steps=STEPS,
-                                 precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu")).loss)
+    run = train_steps(m, model, lambda step: _batch(step)[0], indices=lambda step: _batch(step)[1], rank=rank,
+                      world=world, steps=STEPS, optim=OptimConfig(name="sgd", lr=0.5, weight_decay=0.0))
     mem = m.memory
-    return {"losses": losses, "grads": grads, "state": {k: _full(v) for k, v in m.state_dict().items()},
-            "memory": {int(i): mem.emb[:, r].clone() for r, i in enumerate(mem.index.tolist()) if i >= 0}}
+    return {**run, "memory": {int(i): mem.emb[:, r].clone() for r, i in enumerate(mem.index.tolist()) if i >= 0}}
 
 
 def _kmeans_uneven(rank: int, world: int) -> dict:

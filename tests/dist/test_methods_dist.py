@@ -16,6 +16,7 @@ from seerlike.engine.step import train_step
 from seerlike.methods.byol import BYOL
 from seerlike.methods.swav import SwAV, sinkhorn
 from seerlike.testing import micro_batch, run_on_ranks
+from tests.dist._equivalence import Linear
 
 pytestmark = pytest.mark.dist
 torch.set_num_threads(1)
@@ -68,19 +69,6 @@ def test_distributed_sinkhorn_equals_single_process(two_ranks):
 # ------------------------------------------------------------------ SwAV under FSDP2
 
 
-class _Linear(nn.Module):
-    """A BN-free trunk so that per-rank batches give exactly the global-batch gradients."""
-
-    out_dim = 6
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(12, 6)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-
-
 SWAV_STEPS, SWAV_BATCH = 5, 4  # global batch 4: 2 per rank
 
 
@@ -93,7 +81,7 @@ def _train_swav(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     cfg = SwAV.Config(head_dims=(), num_prototypes=7, num_crops=3, crops_for_assign=(0, 1), queue_length=8,
                       queue_start_step=1, freeze_prototypes_steps=2, sinkhorn_iters=3)
-    m = SwAV(cfg, _Linear())
+    m = SwAV(cfg, Linear())  # BN-free: per-rank batches give exactly the global-batch gradients
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

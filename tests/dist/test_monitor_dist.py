@@ -11,6 +11,7 @@ import pytest
 
 from seerlike import config, recipes
 from seerlike.engine.loop import train
+from seerlike.eval.knn_monitor import knn_scorer
 from seerlike.testing import run_on_ranks
 from tests.monitor_helpers import RankData, labeled_csv
 
@@ -24,15 +25,18 @@ def _cfg(bank: str, queries: str, *extra: str):
         "eval.image_size=32", "eval.resize=32", "eval.batch_size=16", *extra])
 
 
+def _train(cfg, run_dir: Path, rank: int) -> None:
+    train(cfg, run_dir, data=RankData(rank), scorer=knn_scorer(cfg.eval))
+
+
 def _runs(rank: int, world: int, tmp: str, bank: str, queries: str) -> None:
     # a cadence in steps and no cap: evaluations at steps 0, 2, 4 (the last one after the last step)
-    train(_cfg(bank, queries, "eval.every_steps=2", "eval.max_fraction=0"), Path(tmp) / "ddp", data=RankData(rank))
+    _train(_cfg(bank, queries, "eval.every_steps=2", "eval.max_fraction=0"), Path(tmp) / "ddp", rank)
     # FSDP2; a time budget makes the monitor time a few images first (a collective too) to size the split
-    train(_cfg(bank, queries, "eval.every_steps=2", "eval.max_fraction=0.99", "parallel.strategy=fsdp",
-               "loop.time_budget_s=1000"), Path(tmp) / "fsdp", data=RankData(rank))
+    _train(_cfg(bank, queries, "eval.every_steps=2", "eval.max_fraction=0.99", "parallel.strategy=fsdp",
+                "loop.time_budget_s=1000"), Path(tmp) / "fsdp", rank)
     # a cadence in time: rank 0's clock decides, the other rank follows at the same steps
-    train(_cfg(bank, queries, "eval.every_minutes=0.0001", "eval.max_fraction=0.99"),
-          Path(tmp) / "time", data=RankData(rank))
+    _train(_cfg(bank, queries, "eval.every_minutes=0.0001", "eval.max_fraction=0.99"), Path(tmp) / "time", rank)
 
 
 def _knn_rows(run: Path) -> list[dict]:

@@ -11,13 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from seerlike.engine.optim import OptimConfig, build_optimizer
-from seerlike.engine.parallelize import ParallelConfig, parallelize
-from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.step import train_step
+from seerlike.engine.optim import OptimConfig
 from seerlike.methods.multitask import MultiTask
-from seerlike.testing import micro_batch, run_on_ranks
-from tests.dist.test_simclr_dist import BATCH, _full
+from tests.dist._equivalence import BATCH, assert_equal_to_one_process, train, two_ranks_fixture
 
 pytestmark = pytest.mark.dist
 torch.set_num_threads(1)
@@ -52,30 +48,16 @@ def _train(rank: int, world: int, strategy: str, schedule: str) -> dict:
     torch.manual_seed(0)
     cfg = MultiTask.Config(tasks=("rotnet", "colorization"), weights=(1.0, 0.5), schedule=schedule,
                            settings={"colorization": {"target_cells": 2}})
-    m = MultiTask(cfg, _Maps())
-    model = parallelize(m, ParallelConfig(strategy=strategy))
-    opt = build_optimizer(OptimConfig(name="sgd", lr=0.5, momentum=0.9, weight_decay=1e-4), m)
-    grads, losses = [], []
-
-    def after_backward(step):
-        MultiTask.on_after_backward(m, step)
-        grads.append({n: _full(p.grad) for n, p in m.named_parameters() if p.grad is not None})
-
-    m.on_after_backward = after_backward
-    for step in range(STEPS):
-        views = [v.chunk(world)[rank] for v in _views(step)]
-        losses.append(train_step(model, m, opt, None, [micro_batch(views)], step=step, max_steps=STEPS,
-                                 precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu")).loss)
-    return {"losses": losses, "grads": grads, "state": {k: _full(v) for k, v in m.state_dict().items()}}
+    # the gradients recorded are those after MultiTask's hook, which drops the heads that sat a step out
+    return train(MultiTask(cfg, _Maps()), strategy, _views, rank=rank, world=world, steps=STEPS,
+                 optim=OptimConfig(name="sgd", lr=0.5, momentum=0.9, weight_decay=1e-4))
 
 
 def _everything(rank: int, world: int) -> list[dict]:
     return [_train(rank, world, *case) for case in CASES]
 
 
-@pytest.fixture(scope="module")
-def two_ranks() -> list[list[dict]]:
-    return run_on_ranks(_everything, 2)
+two_ranks = two_ranks_fixture(_everything)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{s}-{k}" for s, k in CASES])
@@ -89,11 +71,4 @@ def test_multitask_two_ranks_equal_one_process(two_ranks, case):
     else:
         assert heads == [{"rotnet", "colorization"}] * STEPS
     assert ref["state"]["tasks.colorization.ab_counts"].sum() > 0
-    for r in (x[case] for x in two_ranks):
-        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-6)
-        for got, want in zip(r["grads"], ref["grads"], strict=True):
-            assert set(got) == set(want)
-            for k, v in want.items():
-                torch.testing.assert_close(got[k], v, atol=1e-5, rtol=1e-5, msg=k)
-        for k, v in ref["state"].items():
-            torch.testing.assert_close(r["state"][k], v, atol=1e-5, rtol=1e-5, msg=k)
+    assert_equal_to_one_process([x[case] for x in two_ranks], ref, nonzero_grads=False)

@@ -10,6 +10,7 @@ import pytest
 
 from seerlike import config, recipes
 from seerlike.engine.loop import train
+from seerlike.eval.knn_monitor import knn_scorer
 from tests.monitor_helpers import RankData, labeled_csv
 
 pytestmark = pytest.mark.integration
@@ -31,7 +32,7 @@ def test_the_loop_evaluates_at_the_start_on_its_cadence_and_after_the_last_step(
         "parallel.strategy=none", f"eval.train={bank}", f"eval.val={queries}", "eval.image_size=32",
         "eval.resize=32", "eval.every_steps=2", "eval.max_fraction=0"])
     run = tmp_path / "run"
-    assert train(cfg, run, data=RankData(0)) == 0
+    assert train(cfg, run, data=RankData(0), scorer=knn_scorer(cfg.eval)) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_top1" in r]
     assert [r["step"] for r in knn] == [0, 2, 4, 5]

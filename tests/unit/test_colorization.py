@@ -1,5 +1,6 @@
 """Colorization: the ab bins, soft-encoding, rebalancing, targets on synthetic images, the loss by hand,
-the 1-channel trunk through checkpoint, export and extraction, state, steps."""
+the 1-channel trunk through checkpoint, export and extraction, the colour prior as state (the state round
+trip and train steps of every pretext method: tests/unit/test_method_registry.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,11 @@ from torch import nn
 
 from seerlike import models
 from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from seerlike.engine.optim import LRSchedule, OptimConfig, build_optimizer
-from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.step import train_step
 from seerlike.methods import METHODS
 from seerlike.methods.colorization import (Colorization, cells_reached, in_gamut_ab_bins, rebalancing_weights,
                                            soft_encode)
 from seerlike.methods.pretext_ops import SRGB_TO_XYZ, D65_WHITE, srgb_to_lab
 from seerlike.recipes import colorization as recipes
-from seerlike.testing import micro_batch
 
 torch.set_num_threads(1)
 SIZE = 16  # SpatialNet: res5 of 4x4; target_cells 2: 8x8 targets, each the mean of 2x2 pixels
@@ -253,35 +250,17 @@ def test_checkpoint_export_and_extraction_keep_the_lightness_input(tmp_path):
 # ---------------------------------------------------------------- state, steps, config
 
 
-def test_state_round_trips_into_a_fresh_instance():
+def test_the_colour_prior_is_state_and_reset_clears_it():
+    # the round trip itself: tests/unit/test_method_registry.py, with the train steps
     m = _colorization(seed=0)
     m([normalise(_images(3))])
     assert m.ab_counts.sum() > 0
+    assert {"ab_bins", "ab_counts"} <= set(m.state_dict())
     fresh = _colorization(seed=1)
     fresh.load_state_dict(m.state_dict())
-    assert {"ab_bins", "ab_counts"} <= set(m.state_dict())
-    for k, v in m.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
-    torch.testing.assert_close(fresh([normalise(_images(4))])[0], m([normalise(_images(4))])[0])
     fresh.ab_counts.fill_(7)
     fresh.reset_state()
     assert fresh.ab_counts.sum() == 0 and torch.equal(fresh.ab_bins, m.ab_bins)
-
-
-def test_train_steps_lower_the_loss_and_stay_finite():
-    m = _colorization(head_dims=(8,))
-    optim = OptimConfig(name="sgd", lr=25.6, weight_decay=1e-4)
-    opt = build_optimizer(optim, m)
-    sched = LRSchedule(optim, 4, 8)
-    views = [normalise(_images(5, n=4))]
-    losses = []
-    for step in range(8):
-        sched.apply(opt, step)
-        result = train_step(m, m, opt, None, [micro_batch(views)], step=step, max_steps=8,
-                            precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu"))
-        losses.append(result.loss)
-    assert all(math.isfinite(x) for x in losses)
-    assert losses[-1] < losses[0] - 0.05
 
 
 def test_recipes_and_bad_config():

@@ -41,12 +41,6 @@ ALLOWED_UP: dict[tuple[str, str], str] = {
         "a distillation teacher is a trained model read back from a checkpoint or an export",
     ("seerlike.methods.classifier", "seerlike.checkpoints"):
         "a classifier's method.init is a pretrained trunk read back from a checkpoint or an export",
-    # the online kNN monitor (docs/engine.md, "Watching it learn") must give the number an offline
-    # `seerlike eval knn` of the same step's checkpoint gives: it reuses that kNN and feature code
-    ("seerlike.engine.monitor", "seerlike.eval"): "the package of the two modules below",
-    ("seerlike.engine.monitor", "seerlike.eval.knn"): "the kNN monitor scores with the evaluation's weighted kNN",
-    ("seerlike.engine.monitor", "seerlike.eval.extract"):
-        "the kNN monitor embeds with the evaluation's transform (centre view, normalisation) and layer choice",
 }
 
 

@@ -13,8 +13,8 @@ from seerlike import config, models, recipes
 from seerlike.config import ConfigError
 from seerlike.engine.budget import StepBudget
 from seerlike.engine.metrics import MetricsLogger
-from seerlike.engine.monitor import (KNNMonitor, MonitorConfig, Schedule, first_per_class, per_class_within,
-                                     rank_slice)
+from seerlike.engine.monitor import Monitor, MonitorConfig, Schedule, ScoringContext, build_monitor
+from seerlike.eval.knn_monitor import KNNScorer, first_per_class, knn_scorer, per_class_within, rank_slice
 from tests.monitor_helpers import labeled_csv
 
 
@@ -44,7 +44,8 @@ def test_monitor_equals_a_direct_knn_evaluation_and_leaves_the_backbone_as_it_wa
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     metrics = MetricsLogger(tmp_path, rank=0, start_step=0, max_steps=10, tensorboard=True, progress=False)
     cfg = MonitorConfig(train=bank, val=queries, image_size=32, resize=32, batch_size=16)
-    mon = KNNMonitor(cfg, backbone, root=backbone, metrics=metrics, device=torch.device("cpu"), start_step=0)
+    context = ScoringContext(backbone=backbone, root=backbone, device=torch.device("cpu"))
+    mon = Monitor(cfg, knn_scorer(cfg), context, metrics=metrics, start_step=0)
     row = mon.evaluate(3)
     metrics.close()
 
@@ -130,8 +131,16 @@ def test_bad_monitor_settings_fail_naming_the_key(split, tmp_path):
     (unlabeled / "a.jpg").write_bytes(b"")
     cfg = MonitorConfig(train=str(unlabeled), val=split[1], image_size=32)
     with pytest.raises(ConfigError, match="eval.train .*expected labeled images"):
-        KNNMonitor(cfg, models.build("resnet10_cifar"), root=None, metrics=None, device=torch.device("cpu"),
-                   start_step=0)
+        KNNScorer(cfg, ScoringContext(backbone=models.build("resnet10_cifar"), root=None, device=torch.device("cpu")))
+
+
+def test_a_split_without_a_scorer_is_refused_not_ignored(split):
+    cfg = config.apply_overrides(recipes.get("tiny_swav"), [f"eval.train={split[0]}", f"eval.val={split[1]}"])
+    with pytest.raises(ValueError, match="no scorer"):
+        build_monitor(cfg, None, None, metrics=None, device=torch.device("cpu"), start_step=0)
+    assert knn_scorer(cfg.eval) is not None and knn_scorer(recipes.get("tiny_swav").eval) is None
+    assert build_monitor(recipes.get("tiny_swav"), None, None, metrics=None, device=torch.device("cpu"),
+                         start_step=0) is None
 
 
 def test_preflight_checks_the_split_and_stores_it_absolute(split, tmp_path, monkeypatch, cifar_dir):
@@ -153,7 +162,7 @@ def test_a_short_budget_cuts_the_split_after_a_timed_probe(cifar_dir, tmp_path, 
     cfg = MonitorConfig(train=bank, val=queries, image_size=32, resize=32)
     sizes = {}
     for run_s in (1e-3, 1e6):  # a budget too short for anything, and one that holds all of it
-        mon = KNNMonitor(cfg, models.build("resnet10_cifar"), root=None, metrics=None, device=torch.device("cpu"),
-                         start_step=0, run_s=run_s)
-        sizes[run_s] = (mon.per_class, len(mon.bank.labels), len(mon.queries.labels))
+        knn = KNNScorer(cfg, ScoringContext(backbone=models.build("resnet10_cifar"), root=None,
+                                            device=torch.device("cpu"), run_s=run_s))
+        sizes[run_s] = (knn.per_class, len(knn.bank.labels), len(knn.queries.labels))
     assert sizes == {1e-3: (5, 50, 20), 1e6: (8, 80, 20)}  # never fewer than 5 per class; all 8 fit

@@ -1,4 +1,5 @@
-"""Relative patch position: neighbour labels on a synthetic image, the loss by hand, state, steps."""
+"""Relative patch position: neighbour labels on a synthetic image, the loss by hand (the state round trip
+and train steps of every pretext method: tests/unit/test_method_registry.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from seerlike.engine.optim import LRSchedule, OptimConfig, build_optimizer
-from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.step import train_step
 from seerlike.methods import METHODS
 from seerlike.methods.relative_position import RelativePosition, patch_geometry
 from seerlike.recipes import relative_position as recipes
-from seerlike.testing import micro_batch
 from tests.unit.test_pretext_ops import _coords
 from tests.unit.test_swav import TinyNet, _views
 
@@ -101,35 +98,6 @@ def test_loss_is_the_cross_entropy_over_centre_neighbour_pairs():
         assert loss.item() == pytest.approx(total / len(targets), abs=1e-5), all_pairs
         hits = sum(max(range(8), key=lambda c: row[c]) == t for row, t in zip(logits, targets))
         assert stats["acc"].item() == pytest.approx(hits / len(targets))
-
-
-def test_state_round_trips_into_a_fresh_instance():
-    m = _relpos(seed=0)
-    m(_views(0, n=1, sizes=[SIZE]))
-    fresh = _relpos(seed=1)
-    fresh.load_state_dict(m.state_dict())
-    for k, v in m.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
-    torch.manual_seed(3)
-    a = m(_views(2, n=1, sizes=[SIZE]))[0]
-    torch.manual_seed(3)
-    torch.testing.assert_close(fresh(_views(2, n=1, sizes=[SIZE]))[0], a)
-
-
-def test_train_steps_lower_the_loss_and_stay_finite():
-    m = _relpos(all_pairs=True, colour_drop=False)  # coordinate images: a patch's values say where it is
-    optim = OptimConfig(name="sgd", lr=12.8, weight_decay=1e-4)
-    opt = build_optimizer(optim, m)
-    sched = LRSchedule(optim, 4, 8)
-    views = [_coords(4, SIZE) / SIZE]
-    losses = []
-    for step in range(8):
-        sched.apply(opt, step)
-        result = train_step(m, m, opt, None, [micro_batch(views)], step=step, max_steps=8,
-                            precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu"))
-        losses.append(result.loss)
-    assert all(math.isfinite(x) for x in losses)
-    assert losses[-1] < losses[0] - 0.05
 
 
 def test_views_recipes_and_bad_config():

@@ -1,4 +1,5 @@
-"""RotNet: rotation labels on a synthetic image, the loss by hand, state, steps, views."""
+"""RotNet: rotation labels on a synthetic image, the loss by hand, views (the state round trip and train
+steps of every pretext method: tests/unit/test_method_registry.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from seerlike.engine.optim import LRSchedule, OptimConfig, build_optimizer
-from seerlike.engine.precision import PrecisionConfig
-from seerlike.engine.step import train_step
 from seerlike.methods import METHODS
 from seerlike.methods.rotnet import RotNet
 from seerlike.recipes import rotnet as recipes
-from seerlike.testing import micro_batch
 from tests.unit.test_swav import TinyNet, _views
 
 torch.set_num_threads(1)
@@ -89,33 +86,6 @@ def test_views_of_several_sizes_are_each_rotated():
     loss, _ = m(_views(0, n=3, bs=2, sizes=[8, 8, 6]))
     assert m.backbone.calls - calls == 2  # one trunk pass per run of same-size views
     assert torch.isfinite(loss)
-
-
-def test_state_round_trips_into_a_fresh_instance():
-    m = _rotnet(seed=0)
-    m(_views(0, n=1))
-    fresh = _rotnet(seed=1)
-    fresh.load_state_dict(m.state_dict())
-    for k, v in m.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
-    torch.testing.assert_close(fresh(_views(2, n=1))[0], m(_views(2, n=1))[0])
-
-
-def test_train_steps_lower_the_loss_and_stay_finite():
-    m = _rotnet()
-    optim = OptimConfig(name="sgd", lr=12.8, weight_decay=1e-4)  # 0.2 at batch 4
-    opt = build_optimizer(optim, m)
-    sched = LRSchedule(optim, 4, 8)
-    ramp = torch.linspace(-2, 2, 8).view(1, 1, 8, 1)  # "up" is visible: the rotation is learnable
-    views = [_views(3, n=1)[0] * 0.3 + ramp]
-    losses = []
-    for step in range(8):
-        sched.apply(opt, step)
-        result = train_step(m, m, opt, None, [micro_batch(views)], step=step, max_steps=8,
-                            precision=PrecisionConfig(dtype="fp32"), device=torch.device("cpu"))
-        losses.append(result.loss)
-    assert all(math.isfinite(x) for x in losses)
-    assert losses[-1] < losses[0] - 0.05
 
 
 def test_recipes_and_bad_inputs():
