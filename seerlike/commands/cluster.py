@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=KMeansConfig.k, help="number of clusters (ClusterFit: 16000)")
     p.add_argument("--out", required=True, help="output directory (centroids, labels/, cluster_stats.json)")
     p.add_argument("--niter", type=int, default=KMeansConfig.niter, help="k-means iterations")
-    p.add_argument("--sample", type=int, default=None, help="rows to train the centroids on (default k x 256)")
+    p.add_argument("--sample", type=int, default=None, help="rows to train the centroids on (default k x 256, at most 16 GB of features: KMeansConfig.max_sample_gb)")
     p.add_argument("--no-normalize", action="store_true", help="cluster raw features instead of L2-normalised ones")
     p.add_argument("--seed", type=int, default=0, help="k-means initialisation and sample seed")
     p.add_argument("--threads", type=int, default=None, help="faiss CPU threads")

@@ -50,6 +50,8 @@ class KMeansConfig:
     """Feature rows the centroids are trained on; None = min(all, k x max_points_per_centroid)."""
     max_points_per_centroid: int = 256
     """faiss's cap on training rows per centroid (it subsamples above it)."""
+    max_sample_gb: float = 16.0
+    """Cap on the default training sample in memory (rows x dim x 4 bytes); 0 = none. An explicit sample wins."""
     normalize: bool = True
     """L2-normalise features before clustering and assignment (ClusterFit/VISSL do)."""
     nredo: int = 1
@@ -68,6 +70,29 @@ class KMeansConfig:
             raise ValueError(f"niter must be >= 1, got {self.niter}")
         if self.sample is not None and self.sample < self.k:
             raise ValueError(f"sample ({self.sample}) must hold at least k ({self.k}) rows")
+        if self.max_sample_gb < 0:
+            raise ValueError(f"max_sample_gb must be >= 0, got {self.max_sample_gb}")
+
+    def sample_rows(self, dim: int) -> int:
+        """Rows of the training sample: ``sample``, else k x max_points_per_centroid within max_sample_gb.
+
+        ClusterFit's 16,000 clusters x 256 rows of 2,048-d ResNet-50 features are 33.5 GB; the
+        cap keeps the one allocation of `seerlike cluster` that does not shrink with the data on
+        a 32 GB node (docs/scale.md, "Steps that see the whole corpus").
+        """
+        if self.sample is not None:
+            return self.sample
+        n = self.k * self.max_points_per_centroid
+        if self.max_sample_gb:
+            cap = int(self.max_sample_gb * 1e9 // (4 * max(dim, 1)))
+            if cap < n:
+                if cap < self.k:
+                    raise ConfigError(f"max_sample_gb={self.max_sample_gb} holds {cap} rows of {dim} dims, fewer than "
+                                      f"k={self.k}: raise max_sample_gb or lower k")
+                log.info("k-means sample capped at %d rows (max_sample_gb=%s) instead of k x %d = %d",
+                         cap, self.max_sample_gb, self.max_points_per_centroid, n)
+                n = cap
+        return n
 
 
 def _faiss():
@@ -78,9 +103,12 @@ def _faiss():
 
 
 def _prep(x: np.ndarray, normalize: bool) -> np.ndarray:
+    """float32 rows, L2-normalised in place when asked (callers pass arrays they own: no second copy)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if normalize:
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        for start in range(0, len(x), 16384):  # row blocks: the norms never need a sample-sized temporary
+            block = x[start:start + 16384]
+            block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
     return x
 
 
@@ -184,7 +212,7 @@ def run_kmeans(features: str | os.PathLike, out: str | os.PathLike, cfg: KMeansC
     cent_path = out / "centroids.npy"
     timings = {}
     if rank == 0:
-        n = cfg.sample if cfg.sample is not None else cfg.k * cfg.max_points_per_centroid
+        n = cfg.sample_rows(store.dim)
         t0 = time.perf_counter()
         sample = _prep(draw_sample(store, n, cfg.seed), cfg.normalize)
         log.info("k-means: %d clusters, %d iterations on %d of %d features (dim %d)",

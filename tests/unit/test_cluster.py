@@ -117,3 +117,29 @@ def test_contact_sheet_members_come_from_the_data_by_key(tmp_path, cifar_dir):
     rows = [row for rs in groups.values() for row in rs]
     assert len(rows) == 3 and all(len(images) == 5 and images[0].shape == (16, 16, 3) for _, images in rows)
     assert all(title.endswith("(n=10)") for title, _ in rows)
+
+
+def test_the_default_sample_is_capped_in_memory_and_an_explicit_one_is_not():
+    # ClusterFit at 1B: 16,000 x 256 rows of 2,048-d features would be 33.5 GB in one process
+    big = cluster.KMeansConfig(k=16000)
+    assert big.sample_rows(2048) == int(16e9 // (4 * 2048)) < 16000 * 256
+    assert big.sample_rows(128) == 16000 * 256  # small features fit whole
+    assert cluster.KMeansConfig(k=16000, max_sample_gb=0).sample_rows(2048) == 16000 * 256
+    assert cluster.KMeansConfig(k=16000, sample=5_000_000).sample_rows(2048) == 5_000_000
+    with pytest.raises(ConfigError, match="max_sample_gb"):
+        cluster.KMeansConfig(k=16000, max_sample_gb=0.01).sample_rows(2048)
+
+
+def test_k_means_trains_on_the_capped_sample(tmp_path):
+    _planted(tmp_path / "feats", k=4, per=60, chunks=2)
+    cap_gb = 100 * 32 * 4 / 1e9  # room for 100 rows of 32 dims, k x 256 would be 1,024
+    stats = cluster.run_kmeans(tmp_path / "feats", tmp_path / "out",
+                               cluster.KMeansConfig(k=4, niter=5, max_sample_gb=cap_gb), progress=False)
+    assert stats["sample"] == 100
+
+
+def test_normalising_a_sample_makes_unit_rows_in_place():
+    x = np.random.default_rng(0).normal(size=(40_000, 8)).astype(np.float32)
+    out = cluster._prep(x, normalize=True)
+    assert out is x  # no second sample-sized array
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
