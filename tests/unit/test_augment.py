@@ -288,24 +288,28 @@ def _png(img: Image.Image, **save) -> bytes:
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA", "I;16"])
-@pytest.mark.parametrize("arrow", [True, False])  # Pillow's own memory / the copy (older Pillow, large images)
-def test_pillow_decodes_equal_the_rgb_conversion(monkeypatch, mode: str, arrow: bool) -> None:
+@pytest.mark.parametrize("export", [True, False])  # Pillow's own memory / no export (older Pillow, large images)
+def test_crops_of_pillow_decodes_equal_those_of_the_rgb_conversion(monkeypatch, mode: str, export: bool) -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     img = Image.fromarray(rgb).convert(mode) if mode != "I;16" else Image.fromarray(rgb[..., 0].astype(np.uint16) * 7)
     data = _png(img)
-    if not arrow:
+    if not export:
         import pyarrow as pa
 
         def no_export(*a, **k):
             raise pa.ArrowInvalid("no export")
         monkeypatch.setattr(pa, "array", no_export)
-    got, orientation = aug.decode_stored(data)
     want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    assert got.shape == want.shape and np.array_equal(got, want) and orientation == 1
-    assert np.array_equal(aug.decode_array(data), want) and aug.decode_array(data).flags.c_contiguous
+    padded, orientation = aug._decode(data, 0, padded=True)
+    assert padded.shape == want.shape[:2] + ((4,) if export else (3,)) and orientation == 1
+    assert np.array_equal(padded[..., :3], want)
+    stored = aug.decode_stored(data)[0]
+    assert np.array_equal(stored, want) and stored.flags.c_contiguous
     cfg = AugmentConfig(views=[ViewConfig(count=3, size=16, scale=(0.2, 1.0))])
-    for a, b in zip(aug.crop_views(got, cfg, np.random.default_rng(3)), aug.crop_views(want, cfg, np.random.default_rng(3))):
-        assert torch.equal(a, b)
+    got = crop_sample(data, "k", cfg, 0, 0)
+    rng = np.random.Generator(np.random.PCG64(aug.stable_seed(0, 0, "k")))
+    for a, b in zip(got, aug.crop_views(want, cfg, rng)):
+        assert a.shape == (3, 16, 16) and a.is_contiguous() and torch.equal(a, b)
 
 
 def test_a_png_is_decoded_once_also_when_it_mentions_exif(monkeypatch) -> None:
