@@ -43,7 +43,7 @@ from sharding.process import jpeg_orientation
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-CPU_CHUNK_BYTES = 1 << 20  # photometric ops on CPU work through the batch in chunks of this many float bytes
+CPU_CHUNK_BYTES = 1 << 19  # photometric ops on CPU work through the batch in chunks of this many float bytes (half an L2)
 
 
 class CorruptSample(ValueError):
@@ -164,15 +164,10 @@ def stable_seed(*parts: object) -> int:
 
 # ---------------------------------------------------------------- decode (worker side)
 
-def _orientation(data: bytes) -> int:
-    """The EXIF orientation (1..8): JPEGs by a walk over their segment headers (the ingest's
-    parser, ~100x cheaper than opening the image), other formats through Pillow."""
-    if data[:2] == b"\xff\xd8":
-        return jpeg_orientation(data)
-    if b"Exif" not in data[:65536]:
-        return 1
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an image Pillow has opened."""
     try:
-        return int(Image.open(io.BytesIO(data)).getexif().get(0x0112, 1))
+        return int(img.getexif().get(0x0112, 1))
     except Exception:
         return 1
 
@@ -190,6 +185,51 @@ def _orient_array(a: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(a[::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
 
 
+def _pillow_rgbx(img: Image.Image) -> np.ndarray | None:
+    """Pillow's own memory of a decoded RGB image as (H, W, 4) uint8 (its 4th byte is padding), or None.
+
+    Pillow keeps RGB as 4 bytes per pixel; ``np.asarray`` packs them into a new buffer
+    (``tobytes``, ~3 ns per pixel: 3 ms for a 1 MP PNG), while its Arrow export (Pillow >=
+    11.2) hands its memory over as it is. None where Pillow cannot export the image (stored
+    in several blocks: > 16 MiB) or is older.
+    """
+    try:
+        import pyarrow as pa  # here: only workers that meet a non-JPEG image pay its import
+
+        a = pa.array(img)
+        flat = a.values.to_numpy(zero_copy_only=True)
+    except (ImportError, AttributeError, TypeError, ValueError, NotImplementedError):
+        return None
+    return flat.reshape(img.height, img.width, 4) if flat.size == img.height * img.width * 4 else None
+
+
+def _decode(data: bytes, min_side: int, padded: bool) -> tuple[np.ndarray, int]:
+    """:func:`decode_stored`; with ``padded`` an image decoded by Pillow may come as (H, W, 4), RGB + padding."""
+    if not data:
+        raise CorruptSample("empty image bytes")
+    if data[:2] == b"\xff\xd8":
+        try:
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True,
+                                         min_width=min_side, min_height=min_side)
+            # the EXIF orientation by a walk over the segment headers (the ingest's parser, ~100x
+            # cheaper than asking Pillow)
+            return arr, jpeg_orientation(data)
+        except (ValueError, RuntimeError):
+            pass  # CMYK / odd JPEGs: let Pillow try
+    try:
+        img = Image.open(io.BytesIO(data))
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        arr = _pillow_rgbx(rgb) if padded else None
+        if arr is None:
+            arr = np.asarray(rgb)  # convert copies even RGB
+    except Exception as e:
+        raise CorruptSample(f"cannot decode image: {type(e).__name__}: {e}") from None
+    # after the decode: a PNG's eXIf chunk may follow its pixels, and asked before, Pillow decodes them twice
+    return arr, _exif_orientation(img)
+
+
 def decode_stored(data: bytes, min_side: int = 0) -> tuple[np.ndarray, int]:
     """RGB uint8 (H, W, 3) as stored, decoded at reduced size when the shorter side allows it, and its EXIF orientation.
 
@@ -197,24 +237,7 @@ def decode_stored(data: bytes, min_side: int = 0) -> tuple[np.ndarray, int]:
     both sides >= ``min_side``), anything else (PNG, CMYK JPEG, ...) through Pillow (with
     ``draft`` for JPEG). Raises CorruptSample for undecodable bytes.
     """
-    if not data:
-        raise CorruptSample("empty image bytes")
-    arr = None
-    if data[:2] == b"\xff\xd8":
-        try:
-            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True,
-                                         min_width=min_side, min_height=min_side)
-        except (ValueError, RuntimeError):
-            arr = None  # CMYK / odd JPEGs: let Pillow try
-    if arr is None:
-        try:
-            img = Image.open(io.BytesIO(data))
-            if min_side and img.format == "JPEG":
-                img.draft("RGB", (min_side, min_side))
-            arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert copies even RGB
-        except Exception as e:
-            raise CorruptSample(f"cannot decode image: {type(e).__name__}: {e}") from None
-    return arr, _orientation(data)
+    return _decode(data, min_side, padded=False)
 
 
 def decode_array(data: bytes, min_side: int = 0) -> np.ndarray:
@@ -264,16 +287,19 @@ def crop_views(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator,
                orientation: int = 1) -> list[torch.Tensor]:
     """One uint8 (3, size, size) tensor per expanded view: random resized crop + flip of the upright image.
 
-    ``img`` is as stored, with its EXIF ``orientation``: each crop is drawn in upright
-    coordinates, cut from the stored pixels and turned upright after the resize (which
-    commutes with flips and transposes), so the whole image is never copied to turn it.
-    The resize is torch's antialiased bilinear on uint8 (its AVX2 path, made to match
-    Pillow's), about 2x faster than Pillow's own on these sizes.
+    ``img`` (H, W, 3) is as stored, with its EXIF ``orientation``: each crop is drawn in
+    upright coordinates, cut from the stored pixels and turned upright after the resize
+    (which commutes with flips and transposes), so the whole image is never copied to turn
+    it. The resize is torch's antialiased bilinear on uint8 (its AVX2 path, made to match
+    Pillow's), about 2x faster than Pillow's own on these sizes. ``img`` may also be
+    (H, W, 4), RGB and a padding byte (Pillow's layout): all four channels are resized,
+    as fast as three, and the fourth dropped (a 3-channel view of it would make every box
+    a strided copy, 2x slower).
     """
     transpose, flip_rows, flip_cols = _UPRIGHT.get(orientation, (False, False, False))
     height, width = img.shape[:2]
     up_h, up_w = (width, height) if transpose else (height, width)
-    t = _read_only_tensor(img).permute(2, 0, 1)[None]  # (1, 3, H, W), HWC strides
+    t = _read_only_tensor(img).permute(2, 0, 1)[None]  # (1, 3 or 4, H, W), HWC strides
     out = []
     for v in cfg.expanded():
         x, y, w, h = sample_crop(rng, up_w, up_h, v.scale, v.ratio)
@@ -282,7 +308,7 @@ def crop_views(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator,
         if flip_cols:
             x = up_w - x - w
         box = t[:, :, x:x + w, y:y + h] if transpose else t[:, :, y:y + h, x:x + w]
-        view = F.interpolate(box, size=(v.size, v.size), mode="bilinear", antialias=True, align_corners=False)[0]
+        view = F.interpolate(box, size=(v.size, v.size), mode="bilinear", antialias=True, align_corners=False)[0, :3]
         if transpose:
             view = view.transpose(1, 2)
         flips = [d for d, f in ((1, flip_rows), (2, flip_cols != (rng.random() < v.flip_p))) if f]
@@ -292,7 +318,7 @@ def crop_views(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator,
 
 def crop_sample(data: bytes, key: str, cfg: AugmentConfig, seed: int, epoch: int) -> list[torch.Tensor]:
     """Decode one image and cut its views; deterministic in (seed, epoch, key)."""
-    img, orientation = decode_stored(data, cfg.min_decode_side())
+    img, orientation = _decode(data, cfg.min_decode_side(), padded=True)
     rng = np.random.Generator(np.random.PCG64(stable_seed(seed, epoch, key)))
     return crop_views(img, cfg, rng, orientation)
 

@@ -281,6 +281,59 @@ def test_corrupt_bytes_raise_corrupt_sample() -> None:
             decode(bad, 32)
 
 
+def _png(img: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA", "I;16"])
+@pytest.mark.parametrize("export", [True, False])  # Pillow's own memory / no export (older Pillow, large images)
+def test_crops_of_pillow_decodes_equal_those_of_the_rgb_conversion(monkeypatch, mode: str, export: bool) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb).convert(mode) if mode != "I;16" else Image.fromarray(rgb[..., 0].astype(np.uint16) * 7)
+    data = _png(img)
+    if not export:
+        import pyarrow as pa
+
+        def no_export(*a, **k):
+            raise pa.ArrowInvalid("no export")
+        monkeypatch.setattr(pa, "array", no_export)
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    padded, orientation = aug._decode(data, 0, padded=True)
+    assert padded.shape == want.shape[:2] + ((4,) if export else (3,)) and orientation == 1
+    assert np.array_equal(padded[..., :3], want)
+    stored = aug.decode_stored(data)[0]
+    assert np.array_equal(stored, want) and stored.flags.c_contiguous
+    cfg = AugmentConfig(views=[ViewConfig(count=3, size=16, scale=(0.2, 1.0))])
+    got = crop_sample(data, "k", cfg, 0, 0)
+    rng = np.random.Generator(np.random.PCG64(aug.stable_seed(0, 0, "k")))
+    for a, b in zip(got, aug.crop_views(want, cfg, rng)):
+        assert a.shape == (3, 16, 16) and a.is_contiguous() and torch.equal(a, b)
+
+
+def test_a_png_is_decoded_once_also_when_it_mentions_exif(monkeypatch) -> None:
+    # its orientation comes from the decoded image: asked before, Pillow decodes it a second time
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "Exif data follows the pixels")
+    plain = _png(Image.new("RGB", (40, 30), (9, 99, 199)), pnginfo=info)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = _png(Image.new("RGB", (40, 30), (9, 99, 199)), exif=exif)
+    loads = []
+    real_load = PngImagePlugin.PngImageFile.load
+
+    def counting_load(self):
+        if self.tile:  # pixels still to decode (a loaded image has none)
+            loads.append(1)
+        return real_load(self)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counting_load)
+    assert aug.decode_stored(plain)[1] == 1 and len(loads) == 1
+    assert aug.decode_stored(turned)[1] == 6 and len(loads) == 2
+
+
 def test_crop_sample_is_deterministic_per_seed_epoch_key(cifar_dir: Path) -> None:
     data = next((cifar_dir / "train" / "cat").glob("*.jpg")).read_bytes()
     cfg = swav_multicrop(32, 16, 2, 3)
