@@ -21,6 +21,7 @@ import argparse
 import cProfile
 import csv
 import io
+import os
 import pstats
 import random
 import sys
@@ -137,20 +138,20 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: each recipe's loop.num_threads)")
     p.add_argument("--profile", type=int, default=0, help="print this many of the costliest functions (cProfile)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of every arm's config")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         labeled, unlabeled = _write_csvs(Path(tmp))
-        print(f"torch threads {torch.get_num_threads()}; load average {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}")
-        print("| arm | images / step | data CPU s | model CPU s | total CPU s / step |\n|---|---|---|---|---|")
+        print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        print("| arm | threads | images / step | data CPU s | model CPU s | total CPU s / step |\n|---|---|---|---|---|---|")
         for arm in args.arms.split(","):
             cfg = arm_config(arm, labeled, unlabeled, args.backbone, Path(tmp), args.overrides)
+            torch.set_num_threads(args.threads or cfg.loop.num_threads or default_threads)
             r = measure(cfg, args.steps, args.warmup, args.profile)
-            print(f"| {arm} | {r['images']} | {r['data_s']:.3f} | {r['model_s']:.3f} | "
+            print(f"| {arm} | {torch.get_num_threads()} | {r['images']} | {r['data_s']:.3f} | {r['model_s']:.3f} | "
                   f"{r['data_s'] + r['model_s']:.3f} |", flush=True)
             if "profile" in r:
                 print(r["profile"])
