@@ -19,7 +19,7 @@ the images of cifar10-dev ``val`` and the labeled ones (membership by md5; ``--u
 takes a seeded subset). Each arm runs as its own process; the table reports its CPU seconds as
 measured (training, labelling, start-up; not the evaluation), so a budget overrun shows. Every
 child runs on ``--threads`` torch threads (default 1, ``OMP_NUM_THREADS``): on a shared 2-core
-machine a second thread cost 5-10x the CPU seconds of a step (docs/benchmarks.md, "Step cost of
+machine a second thread cost 3-11x the CPU seconds of a step (docs/benchmarks.md, "Step cost of
 the arms"), so a CPU budget would buy that many fewer steps.
 
     python benchmarks/bench_semisup.py --backbone runs/quickstart/pretrain          # 250 and 1,000 labels, seed 0

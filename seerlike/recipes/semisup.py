@@ -34,7 +34,7 @@ CPU_THREADS = 1
 """torch intra-op threads of a ``*_tiny`` run (``loop.num_threads``; each of ``--nproc N`` ranks gets its own).
 
 A 1.2M-parameter net on 32 px images gains little from a second OpenMP thread, and on a
-2-core machine with other work on it the second thread cost 5 to 10 times the CPU seconds
+2-core machine with other work on it the second thread cost 3 to 11 times the CPU seconds
 of one per step (docs/benchmarks.md, "Step cost of the arms"): a CPU budget buys that many
 fewer steps. On an idle many-core machine, run ``--nproc N`` (one thread per rank) or set
 ``loop.num_threads=0`` (torch's default: every core)."""

@@ -216,7 +216,7 @@ def test_checkpoints_of_a_method_with_an_average_load_the_average(tmp_path):
 
 @pytest.mark.parametrize("name", ["finetune_tiny", "fixmatch_tiny", "noisy_student_tiny"])
 def test_cpu_recipes_train_on_one_thread_per_process(name):
-    # a second OpenMP thread cost 5-10x the CPU seconds of a step on a busy 2-core machine
+    # a second OpenMP thread cost 3-11x the CPU seconds of a step on a busy 2-core machine
     # (docs/benchmarks.md, "Step cost of the arms"); the budgeted arms run one process each
     from seerlike import recipes
 
