@@ -86,8 +86,10 @@ def fixmatch_tiny() -> TrainConfig:
     the engine's cosine to 0 instead of cos(7 pi k / 16 K), which ends at 0.2 of the peak after
     2^20 steps: a run of a few hundred steps that stops mid-schedule learns less than one that
     anneals to 0 (Li et al. 2020, "Budgeted training"). tau stays 0.95 (the paper's ablation,
-    Fig. 3a, has lower thresholds worse on CIFAR-10): early in a short run few unlabeled images
-    pass it, which the logged ``mask`` (their share) shows."""
+    Fig. 3a, has lower thresholds worse on CIFAR-10), but a short run may never reach it: a
+    182-step run (120 CPU-s) had ``mask`` 0 throughout (docs/benchmarks.md, "Step cost of the
+    arms"), and until some unlabeled image passes it FixMatch trains on its 16 labeled images a
+    step only. The logged ``mask`` (the share that passes) shows where a run stands."""
     method = FixMatch.Config(strong=strong_view(CIFAR_SIZE), ema_decay=FIXMATCH_CPU_EMA_DECAY)
     return _tiny(method, weak_view(CIFAR_SIZE), batch_size=16, lr=0.12)
 
