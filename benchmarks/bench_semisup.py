@@ -17,7 +17,10 @@ cifar10-dev ``val`` (1,000 images) with its own classifier:
 Unlabeled data: the 50,000-image CIFAR-10 train archive (unpacked once under the run root) minus
 the images of cifar10-dev ``val`` and the labeled ones (membership by md5; ``--unlabeled-limit N``
 takes a seeded subset). Each arm runs as its own process; the table reports its CPU seconds as
-measured (training, labelling, start-up; not the evaluation), so a budget overrun shows.
+measured (training, labelling, start-up; not the evaluation), so a budget overrun shows. Every
+child runs on ``--threads`` torch threads (default 1, ``OMP_NUM_THREADS``): on a shared 2-core
+machine a second thread cost 3-11x the CPU seconds of a step (docs/benchmarks.md, "Step cost of
+the arms"), so a CPU budget would buy that many fewer steps.
 
     python benchmarks/bench_semisup.py --backbone runs/quickstart/pretrain          # 250 and 1,000 labels, seed 0
     python benchmarks/bench_semisup.py --backbone B --seeds 0,1,2 --arm-seconds 900  # 15 CPU-minutes an arm
@@ -34,6 +37,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import random
 import resource
 import statistics
@@ -102,12 +106,20 @@ def _rows(path: Path) -> int:
     return sum(1 for _ in open(path)) - 1
 
 
+THREADS = 1
+"""torch threads of every child (``--threads``)."""
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+
+
 def _run(argv: list[str], log: Path) -> float:
     """``python -m seerlike ARGV`` as a child process; returns its CPU seconds (user + system)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "a") as f:
         rc = subprocess.run([sys.executable, "-m", "seerlike", *argv], stdout=f, stderr=subprocess.STDOUT,
-                            cwd=ROOT).returncode
+                            cwd=ROOT, env=_env()).returncode
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc != 0:
         raise SystemExit(f"seerlike {' '.join(argv[:3])} ... failed ({rc}); see {log}")
@@ -117,14 +129,14 @@ def _run(argv: list[str], log: Path) -> float:
 def _budget(seconds: float, seed: int) -> list[str]:
     """Options and overrides of a CPU-budgeted run (the option first: argparse takes no option after the overrides)."""
     return [f"--max-steps={MAX_STEPS}", f"loop.time_budget_s={seconds:.0f}", "loop.budget_clock=cpu",
-            f"loop.seed={seed}", "loop.progress=false", "loop.tensorboard=false", "checkpoint.every_steps=500",
-            "checkpoint.keep_last=1", "loop.log_every=20"]
+            f"loop.seed={seed}", f"loop.num_threads={THREADS}", "loop.progress=false", "loop.tensorboard=false",
+            "checkpoint.every_steps=500", "checkpoint.keep_last=1", "loop.log_every=20"]
 
 
 def _accuracy(model: Path, log: Path) -> float:
     code = ("import json, sys; from seerlike.semisup.evaluate import classifier_accuracy; "
             f"print(json.dumps(classifier_accuracy({str(model)!r}, {str(CIFAR / 'val.csv')!r}, image_size=32)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=_env())
     if out.returncode != 0:
         log.open("a").write(out.stderr)
         raise SystemExit(f"evaluating {model} failed; see {log}")
@@ -212,7 +224,10 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=1, help="Noisy Student iterations")
     p.add_argument("--per-class", type=int, default=0, help="Noisy Student balancing (default: unlabeled images / 10)")
     p.add_argument("--unlabeled-limit", type=int, default=0, help="use a seeded subset of the unlabeled images")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every arm's process")
     args = p.parse_args()
+    global THREADS
+    THREADS = args.threads
     root = Path(args.run_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     labels = [int(x) for x in args.labels.split(",")]

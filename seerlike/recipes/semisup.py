@@ -5,9 +5,12 @@
 
 The ``*_tiny`` recipes are CPU-sized for cifar10-dev (``resnet10_cifar``, the quickstart's
 backbone, on the whole 32 px images): the paper's augmentation, losses and thresholds with
-smaller batches. They are starting points, not tuned (docs/benchmarks.md, "Semi-supervised
-stages", says what was measured). The ResNet-50 recipes carry the published ImageNet settings
-(sources in each docstring) for GPU clusters.
+smaller batches, one intra-op thread per process, and the settings that assume hundreds of
+thousands of steps (FixMatch's moving average) fitted to the few thousand a CPU budget buys;
+each docstring says what differs from the official code and why. They are starting points,
+not tuned (docs/benchmarks.md, "Semi-supervised stages", says what was measured). The
+ResNet-50 recipes carry the published ImageNet settings (sources in each docstring) for GPU
+clusters.
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ from seerlike.methods.noisy_student import NoisyStudent
 CIFAR_SIZE = 32
 """The semi-supervised tiny recipes train on whole 32 px images, as they are evaluated (FixMatch's CIFAR setting)."""
 
+CPU_THREADS = 1
+"""torch intra-op threads of a ``*_tiny`` run (``loop.num_threads``; each of ``--nproc N`` ranks gets its own).
+
+A 1.2M-parameter net on 32 px images gains little from a second OpenMP thread, and on a
+2-core machine with other work on it the second thread cost 3 to 11 times the CPU seconds
+of one per step (docs/benchmarks.md, "Step cost of the arms"): a CPU budget buys that many
+fewer steps. On an idle many-core machine, run ``--nproc N`` (one thread per rank) or set
+``loop.num_threads=0`` (torch's default: every core)."""
+
 
 def _tiny(method, view: ViewConfig, *, batch_size: int, lr: float, drop_path: float = 0.0) -> TrainConfig:
     return TrainConfig(
@@ -39,7 +51,7 @@ def _tiny(method, view: ViewConfig, *, batch_size: int, lr: float, drop_path: fl
         parallel=ParallelConfig(strategy="ddp"),
         precision=PrecisionConfig(dtype="bf16"),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
-        loop=LoopConfig(max_steps=1000, log_every=10),
+        loop=LoopConfig(max_steps=1000, log_every=10, num_threads=CPU_THREADS),
     )
 
 
@@ -49,18 +61,54 @@ def finetune_tiny() -> TrainConfig:
     return _tiny(Finetune.Config(label_smoothing=0.1), weak_view(CIFAR_SIZE), batch_size=64, lr=0.12)
 
 
+FIXMATCH_CPU_EMA_DECAY = 0.99
+"""FixMatch's evaluated moving average in ``fixmatch_tiny``: an average over about 1 / (1 - 0.99) = 100 steps.
+
+The official code's 0.999 (a constant decay, TensorFlow's average without ``num_updates``)
+averages over about 1,000 steps and still holds 0.999^n of the initial model after n steps:
+37% after the recipe's 1,000 steps, 82% after 200. Its runs last 2^20 steps. A CPU budget
+buys a few hundred to a few thousand (a step of 16 + 2 x 112 images costs about 0.65 CPU-s
+on one thread: 15 CPU-minutes are about 1,300 steps), where 0.99 leaves 0.99^1300 < 10^-5 of
+the initial model and still averages the last 100 steps. At GPU scale keep 0.999."""
+
+
 def fixmatch_tiny() -> TrainConfig:
-    """FixMatch with the paper's CIFAR-10 settings (mu 7, tau 0.95, lambda_u 1, EMA 0.999, SGD 0.03 at batch 64 =
-    0.12 per 256, Nesterov, weight decay 5e-4; RandAugment with random magnitude + Cutout) and a labeled batch of 16
-    instead of 64, so that one step (16 + 2 x 112 images) fits a CPU budget. The paper's LR decays as
-    cos(7 pi k / 16 K); here the engine's cosine to 0."""
-    return _tiny(FixMatch.Config(strong=strong_view(CIFAR_SIZE)), weak_view(CIFAR_SIZE), batch_size=16, lr=0.12)
+    """FixMatch with the paper's CIFAR-10 settings where a short CPU run allows them, and what differs, with why.
+
+    As the official code (google-research/fixmatch ``fixmatch.py``): mu 7, tau 0.95, lambda_u 1,
+    SGD with Nesterov momentum 0.9 at 0.03 for batch 64 (0.12 per 256: the LR follows the labeled
+    batch), L2 weight decay 5e-4 on weights only (no biases, no BatchNorm), no warmup, no label
+    smoothing, RandAugment with a random level per op + Cutout, one forward of all images.
+
+    Differs: the labeled batch is 16 instead of 64 (with mu 7: 16 + 2 x 112 images a step), so
+    that a CPU budget buys enough steps; the moving average decays at
+    :data:`FIXMATCH_CPU_EMA_DECAY` (0.99) instead of 0.999 (why: its docstring); the LR follows
+    the engine's cosine to 0 instead of cos(7 pi k / 16 K), which ends at 0.2 of the peak after
+    2^20 steps: a run of a few hundred steps that stops mid-schedule learns less than one that
+    anneals to 0 (Li et al. 2020, "Budgeted training"). tau stays 0.95 (the paper's ablation,
+    Fig. 3a, has lower thresholds worse on CIFAR-10), but a short run may never reach it: a
+    182-step run (120 CPU-s) had ``mask`` 0 throughout (docs/benchmarks.md, "Step cost of the
+    arms"), and until some unlabeled image passes it FixMatch trains on its 16 labeled images a
+    step only. The logged ``mask`` (the share that passes) shows where a run stands."""
+    method = FixMatch.Config(strong=strong_view(CIFAR_SIZE), ema_decay=FIXMATCH_CPU_EMA_DECAY)
+    return _tiny(method, weak_view(CIFAR_SIZE), batch_size=16, lr=0.12)
 
 
 def noisy_student_tiny() -> TrainConfig:
-    """The Noisy Student student on CIFAR-sized data: RandAugment N 2 at M 6 (the official EfficientNet-B2 setting),
-    dropout 0.5, stochastic depth 0.2 at the last block, threshold 0.3, soft labels, 3 pseudo-labeled images per
-    labeled one; batch 32 labeled, SGD as fine-tuning (the official code uses RMSProp at EfficientNet scale)."""
+    """The Noisy Student student on CIFAR-sized data, and what differs from the official code, with why.
+
+    As the official code (google-research/noisystudent ``main.py``, ``train_offline.sh``): RandAugment
+    N 2 at M 6 (its EfficientNet-B2 setting; its SVHN script uses 5), dropout 0.5, stochastic depth 0.2
+    at the last block, threshold 0.3, soft labels, 3 pseudo-labeled images per labeled one (SVHN: 5),
+    label smoothing 0.1 on labeled images.
+
+    Differs: a labeled batch of 32 (+ 96 pseudo-labeled) instead of 4,096 (SVHN: 128); SGD with
+    Nesterov as fine-tuning, weight decay 5e-4, instead of RMSProp at 0.016 per 256 with weight
+    decay 1e-5 (ImageNet) / 1e-4 (SVHN): the optimizer of the other two arms, for a ResNet on
+    CIFAR; no warmup (official: 5 epochs) and the engine's cosine to 0 (official: 0.97 every 2.4
+    epochs): the student starts from the pretrained trunk, not from scratch, and a short run
+    anneals (see ``fixmatch_tiny``); no moving average (``method.ema_decay`` 0; official: 0.9999
+    with TensorFlow's ``num_updates`` ramp, over ~350 epochs), as fine-tuning, the baseline."""
     noised = weak_view(CIFAR_SIZE)
     noised.randaugment = RandAugmentConfig(num_ops=2, magnitude=6, translate=0.125)
     return _tiny(NoisyStudent.Config(label_image_size=CIFAR_SIZE, label_resize=CIFAR_SIZE), noised, batch_size=32, lr=0.12, drop_path=0.2)
