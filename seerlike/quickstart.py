@@ -118,6 +118,8 @@ class Budget:
     """Predicted seconds per step of each stage (``fit_data.StepCost``, 2 idle cores): sizes the warmups."""
     calibrate_steps: int = 12
     """The stages' ``loop.calibrate_steps``: the warmup never ends before them."""
+    clock: str = "wall"
+    """What the stages' seconds count (``loop.budget_clock``): wall seconds, or each rank's CPU seconds."""
 
     def __post_init__(self):
         for name in ("pretrain", "clusterfit", "distill"):
@@ -155,6 +157,8 @@ class Budget:
         else:
             length = ["--max-steps", str(MAX_STEPS), f"loop.time_budget_s={getattr(self, f'{stage}_s'):.0f}",
                       f"optim.warmup_steps={self.warmup_steps(stage)}"]
+            if self.clock != "wall":
+                length.append(f"loop.budget_clock={self.clock}")
         # checkpoints a few times per run (resume after a kill) instead of the recipes' every 10 steps
         every = max(50, steps // 4) if steps is not None else 250
         log_every = max(1, min(20, steps // 10)) if steps is not None else 20
@@ -196,7 +200,8 @@ def minimum_minutes(step_s: dict[str, float], calibrate_steps: int, stages=tuple
 
 def budget_for(minutes: float, *, method: str = "swav", pretrain_seconds: float | None = None,
                followup_seconds: float | None = None, pretrain_steps: int | None = None,
-               clusterfit_steps: int | None = None, distill_steps: int | None = None, k: int = K) -> Budget:
+               clusterfit_steps: int | None = None, distill_steps: int | None = None, k: int = K,
+               clock: str = "wall") -> Budget:
     """Seconds of steps that, with each stage's kNN monitor and ``OVERHEAD_S``, fill ``minutes`` of wall time on
     2 cores; explicit seconds or step counts win. Minutes too short for a stage to hold its plan are refused."""
     if minutes <= 0:
@@ -225,7 +230,8 @@ def budget_for(minutes: float, *, method: str = "swav", pretrain_seconds: float 
         budget = Budget(pretrain_s=seconds["pretrain"], clusterfit_s=seconds["clusterfit"],
                         distill_s=seconds["distill"], pretrain_steps=pretrain_steps,
                         clusterfit_steps=clusterfit_steps, distill_steps=distill_steps, k=k,
-                        step_s={stage: round(s, 4) for stage, s in step_s.items()}, calibrate_steps=calibrate)
+                        step_s={stage: round(s, 4) for stage, s in step_s.items()}, calibrate_steps=calibrate,
+                        clock=clock)
     except ValueError as e:
         raise ConfigError(f"seerlike quickstart: {e}") from None
     for stage in SHARES:
@@ -719,6 +725,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=15.0, help="wall-time budget on 2 CPU cores (sets the steps)")
     p.add_argument("--pretrain-seconds", type=float, help="training seconds of pretraining (instead of its share of --minutes)")
     p.add_argument("--followup-seconds", type=float, help="training seconds each of ClusterFit and distillation")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what the stages' seconds count: wall seconds, or each rank's CPU seconds, which a busy "
+                   "machine does not stretch (loop.budget_clock; the kNN monitor is timed in wall seconds)")
     p.add_argument("--pretrain-steps", type=int, help="override the pretraining steps")
     p.add_argument("--clusterfit-steps", type=int, help="override the ClusterFit steps")
     p.add_argument("--distill-steps", type=int, help="override the distillation steps")
@@ -746,7 +755,8 @@ def run(args: argparse.Namespace) -> int:
     images, eval_train, eval_val = resolve_inputs(args)
     budget = budget_for(args.minutes, method=args.method, pretrain_seconds=args.pretrain_seconds,
                         followup_seconds=args.followup_seconds, pretrain_steps=args.pretrain_steps,
-                        clusterfit_steps=args.clusterfit_steps, distill_steps=args.distill_steps, k=args.k)
+                        clusterfit_steps=args.clusterfit_steps, distill_steps=args.distill_steps, k=args.k,
+                        clock=args.clock)
     run_dir = Path(args.run_dir).absolute()
     fit = fit_stages(images, budget, args.method, args.nproc) if args.fit_data else DataFit()
     p = build_pipeline(run_dir, images=images, eval_train=eval_train, eval_val=eval_val, method=args.method,

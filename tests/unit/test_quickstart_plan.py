@@ -58,3 +58,10 @@ def test_stages_given_in_steps_or_seconds_are_not_held_to_the_minutes():
     assert short.pretrain_s == 3 and short.warmup_steps("pretrain") == 12
     with pytest.raises(ConfigError, match="--minutes 3.2 or more"):
         budget_for(3, pretrain_seconds=100)  # ClusterFit and distillation still take their share of the minutes
+
+
+def test_the_cpu_clock_reaches_every_time_budgeted_stage():
+    budget = budget_for(15, distill_steps=6, clock="cpu")
+    assert "loop.budget_clock=cpu" in budget.train_args("pretrain", 0)
+    assert not any(a.startswith("loop.budget_clock") for a in budget.train_args("distill", 0))  # steps given
+    assert not any(a.startswith("loop.budget_clock") for a in budget_for(15).train_args("pretrain", 0))
