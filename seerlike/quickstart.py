@@ -463,8 +463,9 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
     ``budget_s`` is the plan of its steps (loop.time_budget_s; None when the steps were given),
     ``monitor_planned_s`` the monitor's allowance on top (``MONITOR_SHARE`` of it, when the stage ran
     the monitor) and ``planned_s`` their sum; ``budget_used_s`` is what the budget's clock measured
-    over the steps (the monitor's time left out), ``actual_s`` that plus the monitor's seconds, on
-    the plan's clock; ``stage_s`` the whole stage (process start-up, data set-up and checkpoints included).
+    over the steps (the monitor's time left out), ``actual_s`` that plus the monitor's seconds (with a
+    CPU-clock budget both are the steps' alone: the monitor is timed in wall seconds); ``stage_s``
+    the whole stage (process start-up, data set-up and checkpoints included).
     """
     from seerlike.engine.timing import read
     from seerlike.plots import read_metrics
@@ -478,9 +479,12 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
     readings = [r for r in rows if "knn_top1" in r]
     budget_s = (calibrated.get("time_budget_s")
                 or next((s["time_budget_s"] for s in segments if "time_budget_s" in s), None))
+    clock = next((s["budget_clock"] for s in segments if "budget_clock" in s), None)
     monitor_planned = budget_s * MONITOR_SHARE if budget_s and (readings or monitor) else 0.0
-    planned = budget_s + monitor_planned if budget_s else None
-    actual = sum(budget) + monitor if budget else None
+    # the monitor is timed in wall seconds: with a CPU-clock budget the plan and the actual are the steps'
+    on_clock = clock != "cpu"
+    planned = budget_s + monitor_planned * on_clock if budget_s else None
+    actual = sum(budget) + monitor * on_clock if budget else None
     return {
         "budget_s": budget_s, "monitor_planned_s": round(monitor_planned, 1) if budget_s else None,
         "planned_s": round(planned, 1) if planned else None,
@@ -489,7 +493,7 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
         "budget_used_s": round(sum(budget), 1) if budget else None,
         "actual_s": round(actual, 1) if actual is not None else None,
         "vs_plan": round(actual / planned - 1.0, 4) if planned and actual is not None else None,
-        "clock": next((s["budget_clock"] for s in segments if "budget_clock" in s), None),
+        "clock": clock,
         "train_s": round(sum(s.get("train_s", 0.0) for s in segments), 1) if segments else None,
         "monitor_s": round(monitor, 1), "monitor_frac": round(monitor / wall, 4) if wall else None,
         "stage_s": stage_s, "segments": len(segments),
@@ -650,7 +654,8 @@ and, on top, the kNN monitor's allowance ({100 * MONITOR_SHARE:.0f} % of them: t
 budget while the monitor reads). The stage times its first steps on this data and model and sets
 its step count so that its steps take their seconds. "actual s" is what the same clock measured
 over the steps plus the monitor's seconds; a stage held its plan within {100 * PLAN_TOLERANCE:.0f} % when the
-machine kept the speed of its first steps ("actual vs plan"). "stage s" is the whole stage,
+machine kept the speed of its first steps ("actual vs plan"; with `--clock cpu`, CPU seconds of
+the steps alone, the monitor being timed in wall seconds). "stage s" is the whole stage,
 process start-up, data set-up and checkpoints included (docs/fit_data.md, "Planned vs actual time").
 
 {timing_table(results["training"])}

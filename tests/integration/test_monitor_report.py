@@ -111,3 +111,15 @@ def test_progress_line_shows_the_last_loss_and_the_last_knn_reading(tmp_path):
     _write_jsonl(tmp_path / "metrics.jsonl", [{"step": 20, "loss": 4.5, "lr": 0.04, "images_per_s": 76.0},
                                               {"step": 22, "knn_top1": 31.25, "elapsed_s": 60.0}])
     assert metrics_line(tmp_path) == "step 20: loss 4.5000, lr 0.0400, 76 img/s; kNN top-1 31.2 at step 22"
+
+
+def test_a_cpu_clock_plan_is_compared_on_the_steps_alone(tmp_path):
+    from seerlike.quickstart import stage_timing
+
+    run = tmp_path / "run"
+    _fake_run(run)
+    path = run / "pretrain" / "timing.json"
+    path.write_text(path.read_text().replace('"wall"', '"cpu"'))
+    t = stage_timing(run / "pretrain", 300.0)
+    # the monitor's 12 wall seconds are not on the budget's CPU clock: 455.2 CPU-s of 450 planned
+    assert (t["clock"], t["planned_s"], t["actual_s"], t["monitor_planned_s"]) == ("cpu", 450.0, 455.2, 22.5)
