@@ -595,6 +595,12 @@ def timing_lines(training: dict) -> list[str]:
             lines.append(f"{TRAINING_STAGES[stage]}: {t['steps']} steps given, {t['train_s'] + t['monitor_s']:.0f} s "
                          f"(monitor {t['monitor_s']:.1f} s)")
             continue
+        if t["clock"] == "cpu":
+            lines.append(f"{TRAINING_STAGES[stage]}: planned {t['budget_s']:.0f} CPU-s of steps, actual "
+                         f"{_cell(t['budget_used_s'], '.1f')}, {_cell(100 * (t['vs_plan'] or 0), '+.1f')} % (monitor "
+                         f"{t['monitor_s']:.1f} wall s, planned {t['monitor_planned_s']:.1f}); "
+                         f"{_cell(t['steps'], 'd')} steps of {_cell(t['planned_steps'], 'd')} planned")
+            continue
         lines.append(f"{TRAINING_STAGES[stage]}: planned {t['planned_s']:.0f} s ({t['budget_s']:.0f} s of steps + "
                      f"{t['monitor_planned_s']:.1f} s of monitor), actual {_cell(t['actual_s'], '.0f')} s "
                      f"({_cell(t['budget_used_s'], '.0f')} + {t['monitor_s']:.1f}), {_cell(100 * (t['vs_plan'] or 0), '+.1f')} %; "
