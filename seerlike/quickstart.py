@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -59,15 +60,33 @@ IMAGE_SIZE = 32
 K = 200
 """k-means clusters = ClusterFit classes (the clusterfit_tiny recipe's sweep: k 200 beat 50 and 100)."""
 
-#: Wall seconds of everything that is not a training step: process start-ups, ingest, extract,
-#: k-means, five kNN evaluations over 6,000 images, export, report (~150 CPU-s of a 4-minute run).
+#: Wall seconds of everything that is not a training step or a kNN monitor reading: process start-ups,
+#: ingest, extract, k-means, five kNN evaluations over 6,000 images, export, report (~150 CPU-s of a
+#: 4-minute run).
 OVERHEAD_S = 150.0
+#: The kNN monitor's planned seconds per second of a stage's steps, on top of them: ``eval.max_fraction``'s
+#: default, the share the monitor holds (it sizes its split from the stage's seconds; docs/engine.md,
+#: "Watching it learn"). The engine pauses its step budget while the monitor reads, so the plan adds it.
+MONITOR_SHARE = 0.05
 #: How the training time left after the overhead is shared: at the default 15 minutes,
-#: pretraining gets 450 s (7.5 minutes x 2 cores = the benchmark's 15 CPU-minutes), ClusterFit
-#: and distillation 150 s each, which is what each needs to match the model it starts from.
+#: pretraining gets 450 s with its monitor (7.5 minutes x 2 cores = the benchmark's 15 CPU-minutes;
+#: 429 s of steps), ClusterFit and distillation 150 s each, which is what each needs to match the
+#: model it starts from.
 SHARES = {"pretrain": 0.6, "clusterfit": 0.2, "distill": 0.2}
-#: Warmup steps of each training stage (its length is only known once its first steps are timed).
+#: Warmup steps of each training stage at full budgets (its length is only known once its first steps are timed).
 WARMUP = {"pretrain": 50, "clusterfit": 25, "distill": 25}
+#: A time-budgeted stage warms up over at most this share of the steps its seconds are predicted to buy
+#: (``fit_data.StepCost``), never over fewer than its calibration steps: the engine runs at least the
+#: warmup whatever the budget (docs/engine.md, "A run that fits a time budget"), so a fixed 50 steps
+#: overran every stage shorter than 50 steps.
+WARMUP_SHARE = 0.05
+#: How many times slower than the step-cost model (2 idle cores) a machine may be while the shortest
+#: stage still holds its plan: ``--minutes`` is refused unless every stage's seconds are predicted to
+#: buy this many times its shortest possible run (its calibration steps + 1).
+SLOWDOWN_HELD = 4.0
+#: A stage whose steps and monitor end within this share of their planned seconds held its plan
+#: (when the machine runs the stage at the speed of its first, timed steps: docs/fit_data.md).
+PLAN_TOLERANCE = 0.10
 #: RUN_DIR file holding fit_data's choice (or {"rule": "off"}), read by the report.
 FIT_JSON = "fit_data.json"
 #: Upper bound of a time-budgeted stage's steps (the budget ends it far earlier on 2 cores).
@@ -80,11 +99,11 @@ class Budget:
     ``loop.time_budget_s``), or step counts that replace them; and the k of k-means."""
 
     pretrain_s: float
-    """Training seconds of the pretraining stage."""
+    """Seconds of steps of the pretraining stage (its kNN monitor comes on top: ``monitor_share``)."""
     clusterfit_s: float
-    """Training seconds of ClusterFit."""
+    """Seconds of steps of ClusterFit."""
     distill_s: float
-    """Training seconds of distillation."""
+    """Seconds of steps of distillation."""
     pretrain_steps: int | None = None
     """Explicit pretraining steps (instead of its seconds)."""
     clusterfit_steps: int | None = None
@@ -93,14 +112,42 @@ class Budget:
     """Explicit distillation steps."""
     k: int = K
     """k-means clusters = ClusterFit classes."""
+    monitor_share: float = MONITOR_SHARE
+    """The kNN monitor's planned seconds per second of steps, on top of them (every stage runs it)."""
+    step_s: dict[str, float] = field(default_factory=dict)
+    """Predicted seconds per step of each stage (``fit_data.StepCost``, 2 idle cores): sizes the warmups."""
+    calibrate_steps: int = 12
+    """The stages' ``loop.calibrate_steps``: the warmup never ends before them."""
+    clock: str = "wall"
+    """What the stages' seconds count (``loop.budget_clock``): wall seconds, or each rank's CPU seconds."""
 
     def __post_init__(self):
         for name in ("pretrain", "clusterfit", "distill"):
             steps = getattr(self, f"{name}_steps")
-            if getattr(self, f"{name}_s") <= 0 or (steps is not None and steps < 1):
-                raise ValueError(f"{name}: seconds must be > 0 and steps >= 1")
+            if steps is not None and steps < 1:
+                raise ValueError(f"{name}: steps must be >= 1, got {steps}")
+            if steps is None and getattr(self, f"{name}_s") <= 0:
+                raise ValueError(f"{name}: seconds must be > 0, got {getattr(self, f'{name}_s')}")
         if self.k < 2:
             raise ValueError(f"k must be >= 2, got {self.k}")
+
+    def planned_s(self, stage: str) -> float | None:
+        """The stage's planned seconds: its steps and its monitor (None when its steps were given)."""
+        if getattr(self, f"{stage}_steps") is not None:
+            return None
+        return getattr(self, f"{stage}_s") * (1.0 + self.monitor_share)
+
+    def predicted_steps(self, stage: str) -> int | None:
+        """Steps the stage's seconds buy by the step-cost model (None without a prediction)."""
+        step_s = self.step_s.get(stage)
+        return int(getattr(self, f"{stage}_s") / step_s) if step_s else None
+
+    def warmup_steps(self, stage: str) -> int:
+        """``WARMUP`` of the stage, cut to ``WARMUP_SHARE`` of its predicted steps, never below the calibration."""
+        predicted = self.predicted_steps(stage)
+        if predicted is None:
+            return WARMUP[stage]
+        return min(WARMUP[stage], max(self.calibrate_steps, int(WARMUP_SHARE * predicted)))
 
     def train_args(self, stage: str, seed: int, *extra: str) -> list[str]:
         """The stage's --max-steps / time budget and key=value overrides (after every option)."""
@@ -109,7 +156,9 @@ class Budget:
             length = ["--max-steps", str(steps), f"optim.warmup_steps={max(1, steps // 20)}"]
         else:
             length = ["--max-steps", str(MAX_STEPS), f"loop.time_budget_s={getattr(self, f'{stage}_s'):.0f}",
-                      f"optim.warmup_steps={WARMUP[stage]}"]
+                      f"optim.warmup_steps={self.warmup_steps(stage)}"]
+            if self.clock != "wall":
+                length.append(f"loop.budget_clock={self.clock}")
         # checkpoints a few times per run (resume after a kill) instead of the recipes' every 10 steps
         every = max(50, steps // 4) if steps is not None else 250
         log_every = max(1, min(20, steps // 10)) if steps is not None else 20
@@ -117,18 +166,81 @@ class Budget:
                 "loop.tensorboard=false", f"loop.log_every={log_every}"]
 
 
-def budget_for(minutes: float, *, pretrain_steps: int | None = None, clusterfit_steps: int | None = None,
-               distill_steps: int | None = None, k: int = K) -> Budget:
-    """Training seconds that fill ``minutes`` of wall time on 2 cores; explicit step counts win."""
+def stage_recipes(method: str) -> dict:
+    """Each training stage's recipe, as the pipeline runs it before fitting (the student for distillation)."""
+    from seerlike import recipes
+
+    distill = recipes.get("distill_tiny")
+    return {"pretrain": recipes.get(f"tiny_{method}"), "clusterfit": recipes.get("clusterfit_tiny"),
+            "distill": replace(distill, model=replace(distill.model, name=STUDENT))}
+
+
+def stage_step_costs(method: str) -> tuple[dict[str, float], int]:
+    """Predicted seconds per step of each stage at its recipe's views and batch, and the calibration steps.
+
+    The recipes' own views are the cheapest any budget gets (``fit_data`` grows them only where the
+    budget buys over 1,250 steps, where the warmup is ``WARMUP`` anyway), so the prediction bounds
+    the steps of short stages from above.
+    """
+    from seerlike.recipes.fit_data import StepCost
+
+    cost, cfgs = StepCost(), stage_recipes(method)
+    step_s = {stage: cost.step_s(cfg, [v.size for v in cfg.data.augment.views], cfg.data.batch_size)
+              for stage, cfg in cfgs.items()}
+    return step_s, max(cfg.loop.calibrate_steps for cfg in cfgs.values())
+
+
+def minimum_minutes(step_s: dict[str, float], calibrate_steps: int, stages=tuple(SHARES)) -> float:
+    """The shortest ``--minutes`` (to 0.1) at which each of ``stages`` is predicted to buy ``SLOWDOWN_HELD`` x
+    its shortest run (calibration steps + 1), its share of the training time after ``OVERHEAD_S``."""
+    floor_steps = SLOWDOWN_HELD * (calibrate_steps + 1)
+    steps_s = max((floor_steps * step_s[stage] / SHARES[stage] for stage in stages), default=0.0)
+    return math.ceil((OVERHEAD_S + steps_s * (1.0 + MONITOR_SHARE)) / 6.0 - 1e-9) / 10.0
+
+
+def budget_for(minutes: float, *, method: str = "swav", pretrain_seconds: float | None = None,
+               followup_seconds: float | None = None, pretrain_steps: int | None = None,
+               clusterfit_steps: int | None = None, distill_steps: int | None = None, k: int = K,
+               clock: str = "wall") -> Budget:
+    """Seconds of steps that, with each stage's kNN monitor and ``OVERHEAD_S``, fill ``minutes`` of wall time on
+    2 cores; explicit seconds or step counts win. Minutes too short for a stage to hold its plan are refused."""
     if minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
-    train_s = max(minutes * 60.0 - OVERHEAD_S, 60.0)
+    step_s, calibrate = stage_step_costs(method)
+    explicit = {"pretrain": pretrain_steps is not None or pretrain_seconds is not None,
+                "clusterfit": clusterfit_steps is not None or followup_seconds is not None,
+                "distill": distill_steps is not None or followup_seconds is not None}
+    from_minutes = [stage for stage in SHARES if not explicit[stage]]
+    least = minimum_minutes(step_s, calibrate, from_minutes)
+    if from_minutes and minutes < least:
+        raise ConfigError(
+            f"--minutes {minutes:g} is too short for the quickstart to hold its plan: give --minutes {least:g} or "
+            f"more. {OVERHEAD_S:.0f} s go to start-ups, ingest, extract, k-means and the kNN evaluations; the rest, "
+            f"less the kNN monitor's {MONITOR_SHARE:.0%}, is shared {', '.join(f'{s} {v:.0%}' for s, v in SHARES.items())}, "
+            f"and each stage's seconds must buy {SLOWDOWN_HELD * (calibrate + 1):.0f} steps on 2 idle cores "
+            f"({calibrate + 1} timed steps at least, on a machine up to {SLOWDOWN_HELD:g}x slower); "
+            "or set the stages' length with --pretrain-steps / --clusterfit-steps / --distill-steps")
+    train_s = max(minutes * 60.0 - OVERHEAD_S, 0.0) / (1.0 + MONITOR_SHARE)
+    seconds = {stage: train_s * share for stage, share in SHARES.items()}
+    if pretrain_seconds is not None:
+        seconds["pretrain"] = pretrain_seconds
+    if followup_seconds is not None:
+        seconds["clusterfit"] = seconds["distill"] = followup_seconds
     try:
-        return Budget(pretrain_s=train_s * SHARES["pretrain"], clusterfit_s=train_s * SHARES["clusterfit"],
-                      distill_s=train_s * SHARES["distill"], pretrain_steps=pretrain_steps,
-                      clusterfit_steps=clusterfit_steps, distill_steps=distill_steps, k=k)
+        budget = Budget(pretrain_s=seconds["pretrain"], clusterfit_s=seconds["clusterfit"],
+                        distill_s=seconds["distill"], pretrain_steps=pretrain_steps,
+                        clusterfit_steps=clusterfit_steps, distill_steps=distill_steps, k=k,
+                        step_s={stage: round(s, 4) for stage, s in step_s.items()}, calibrate_steps=calibrate,
+                        clock=clock)
     except ValueError as e:
         raise ConfigError(f"seerlike quickstart: {e}") from None
+    for stage in SHARES:
+        predicted = budget.predicted_steps(stage)
+        if getattr(budget, f"{stage}_steps") is None and predicted < calibrate + 1:
+            log.warning("%s: %.0f s buy ~%d steps at the predicted %.3f s/step; the stage runs at least %d "
+                        "(its timed calibration steps) and overruns its seconds", stage, seconds[stage], predicted,
+                        step_s[stage], calibrate + 1)
+    return budget
 
 
 @dataclass(kw_only=True)
@@ -149,15 +261,10 @@ class DataFit:
 def fit_stages(images: str, budget: Budget, method: str, nproc: int) -> DataFit:
     """``fit_data``'s choice for every training stage: pretraining sets the working resolution (it has the
     largest budget); ClusterFit and distillation size their views from their own seconds, on images at it."""
-    from seerlike import recipes
     from seerlike.recipes import fit_data
 
     stats = fit_data.data_stats(images)
-    cfgs = {"pretrain": (recipes.get(f"tiny_{method}"), budget.pretrain_s),
-            "clusterfit": (recipes.get("clusterfit_tiny"), budget.clusterfit_s),
-            "distill": (recipes.get("distill_tiny"), budget.distill_s)}
-    cfg = cfgs["distill"][0]
-    cfgs["distill"] = (replace(cfg, model=replace(cfg.model, name=STUDENT)), budget.distill_s)
+    cfgs = {stage: (cfg, getattr(budget, f"{stage}_s")) for stage, cfg in stage_recipes(method).items()}
     fits, cap = {}, None
     for stage, (cfg, seconds) in cfgs.items():
         fits[stage] = fit_data.choose(stats, cfg, budget_s=seconds, ranks=nproc, max_resolution=cap)
@@ -353,9 +460,12 @@ TRAINING_STAGES = {"pretrain": "pretraining", "clusterfit": "ClusterFit", "disti
 def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
     """Planned vs actual seconds of a training stage (its timing.json and calibration row) and its kNN monitor readings.
 
-    ``budget_s`` is the plan (loop.time_budget_s; None when the steps were given), ``budget_used_s``
-    what the budget's clock measured (the monitor's time left out), ``stage_s`` the whole stage
-    (process start-up, data set-up and checkpoints included).
+    ``budget_s`` is the plan of its steps (loop.time_budget_s; None when the steps were given),
+    ``monitor_planned_s`` the monitor's allowance on top (``MONITOR_SHARE`` of it, when the stage ran
+    the monitor) and ``planned_s`` their sum; ``budget_used_s`` is what the budget's clock measured
+    over the steps (the monitor's time left out), ``actual_s`` that plus the monitor's seconds (with a
+    CPU-clock budget both are the steps' alone: the monitor is timed in wall seconds); ``stage_s``
+    the whole stage (process start-up, data set-up and checkpoints included).
     """
     from seerlike.engine.timing import read
     from seerlike.plots import read_metrics
@@ -367,12 +477,23 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
     wall = sum(s.get("wall_s", 0.0) for s in segments)
     monitor = sum(s.get("monitor_s", 0.0) for s in segments)
     readings = [r for r in rows if "knn_top1" in r]
+    budget_s = (calibrated.get("time_budget_s")
+                or next((s["time_budget_s"] for s in segments if "time_budget_s" in s), None))
+    clock = next((s["budget_clock"] for s in segments if "budget_clock" in s), None)
+    monitor_planned = budget_s * MONITOR_SHARE if budget_s and (readings or monitor) else 0.0
+    # the monitor is timed in wall seconds: with a CPU-clock budget the plan and the actual are the steps'
+    on_clock = clock != "cpu"
+    planned = budget_s + monitor_planned * on_clock if budget_s else None
+    actual = sum(budget) + monitor * on_clock if budget else None
     return {
-        "budget_s": calibrated.get("time_budget_s")
-        or next((s["time_budget_s"] for s in segments if "time_budget_s" in s), None),
+        "budget_s": budget_s, "monitor_planned_s": round(monitor_planned, 1) if budget_s else None,
+        "planned_s": round(planned, 1) if planned else None,
         "calibrated_step_s": calibrated.get("calibrated_step_s"), "planned_steps": calibrated.get("planned_steps"),
         "steps": segments[-1]["end_step"] if segments else None,
         "budget_used_s": round(sum(budget), 1) if budget else None,
+        "actual_s": round(actual, 1) if actual is not None else None,
+        "vs_plan": round(actual / planned - 1.0, 4) if planned and actual is not None else None,
+        "clock": clock,
         "train_s": round(sum(s.get("train_s", 0.0) for s in segments), 1) if segments else None,
         "monitor_s": round(monitor, 1), "monitor_frac": round(monitor / wall, 4) if wall else None,
         "stage_s": stage_s, "segments": len(segments),
@@ -453,15 +574,38 @@ def _cell(value, fmt: str) -> str:
 
 def timing_table(training: dict) -> str:
     """Markdown: the plan and what happened, per training stage."""
-    lines = ["| stage | planned s | s/step (calibrated) | planned steps | steps | actual s | monitor s | monitor % "
-             "| stage s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | planned s | of which monitor | s/step (calibrated) | planned steps | steps | actual s "
+             "| of which monitor | monitor % | actual vs plan | stage s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for stage, t in training.items():
-        actual = t["budget_used_s"] if t["budget_used_s"] is not None else t["train_s"]
+        actual = t["actual_s"] if t["actual_s"] is not None else t["train_s"] + t["monitor_s"]
         frac = None if t["monitor_frac"] is None else 100 * t["monitor_frac"]
-        lines.append(f"| {TRAINING_STAGES[stage]} | {_cell(t['budget_s'], '.0f')} "
-                     f"| {_cell(t['calibrated_step_s'], '.3f')} | {_cell(t['planned_steps'], 'd')} | {_cell(t['steps'], 'd')} | {_cell(actual, '.0f')} "
-                     f"| {_cell(t['monitor_s'], '.1f')} | {_cell(frac, '.1f')} | {_cell(t['stage_s'], '.0f')} |")
+        off = None if t["vs_plan"] is None else 100 * t["vs_plan"]
+        lines.append(f"| {TRAINING_STAGES[stage]} | {_cell(t['planned_s'], '.0f')} | {_cell(t['monitor_planned_s'], '.1f')} "
+                     f"| {_cell(t['calibrated_step_s'], '.3f')} | {_cell(t['planned_steps'], 'd')} | {_cell(t['steps'], 'd')} "
+                     f"| {_cell(actual, '.0f')} | {_cell(t['monitor_s'], '.1f')} | {_cell(frac, '.1f')} "
+                     f"| {_cell(off, '+.1f')}{'' if off is None else ' %'} | {_cell(t['stage_s'], '.0f')} |")
     return "\n".join(lines)
+
+
+def timing_lines(training: dict) -> list[str]:
+    """The plan against what happened, one printed line per training stage."""
+    lines = []
+    for stage, t in training.items():
+        if t["planned_s"] is None:
+            lines.append(f"{TRAINING_STAGES[stage]}: {t['steps']} steps given, {t['train_s'] + t['monitor_s']:.0f} s "
+                         f"(monitor {t['monitor_s']:.1f} s)")
+            continue
+        if t["clock"] == "cpu":
+            lines.append(f"{TRAINING_STAGES[stage]}: planned {t['budget_s']:.0f} CPU-s of steps, actual "
+                         f"{_cell(t['budget_used_s'], '.1f')}, {_cell(100 * (t['vs_plan'] or 0), '+.1f')} % (monitor "
+                         f"{t['monitor_s']:.1f} wall s, planned {t['monitor_planned_s']:.1f}); "
+                         f"{_cell(t['steps'], 'd')} steps of {_cell(t['planned_steps'], 'd')} planned")
+            continue
+        lines.append(f"{TRAINING_STAGES[stage]}: planned {t['planned_s']:.0f} s ({t['budget_s']:.0f} s of steps + "
+                     f"{t['monitor_planned_s']:.1f} s of monitor), actual {_cell(t['actual_s'], '.0f')} s "
+                     f"({_cell(t['budget_used_s'], '.0f')} + {t['monitor_s']:.1f}), {_cell(100 * (t['vs_plan'] or 0), '+.1f')} %; "
+                     f"{_cell(t['steps'], 'd')} steps of {_cell(t['planned_steps'], 'd')} planned")
+    return lines
 
 
 def write_report(run_dir: Path, results: dict) -> Path:
@@ -511,11 +655,14 @@ Clusters (random members of the largest, smallest and random clusters):
 
 ## Planned vs actual time of the training stages
 
-Each stage times its first steps on this data and model and sets its step count so that its
-steps take the planned seconds ("planned s": its share of `--minutes`; "-" when the steps were
-given). "actual s" is what the same clock measured over the steps, the kNN monitor's time left
-out; "monitor s" is that time (on top of the plan), "stage s" the whole stage, process start-up,
-data set-up and checkpoints included.
+Each stage's plan is its share of `--minutes` ("-" when the steps were given): seconds of steps
+and, on top, the kNN monitor's allowance ({100 * MONITOR_SHARE:.0f} % of them: the engine pauses its step
+budget while the monitor reads). The stage times its first steps on this data and model and sets
+its step count so that its steps take their seconds. "actual s" is what the same clock measured
+over the steps plus the monitor's seconds; a stage held its plan within {100 * PLAN_TOLERANCE:.0f} % when the
+machine kept the speed of its first steps ("actual vs plan"; with `--clock cpu`, CPU seconds of
+the steps alone, the monitor being timed in wall seconds). "stage s" is the whole stage,
+process start-up, data set-up and checkpoints included (docs/fit_data.md, "Planned vs actual time").
 
 {timing_table(results["training"])}
 
@@ -589,6 +736,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=15.0, help="wall-time budget on 2 CPU cores (sets the steps)")
     p.add_argument("--pretrain-seconds", type=float, help="training seconds of pretraining (instead of its share of --minutes)")
     p.add_argument("--followup-seconds", type=float, help="training seconds each of ClusterFit and distillation")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what the stages' seconds count: wall seconds, or each rank's CPU seconds, which a busy "
+                   "machine does not stretch (loop.budget_clock; the kNN monitor is timed in wall seconds)")
     p.add_argument("--pretrain-steps", type=int, help="override the pretraining steps")
     p.add_argument("--clusterfit-steps", type=int, help="override the ClusterFit steps")
     p.add_argument("--distill-steps", type=int, help="override the distillation steps")
@@ -614,12 +764,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--cluster slurm: no sbatch on PATH (start infra/slurm or run on a login node); "
                           "omit --cluster to run the stages as local processes")
     images, eval_train, eval_val = resolve_inputs(args)
-    budget = budget_for(args.minutes, pretrain_steps=args.pretrain_steps,
-                        clusterfit_steps=args.clusterfit_steps, distill_steps=args.distill_steps, k=args.k)
-    if args.pretrain_seconds or args.followup_seconds:
-        budget = replace(budget, pretrain_s=args.pretrain_seconds or budget.pretrain_s,
-                         clusterfit_s=args.followup_seconds or budget.clusterfit_s,
-                         distill_s=args.followup_seconds or budget.distill_s)
+    budget = budget_for(args.minutes, method=args.method, pretrain_seconds=args.pretrain_seconds,
+                        followup_seconds=args.followup_seconds, pretrain_steps=args.pretrain_steps,
+                        clusterfit_steps=args.clusterfit_steps, distill_steps=args.distill_steps, k=args.k,
+                        clock=args.clock)
     run_dir = Path(args.run_dir).absolute()
     fit = fit_stages(images, budget, args.method, args.nproc) if args.fit_data else DataFit()
     p = build_pipeline(run_dir, images=images, eval_train=eval_train, eval_val=eval_val, method=args.method,
@@ -631,6 +779,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"seerlike quickstart: {args.method} on {images} -> {run_dir}", flush=True)
     print(f"budget: {json.dumps(asdict(budget))} ({args.minutes:g} min on 2 cores); stages: {' -> '.join(names)}",
           flush=True)
+    print("plan: " + "; ".join(
+        f"{stage} {budget.planned_s(stage):.0f} s ({getattr(budget, f'{stage}_s'):.0f} s of steps, warmup "
+        f"{budget.warmup_steps(stage)} steps, + {MONITOR_SHARE:.0%} kNN monitor)" if budget.planned_s(stage)
+        else f"{stage} {getattr(budget, f'{stage}_steps')} steps" for stage in SHARES)
+        + f"; {OVERHEAD_S:.0f} s for the rest", flush=True)
     print("\n".join(fit_lines(fit)), flush=True)
     progress = PipelineProgress(run_dir, names, poll_s=1.0, bar_every_s=15.0, show_logs=not args.quiet,
                                 status_line=metrics_line)
@@ -657,6 +810,7 @@ def run(args: argparse.Namespace) -> int:
     results = json.loads((run_dir / "results.json").read_text())
     print()
     print(results_table(results))
+    print("\n".join(["", "planned vs actual (training stages):", *timing_lines(results["training"])]))
     print(f"\nwall time {time.monotonic() - t0:.0f} s (stages {results['total_seconds']:.0f} s); "
           f"report {run_dir / 'report.md'}, results {run_dir / 'results.json'}, plots {run_dir / 'plots'}")
     return 0

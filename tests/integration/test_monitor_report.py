@@ -92,10 +92,15 @@ def test_report_plots_knn_against_minutes_and_tables_planned_vs_actual_time(tmp_
     report = (run / "report.md").read_text()
     assert "![kNN top-1 while training](plots/knn_monitor.png)" in report
     assert (run / "plots" / "knn_monitor.png").stat().st_size > 5000
-    assert "| pretraining | 450 | 0.500 | 900 | 900 | 455 | 12.0 | 2.6 | - |" in report  # 12 / (455.2 + 12)
-    assert "| ClusterFit | 150 | 0.250 | 600 | 600 | 149 | 4.0 | 2.6 | - |" in report
-    assert "| distillation | - | - | - | 40 | 100 | 2.0 | 2.0 | - |" in report  # steps given: no plan
+    # planned: the steps' seconds + the monitor's 5 % on top; actual: the steps' clock + the monitor's seconds
+    assert ("| pretraining | 472 | 22.5 | 0.500 | 900 | 900 | 467 | 12.0 | 2.6 | -1.1 % | - |"  # 467.2 / 472.5
+            in report)  # monitor %: 12 / (455.2 + 12)
+    assert "| ClusterFit | 158 | 7.5 | 0.250 | 600 | 600 | 153 | 4.0 | 2.6 | -2.9 % | - |" in report
+    assert "| distillation | - | - | - | - | 40 | 102 | 2.0 | 2.0 | - | - |" in report  # steps given: no plan
     training = json.loads((run / "results.json").read_text())["training"]
+    assert training["pretrain"]["planned_s"] == 472.5 and training["pretrain"]["actual_s"] == 467.2
+    assert training["pretrain"]["vs_plan"] == pytest.approx(467.2 / 472.5 - 1, abs=1e-4)
+    assert training["distill"]["planned_s"] is None and training["distill"]["vs_plan"] is None
     assert training["pretrain"]["knn"] == [[0.0, 30.5], [2.5, 38.0], [7.9, 45.1]]
     assert training["distill"]["knn"] == [[0.0, 20.0], [0.9, 41.0]] and training["distill"]["knn_images"] == 2000
 
@@ -106,3 +111,15 @@ def test_progress_line_shows_the_last_loss_and_the_last_knn_reading(tmp_path):
     _write_jsonl(tmp_path / "metrics.jsonl", [{"step": 20, "loss": 4.5, "lr": 0.04, "images_per_s": 76.0},
                                               {"step": 22, "knn_top1": 31.25, "elapsed_s": 60.0}])
     assert metrics_line(tmp_path) == "step 20: loss 4.5000, lr 0.0400, 76 img/s; kNN top-1 31.2 at step 22"
+
+
+def test_a_cpu_clock_plan_is_compared_on_the_steps_alone(tmp_path):
+    from seerlike.quickstart import stage_timing
+
+    run = tmp_path / "run"
+    _fake_run(run)
+    path = run / "pretrain" / "timing.json"
+    path.write_text(path.read_text().replace('"wall"', '"cpu"'))
+    t = stage_timing(run / "pretrain", 300.0)
+    # the monitor's 12 wall seconds are not on the budget's CPU clock: 455.2 CPU-s of 450 planned
+    assert (t["clock"], t["planned_s"], t["actual_s"], t["monitor_planned_s"]) == ("cpu", 450.0, 455.2, 22.5)

@@ -120,12 +120,15 @@ def test_budget_fills_the_minutes_and_overrides_win():
     full = budget_for(15)
     half = budget_for(7.5)
     assert full.pretrain_s > 2 * half.pretrain_s > 0  # the fixed overhead comes off first
-    # the default's pretraining is the learning benchmark's: 7.5 minutes of 2 cores = 15 CPU-minutes
-    assert full.pretrain_s == pytest.approx(450, rel=0.01)
-    assert full.clusterfit_s == full.distill_s == pytest.approx(150, rel=0.01)
+    # the default's pretraining stage is the learning benchmark's: 7.5 minutes of 2 cores = 15 CPU-minutes,
+    # its steps and its kNN monitor together
+    assert full.planned_s("pretrain") == pytest.approx(450, rel=0.01)
+    assert full.planned_s("clusterfit") == full.planned_s("distill") == pytest.approx(150, rel=0.01)
+    assert full.pretrain_s == pytest.approx(450 / 1.05, rel=0.01)
     # each stage calibrates its own length on the data and model: a time budget, an upper bound on steps
     args = full.train_args("pretrain", 0)
-    assert args[:2] == ["--max-steps", str(MAX_STEPS)] and "loop.time_budget_s=450" in args
+    assert args[:2] == ["--max-steps", str(MAX_STEPS)] and "loop.time_budget_s=429" in args
+    assert "optim.warmup_steps=50" in args  # the full budget keeps the stage's whole warmup
     fixed = budget_for(15, pretrain_steps=7, distill_steps=3)
     assert fixed.train_args("pretrain", 0)[:2] == ["--max-steps", "7"]
     assert not any(a.startswith("loop.time_budget_s") for a in fixed.train_args("distill", 0))
