@@ -231,18 +231,19 @@ def test_ingest_split_merge_as_jobs_equals_a_local_ingest(slurm, photos_dir, tmp
     jobs, finish = submit_ingest(_cfg(tmp_path, array_parallelism=2),
                                  [str(tmp_path / "list.txt"), "--out", str(tmp_path / "slurm"), *ingest_args])
     assert len(jobs) == 5 and _wait(finish, timeout_s=480) == "COMPLETED", finish.stderr()
-    deadline = time.monotonic() + 30
-    while True:  # slurmdbd records job ends asynchronously
+    # 5 chunk tasks, the dedup job, 2 merge-chunk tasks (chunks 0, 2, 4 and 1, 3), the finish job
+    expected = sorted([("seerlike-ingest", "COMPLETED")] * 5 + [("seerlike-ingest-merge-chunks", "COMPLETED")] * 2
+                      + [("seerlike-ingest-dedup", "COMPLETED"), ("seerlike-ingest-merge", "COMPLETED")])
+    deadline = time.monotonic() + 60
+    while True:  # slurmdbd records job ends asynchronously, a task's row can come after its successor's
         acct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State", "-S", "now-1hour"],
                               capture_output=True, text=True).stdout.splitlines()
         ours = sorted((n, s) for j, n, s in (line.split("|") for line in acct)
                       if int(j.split("_")[0]) >= int(jobs[0].job_id.split("_")[0]))
-        if all(s == "COMPLETED" for _, s in ours) or time.monotonic() > deadline:
+        if ours == expected or time.monotonic() > deadline:
             break
         time.sleep(1)
-    # 5 chunk tasks, the dedup job, 2 merge-chunk tasks (chunks 0, 2, 4 and 1, 3), the finish job
-    assert ours == sorted([("seerlike-ingest", "COMPLETED")] * 5 + [("seerlike-ingest-merge-chunks", "COMPLETED")] * 2
-                          + [("seerlike-ingest-dedup", "COMPLETED"), ("seerlike-ingest-merge", "COMPLETED")])
+    assert ours == expected
     got, want = tmp_path / "slurm", tmp_path / "local"
     summary = json.loads((got / "summary.json").read_text())
     assert (summary["written"], summary["duplicates_across_chunks"], summary["chunks"], summary["shards"]) == (36, 4, 5, 14)

@@ -310,5 +310,5 @@ def test_registered_with_its_recipes():
     assert [(v.blur_p, v.solarize_p) for v in views[:3]] == [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0)]
     assert views[0].scale == (0.14, 1.0) and views[2].scale == (0.05, 0.14)
     tiny = recipes.get("tiny_dino")
-    assert tiny.model.name == "resnet10_cifar" and [v.size for v in tiny.data.augment.expanded()] == [24, 24, 12, 12]
+    assert tiny.model.name == "resnet10_cifar" and [v.size for v in tiny.data.augment.expanded()] == [24, 24]
     assert tiny.method.use_bn_in_head and not big.method.use_bn_in_head

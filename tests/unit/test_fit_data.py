@@ -4,6 +4,7 @@ the overrides it writes, `seerlike train --fit-data` / `seerlike config --fit-da
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -101,7 +102,9 @@ def test_tiny_counts_shrink_the_batch_and_the_shards_and_too_few_images_fail(tmp
 
 def test_view_groups_scale_together_and_a_cheaper_student_affords_more_pixels(tmp_path):
     root = _manifest(tmp_path / "p", [(224, 224)] * 3905)
-    dino = _fit(root, "tiny_dino", budget_s=3600)
+    multicrop = recipes.get("tiny_dino")  # with DINO's local crops: 2 x 24 px + 2 x 12 px
+    multicrop.data.augment.views.append(dataclasses.replace(multicrop.data.augment.views[0], size=12, scale=(0.05, 0.25)))
+    dino = fd.choose(fd.data_stats(root), multicrop, budget_s=3600, ranks=2)
     assert dino.view_sizes[0] > 24 and dino.view_sizes == (dino.view_sizes[0], dino.view_sizes[0] // 2)
     distill = recipes.get("distill_tiny")
     student = config.apply_overrides(distill, ["model.name=resnet10_cifar_w16"])
