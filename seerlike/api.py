@@ -289,10 +289,10 @@ def evaluate(kind: str, model: PathLike | None = None, *, train: PathLike, val: 
              draws: int | None = None, seed: int = 0, progress: bool = True) -> EvalResult:
     """kNN / linear / low-shot evaluation of ``model``'s frozen features, ``train`` -> ``val``.
 
-    ``train`` / ``val``: labelled images (a ``path,label`` CSV or class folders) or features
-    dirs from :func:`extract` (then ``model`` may be None). Writes ``eval_KIND.json`` and
-    ``confusion_KIND.png`` into ``out`` (default MODEL/eval); an export dir's model card
-    records the result. Equivalent to ``seerlike eval KIND``.
+    ``train`` / ``val``: labelled images (class folders, a ``path,label`` CSV or a dataset ingested
+    from one) or features dirs from :func:`extract` (then ``model`` may be None). Writes
+    ``eval_KIND.json`` and ``confusion_KIND.png`` into ``out`` (default MODEL/eval); an export
+    dir's model card records the result. Equivalent to ``seerlike eval KIND``.
     """
     import numpy as np
 

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=KINDS, help="kNN on frozen features, a linear probe, or low-shot linear probes")
     p.add_argument("--model", help="checkpoint dir, run dir, export dir, or random:ARCH (not needed when "
                    "--train and --val are features dirs)")
-    p.add_argument("--train", required=True, help="labelled training images (path,label CSV or class folders) or features dir")
+    p.add_argument("--train", required=True, help="labelled training images (class folders, a path,label CSV, a dataset ingested from such a CSV) "
+                   "or features dir")
     p.add_argument("--val", required=True, help="labelled validation images or features dir")
     p.add_argument("--out", help="where to write eval_KIND.json and confusion_KIND.png (default: MODEL/eval)")
     p.add_argument("--layer", default="pool", choices=LAYERS, help="feature layer (default %(default)s)")
@@ -50,8 +51,9 @@ def preflight(args: argparse.Namespace) -> None:
 
     if args.model:
         check_model(args.model, "--model")
-    check_path(args.train, "--train", "a path,label CSV, class folders or a features dir")
-    check_path(args.val, "--val", "a path,label CSV, class folders or a features dir")
+    labelled = "class folders, a path,label CSV, a dataset ingested from such a CSV or a features dir"
+    check_path(args.train, "--train", labelled)
+    check_path(args.val, "--val", labelled)
     _shots(args.shots)
 
 

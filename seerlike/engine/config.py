@@ -96,3 +96,8 @@ class TrainConfig:
         if self.optim.warmup_steps > self.loop.max_steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds loop.max_steps={self.loop.max_steps}")
         method_class(self.method.name).check_views(self.method, [v.size for v in self.data.augment.expanded()])
+        for key in ("mean", "std"):  # a method that undoes the views' normalisation (colorization, distill)
+            theirs, ours = getattr(self.method, key, None), getattr(self.data.augment, key)
+            if theirs is not None and tuple(theirs) != tuple(ours):
+                raise ValueError(f"method.{key}={tuple(theirs)} must equal data.augment.{key}={tuple(ours)} "
+                                 f"(the method undoes the views' normalisation); set both to the same values")

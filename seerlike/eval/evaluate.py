@@ -30,8 +30,21 @@ log = logging.getLogger(__name__)
 KINDS = ("knn", "linear", "lowshot")
 
 
+def labelled_sources(kind: str = "knn") -> str:
+    """The labelled inputs `seerlike eval KIND` takes, one example command each (the end of its input errors)."""
+    return (f"give labelled images as one of:\n"
+            f"  - class folders (DIR/CLASS/IMAGE): seerlike eval {kind} --model M --train data/train --val data/val\n"
+            f"  - a path,label CSV: seerlike eval {kind} --model M --train train.csv --val val.csv\n"
+            f"  - a dataset ingested from a path,label CSV (each sample's .json keeps its label; an ingested folder "
+            f"keeps no class): seerlike ingest train.csv --out ds/train && seerlike ingest val.csv --out ds/val && "
+            f"seerlike eval {kind} --model M --train ds/train --val ds/val\n"
+            f"  - features dirs extracted from one of these: seerlike extract --checkpoint M --data train.csv "
+            f"--out feats/train && seerlike extract --checkpoint M --data val.csv --out feats/val && "
+            f"seerlike eval {kind} --train feats/train --val feats/val")
+
+
 def labelled_features(loaded, source: str, cfg: ExtractConfig, what: str,
-                      progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+                      progress: bool = False, kind: str = "knn") -> tuple[torch.Tensor, list[str]]:
     """Features and class names of every sample of a labelled source (or a features dir)."""
     if (Path(source) / META).exists():
         store = FeatureStore(source)
@@ -58,7 +71,7 @@ def labelled_features(loaded, source: str, cfg: ExtractConfig, what: str,
     missing = sum(lb is None for lb in labels)
     if missing:
         raise ConfigError(f"--{what} {source}: {missing} of {len(labels)} samples have no label; "
-                          "give a path,label CSV or a class-folder tree")
+                          f"{labelled_sources(kind)}")
     return torch.from_numpy(np.asarray(feats, dtype=np.float32)), labels
 
 
@@ -96,12 +109,11 @@ def evaluate(kind: str, model: str | os.PathLike | None, train: str | os.PathLik
         loaded = load_backbone(model)
     for what, src in (("train", train), ("val", val)):
         if "://" not in src and not Path(src).exists():
-            raise ConfigError(f"--{what} {src} does not exist; give a path,label CSV, a class-folder tree "
-                              "or a features dir from `seerlike extract`")
+            raise ConfigError(f"--{what} {src} does not exist; {labelled_sources(kind)}")
     torch.set_grad_enabled(False)
     try:
-        tx, tnames = labelled_features(loaded, train, extract_cfg, "train", progress=progress)
-        vx, vnames = labelled_features(loaded, val, extract_cfg, "val", progress=progress)
+        tx, tnames = labelled_features(loaded, train, extract_cfg, "train", progress=progress, kind=kind)
+        vx, vnames = labelled_features(loaded, val, extract_cfg, "val", progress=progress, kind=kind)
     finally:
         torch.set_grad_enabled(True)
     classes = sorted(set(tnames))

@@ -15,6 +15,11 @@ features regresses the teacher's (2 - 2 cos, as BYOL). Noisy Student: the teache
 first view(s) (weak augmentation), the student the others (strong augmentation, set in
 ``data.augment``), with ``dropout`` before its heads and stochastic depth (``model.drop_path``).
 
+A teacher whose trunk takes the lightness alone (``in_channels`` 1: a colorization checkpoint)
+sees what it was trained on: the views' normalisation (``method.mean``/``std``, equal to
+``data.augment``'s) undone, converted to Lab and centred as colorization does
+(``seerlike.methods.pretext_ops.lightness_input``); the student still sees the RGB views.
+
 The teacher is frozen and kept OUT of the module's state dict (it is an input, like the
 data): checkpoints hold only the student and its heads, the optimizer never sees the
 teacher, and ``parallelize`` does not shard it (every rank holds a full copy).
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seerlike.config import ConfigError
+from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from seerlike.methods.base import MethodBase, MethodConfig, need_backbone_dim
 from seerlike.methods.heads import mlp
 
@@ -44,11 +50,16 @@ log = logging.getLogger(__name__)
 class Teacher:
     """A frozen network giving pooled features and (optionally) target logits / prototype scores."""
 
-    def __init__(self, spec: str, targets: str):
+    def __init__(self, spec: str, targets: str, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD):
         from seerlike.checkpoints import load_backbone
 
         self.loaded = load_backbone(spec)
         self.targets = targets
+        self.mean, self.std = tuple(mean), tuple(std)  # the views' normalisation, undone for a lightness teacher
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"teacher {self.loaded.source} takes {self.in_channels} input channels; distillation "
+                              "feeds RGB views (3 channels) or their lightness (1 channel, colorization)")
         self.swav = None
         self.net: nn.Module = self.loaded.model
         if targets == "logits" and self.loaded.head is None:
@@ -87,13 +98,26 @@ class Teacher:
     def out_dim(self) -> int:
         return int(self.loaded.model.out_dim)
 
+    @property
+    def in_channels(self) -> int:
+        """Image channels the teacher's trunk takes: 3 (RGB) or 1 (lightness, colorization)."""
+        return int(getattr(self.loaded.model, "in_channels", 3))
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """The normalised RGB views ``x`` as the teacher's trunk takes them: unchanged, or their lightness."""
+        if self.in_channels == 3:
+            return x
+        from seerlike.methods.pretext_ops import lightness_input, srgb_to_lab, unnormalise
+
+        return lightness_input(srgb_to_lab(unnormalise(x, self.mean, self.std))).to(x.dtype)
+
     @torch.no_grad()
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(pooled features, target logits or prototype scores or None)."""
         p = next(self.net.parameters())
         if p.device != x.device:
             self.net.to(x.device)
-        feats = self.loaded.model(x)
+        feats = self.loaded.model(self.inputs(x))
         if self.targets == "logits":
             return feats, self.loaded.head(feats)
         if self.targets == "prototypes":
@@ -133,6 +157,10 @@ class Distill(MethodBase):
         """Dropout on the student's pooled features before its heads (Noisy Student: 0.5)."""
         teacher_views: int = 1
         """The first N views go to the teacher (weak augmentation); the student learns on the rest (all views if only N)."""
+        mean: tuple[float, float, float] = IMAGENET_MEAN
+        """The views' normalisation mean: must equal data.augment.mean (undone for a lightness teacher: colorization)."""
+        std: tuple[float, float, float] = IMAGENET_STD
+        """The views' normalisation std: must equal data.augment.std."""
 
         def __post_init__(self) -> None:
             if self.temperature <= 0 or self.swav_temperature <= 0 or self.epsilon <= 0:
@@ -150,7 +178,7 @@ class Distill(MethodBase):
         self.cfg = cfg
         self.backbone = backbone
         # a list, not an attribute: the teacher stays out of state_dict, parameters() and .to()
-        self._teacher = [teacher or Teacher(cfg.teacher, cfg.targets)]
+        self._teacher = [teacher or Teacher(cfg.teacher, cfg.targets, cfg.mean, cfg.std)]
         t = self._teacher[0]
         self.dropout = nn.Dropout(cfg.dropout)
         if cfg.targets == "logits":

@@ -49,7 +49,9 @@ class NoisyStudent(Classifier):
         iterations: int = 1
         """Teacher -> student rounds; each student teaches the next (paper: 3 to reach its best model)."""
         students: list[str] = field(default_factory=list)
-        """Student backbone per iteration, equal or larger (empty: model.name every time)."""
+        """Student backbone per iteration, equal or larger than its teacher (empty: model.name every time)."""
+        allow_smaller_student: bool = False
+        """Train a student with fewer trunk parameters than its teacher anyway (the paper's students are equal or larger)."""
         threshold: float = 0.3
         """Pseudo-labels whose teacher confidence is below this are dropped (paper: 0.3)."""
         per_class: int = 0

@@ -143,6 +143,8 @@ def check_inputs(cfg) -> None:
     teacher = getattr(cfg.method, "teacher", "")
     if teacher:
         check_model(teacher, "--teacher (method.teacher)")
+        if cfg.method.name == "noisy_student":
+            check_students_grow(cfg)
         classes = _recorded_classes(teacher)
         if classes and cfg.method.classes and classes != list(cfg.method.classes):
             raise ConfigError(f"teacher {teacher} was trained on classes {classes[:5]}... but the labeled data has "
@@ -226,10 +228,43 @@ def teacher_identity(spec: str) -> tuple[str, int | None]:
     return str(ckpt), step_of(ckpt)
 
 
+def student_arch(cfg, k: int) -> str:
+    """The backbone of Noisy Student iteration ``k``'s student (1-based): ``method.students[k-1]`` or ``model.name``."""
+    return cfg.method.students[k - 1] if cfg.method.students else cfg.model.name
+
+
+def trunk_parameters(arch: str) -> int:
+    """Parameters of the backbone ``arch`` as built (on the meta device: no memory, no init)."""
+    from seerlike import models
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in models.build(arch).parameters())
+
+
+def check_students_grow(cfg) -> None:
+    """Noisy Student's rule (Xie et al. 2020, section 2): every iteration's student has at least as many trunk
+    parameters as its teacher (the first teacher ``method.teacher``, then the previous student); a ConfigError
+    naming both otherwise, unless ``method.allow_smaller_student``."""
+    m = cfg.method
+    if m.allow_smaller_student:
+        return
+    teacher_arch, whose = _init_arch(m.teacher), f"the teacher {m.teacher}"
+    for k in range(1, m.iterations + 1):
+        arch = student_arch(cfg, k)
+        theirs, ours = trunk_parameters(teacher_arch), trunk_parameters(arch)
+        if ours < theirs:
+            raise ConfigError(
+                f"Noisy Student iteration {k}: the student {arch} ({ours:,} parameters) is smaller than its teacher "
+                f"{teacher_arch} ({theirs:,} parameters; {whose}); the method's students are equal or larger "
+                "(docs/semisup.md, 'Noisy Student'). Name a backbone at least as large in method.students "
+                "(or model.name), or set method.allow_smaller_student=true to train the smaller one anyway")
+        teacher_arch, whose = arch, f"iteration {k}'s student"
+
+
 def student_config(cfg, k: int, teacher: str, pseudo_labels: str, layer_lr: LayerLR):
     """Iteration ``k``'s student: its backbone, teacher and pseudo-labels; the pretrained init when it fits."""
     m = cfg.method
-    arch = m.students[k - 1] if m.students else cfg.model.name
+    arch = student_arch(cfg, k)
     changes = {"model.name": arch, "method.teacher": teacher, "method.pseudo_labels": pseudo_labels}
     init_arch = _init_arch(m.init) if m.init else None
     if m.init and init_arch != arch:
@@ -264,6 +299,7 @@ def _noisy_student(cfg, run_dir: Path, info, layer_lr: LayerLR, progress: bool) 
     from seerlike.semisup.data import build_mixed_data
     from seerlike.semisup.labeling import default_path, label_unlabeled, teacher_tag
 
+    check_students_grow(cfg)  # before any labelling: every iteration's student is known from the config
     barrier = dist.barrier if info.world_size > 1 else None
     teacher = cfg.method.teacher
     settings = label_settings(cfg)

@@ -28,18 +28,28 @@ if MODE == "rank_after_loop" and "RANK" in os.environ:
     import seerlike.engine.loop as loop
     real_train = loop.train
 
+    def wait_for(what, done, deadline_s=120):
+        deadline = time.monotonic() + deadline_s
+        while not done():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"waited {deadline_s} s for {what}")
+            time.sleep(0.01)
+
     def train(*args, **kwargs):
         code = real_train(*args, **kwargs)
-        # the loop has returned: rank 0 sends the launcher SIGTERM; every rank holds the SIGTERM
-        # the launcher forwards until it is pending, then lets it in
+        # the loop has returned: every rank holds SIGTERM (it stays pending) and says so with a file;
+        # once all ranks hold it, rank 0 sends the launcher SIGTERM. Without that handshake a rank
+        # still leaving train() when the launcher forwards would take the signal unblocked, then
+        # wait for a second one that never comes.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        ready = os.environ["SEERLIKE_TEST_READY_DIR"]
+        open(os.path.join(ready, f"rank{os.environ['RANK']}"), "w").close()
         if os.environ["RANK"] == "0":
+            world = int(os.environ["WORLD_SIZE"])
+            wait_for("every rank to hold SIGTERM",
+                     lambda: all(os.path.exists(os.path.join(ready, f"rank{r}")) for r in range(world)))
             os.kill(os.getppid(), signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while signal.SIGTERM not in signal.sigpending():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the launcher did not forward SIGTERM")
-            time.sleep(0.01)
+        wait_for("the launcher to forward SIGTERM", lambda: signal.SIGTERM in signal.sigpending())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         return code
 
@@ -80,7 +90,9 @@ def _run(tmp_path: Path, cifar_dir: Path, hook: str, nproc: int, steps: int = 3)
     (hooks / "sitecustomize.py").write_text(HOOKS)
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    (tmp_path / "ready").mkdir()
     env.update(SEERLIKE_TEST_HOOK=hook, MAX_STEPS=str(steps), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               SEERLIKE_TEST_READY_DIR=str(tmp_path / "ready"),
                PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", WRAPPER, "train", "--recipe", "tiny_swav", "--data",
            str(_subset_csv(cifar_dir, tmp_path / "sub.csv")), "--run-dir", str(run_dir), "--nproc", str(nproc),

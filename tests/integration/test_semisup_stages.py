@@ -65,11 +65,13 @@ def test_finetune_records_classes_and_learning_rates_and_its_run_is_a_classifier
 
 def test_noisy_student_iterates_with_each_student_teaching_the_next(data, teacher):
     run = data["tmp"] / "noisy"
+    # the second student is smaller than the first (allowed explicitly: a smaller backbone is cheaper here)
     result = seerlike.selftrain("noisy_student", data["labeled"], data["unlabeled"], run, teacher=teacher,
                                 init=teacher, progress=False,
                                 overrides=[*SMALL, "loop.max_steps=2", "method.iterations=2", "method.threshold=0.0",
                                            "method.label_image_size=16", "method.label_resize=16", "method.per_class=20", "method.unlabeled_ratio=2",
-                                           "method.students=[resnet10_cifar, resnet10_cifar_w16]"])
+                                           "method.students=[resnet10_cifar, resnet10_cifar_w16]",
+                                           "method.allow_smaller_student=true"])
     assert result.method == "noisy_student" and result.step == 2
     assert result.iterations == [run / "iter1", run / "iter2"] and result.run_dir == run / "iter2"
     first, second = (json.loads(p.with_suffix(".json").read_text()) for p in result.pseudo_labels)
@@ -86,7 +88,8 @@ def test_noisy_student_iterates_with_each_student_teaching_the_next(data, teache
                                init=teacher, progress=False,
                                overrides=[*SMALL, "loop.max_steps=2", "method.iterations=2", "method.threshold=0.0",
                                           "method.label_image_size=16", "method.label_resize=16", "method.per_class=20", "method.unlabeled_ratio=2",
-                                          "method.students=[resnet10_cifar, resnet10_cifar_w16]"])
+                                          "method.students=[resnet10_cifar, resnet10_cifar_w16]",
+                                          "method.allow_smaller_student=true"])
     assert again.checkpoint == result.checkpoint and again.pseudo_labels == result.pseudo_labels
 
 
@@ -122,9 +125,12 @@ def test_bad_inputs_fail_before_anything_runs(data, teacher, tmp_path):
         seerlike.finetune(data["unlabeled"], tmp_path / "x", init=teacher)  # no labels
     with pytest.raises(ConfigError, match="needs a teacher"):
         seerlike.selftrain("noisy_student", data["labeled"], data["unlabeled"], tmp_path / "y")
+    with pytest.raises(ConfigError, match=r"student resnet10_cifar_w16 \(.* smaller than its teacher resnet10_cifar"):
+        seerlike.selftrain("noisy_student", data["labeled"], data["unlabeled"], tmp_path / "v", teacher=teacher,
+                           overrides=["method.students=[resnet10_cifar_w16]"])
     with pytest.raises(ConfigError, match="is not a fixmatch recipe"):
         seerlike.selftrain("fixmatch", data["labeled"], data["unlabeled"], tmp_path / "z", recipe="finetune_tiny")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not any((tmp_path / d).exists() for d in "xyv")
     # a teacher trained on other classes
     other = tmp_path / "other.csv"
     rows = list(csv.DictReader(open(data["labeled"])))

@@ -117,3 +117,31 @@ def test_eval_command_on_features_dirs_writes_json_and_confusion(tmp_path):
     _features_dir(tmp_path / "other", vx, vy, layer="res5")
     with pytest.raises(ConfigError, match="come from m"):
         seerlike.evaluate("knn", None, train=tmp_path / "tr", val=tmp_path / "other", out=tmp_path / "o2")
+
+
+def test_eval_without_labels_names_every_labelled_form_with_an_example(tmp_path, cifar_dir):
+    import csv
+
+    import seerlike
+    from seerlike.config import ConfigError
+
+    rows = list(csv.DictReader(open(cifar_dir / "train.csv")))[:3]
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("path\n" + "".join(f"{cifar_dir / r['path']}\n" for r in rows))
+    with pytest.raises(ConfigError) as err:
+        seerlike.evaluate("linear", "random:resnet10_cifar_w16", train=unlabelled, val=unlabelled,
+                          out=tmp_path / "out", image_size=16, progress=False)
+    msg = str(err.value)
+    assert f"--train {unlabelled}: 3 of 3 samples have no label" in msg
+    assert "class folders (DIR/CLASS/IMAGE): seerlike eval linear --model M --train data/train --val data/val" in msg
+    assert "a path,label CSV: seerlike eval linear --model M --train train.csv --val val.csv" in msg
+    assert ("a dataset ingested from a path,label CSV (each sample's .json keeps its label; an ingested folder keeps "
+            "no class): seerlike ingest train.csv --out ds/train && seerlike ingest val.csv --out ds/val && "
+            "seerlike eval linear --model M --train ds/train --val ds/val") in msg
+    assert ("features dirs extracted from one of these: seerlike extract --checkpoint M --data train.csv --out "
+            "feats/train && seerlike extract --checkpoint M --data val.csv --out feats/val && "
+            "seerlike eval linear --train feats/train --val feats/val") in msg
+    with pytest.raises(ConfigError, match=r"(?s)--val .*missing does not exist; give labelled images as one of:.*"
+                                          r"seerlike ingest train.csv"):
+        seerlike.evaluate("knn", "random:resnet10_cifar_w16", train=unlabelled, val=tmp_path / "missing",
+                          out=tmp_path / "out", progress=False)

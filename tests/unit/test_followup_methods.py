@@ -137,3 +137,34 @@ def test_pipeline_joins_pseudo_labels_by_key(tmp_path, cifar_dir):
     batch = next(iter(build_train_data(cfg)))
     assert batch.labels is not None and len(batch.keys) == 4
     assert batch.labels.tolist() == [labels[k] for k in batch.keys]
+
+
+def test_a_colorization_teacher_sees_the_lightness_of_the_views(tmp_path):
+    """A colorization checkpoint's trunk takes (L - 50) / 100; the distill views are normalised RGB."""
+    from seerlike import config as configlib
+    from seerlike import recipes
+    from seerlike.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from seerlike.methods.colorization import Colorization
+    from seerlike.methods.pretext_ops import srgb_to_lab
+    from tests.unit.test_export import write_checkpoint
+
+    arch = "resnet10_cifar_w16"
+    cfg = configlib.apply_overrides(recipes.get("tiny_colorization"), [f"model.name={arch}"])
+    torch.manual_seed(0)
+    colorization = Colorization(cfg.method, models.build(arch)).eval()
+    write_checkpoint(tmp_path / "colorization", colorization, cfg)
+    distill = Distill(Distill.Config(teacher=str(tmp_path / "colorization"), targets="none", feature_weight=1.0),
+                      models.build(arch))
+    assert distill.teacher.in_channels == 1 and distill.backbone.in_channels == 3
+    rgb = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    views = (rgb - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    with torch.no_grad():
+        want = colorization.backbone((srgb_to_lab(rgb)[:, :1] - 50) / 100)
+    feats, _ = distill.teacher(views)
+    torch.testing.assert_close(feats, want, atol=1e-5, rtol=1e-5)
+    loss, _ = distill([views, views.flip(-1)])
+    loss.backward()
+    assert torch.isfinite(loss) and distill.backbone.conv1.weight.grad.abs().sum() > 0
+    # the views' normalisation the teacher undoes is the data's: a mismatch is refused up front
+    with pytest.raises(ValueError, match=r"method.mean=\(0.5, 0.5, 0.5\) must equal data.augment.mean"):
+        configlib.apply_overrides(recipes.get("distill_tiny"), ["method.mean=[0.5,0.5,0.5]"])

@@ -142,6 +142,42 @@ def test_noisy_student_loss_weights_smoothing_and_ratio():
         m([xl, xu], torch.zeros(b + u, K + 1))
 
 
+def _noisy_chain(teacher: str, students: list[str], *extra: str):
+    from seerlike import config as configlib
+    from seerlike import recipes
+
+    return configlib.apply_overrides(recipes.get("noisy_student_tiny"), [
+        f"method.teacher={teacher}", f"method.iterations={len(students)}", f"method.students=[{', '.join(students)}]",
+        *extra])
+
+
+def test_noisy_student_students_are_at_least_as_large_as_their_teachers(tmp_path):
+    from seerlike.semisup import stages
+
+    sizes = {a: sum(p.numel() for p in models.build(a).parameters())
+             for a in ("resnet10_cifar_w16", "resnet10_cifar", "resnet18_cifar")}
+    assert sizes["resnet10_cifar_w16"] < sizes["resnet10_cifar"] < sizes["resnet18_cifar"]
+    assert {a: stages.trunk_parameters(a) for a in sizes} == sizes
+    stages.check_students_grow(_noisy_chain("random:resnet10_cifar", ["resnet10_cifar", "resnet18_cifar"]))
+    # iteration 2's teacher is iteration 1's student, not the first teacher
+    shrinking = _noisy_chain("random:resnet10_cifar", ["resnet18_cifar", "resnet10_cifar"])
+    with pytest.raises(ConfigError) as err:
+        stages.check_students_grow(shrinking)
+    msg = str(err.value)
+    assert (f"iteration 2: the student resnet10_cifar ({sizes['resnet10_cifar']:,} parameters) is smaller than its "
+            f"teacher resnet18_cifar ({sizes['resnet18_cifar']:,} parameters; iteration 1's student)") in msg
+    assert "method.allow_smaller_student=true" in msg
+    with pytest.raises(ConfigError, match=r"iteration 1: the student resnet10_cifar_w16 .* teacher resnet10_cifar "
+                                          r"\(.* the teacher random:resnet10_cifar\)"):
+        stages.check_students_grow(_noisy_chain("random:resnet10_cifar", ["resnet10_cifar_w16"]))
+    stages.check_students_grow(_noisy_chain("random:resnet10_cifar", ["resnet18_cifar", "resnet10_cifar"],
+                                            "method.allow_smaller_student=true"))
+    # the run refuses before its teacher labels anything
+    with pytest.raises(ConfigError, match="is smaller than its teacher"):
+        stages.run(shrinking, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_finetune_is_smoothed_cross_entropy_over_views_and_starts_from_init(tmp_path):
     from seerlike.data.augment import AugmentConfig, ViewConfig
     from seerlike.data.pipeline import DataConfig
