@@ -20,6 +20,7 @@ random init, and compared with its teacher.
     python benchmarks/bench_learning.py --seeds 0,1,2 --methods swav
     python benchmarks/bench_learning.py --minutes 1 --followup-minutes 0.5   # a quick calibration
     python benchmarks/bench_learning.py --heldout 10000     # also kNN on 10,000 held-out images
+    python benchmarks/bench_learning.py --pretrain-only --from-json s0.json s1.json s2.json   # medians over seeds
 
 `val` has 1,000 images, so one kNN figure on it has a standard error of about 1.5 points,
 as large as the differences a recipe change makes. ``--heldout N`` also scores every model
@@ -164,8 +165,11 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
            "final_loss": [r["loss"] for r in rows if "loss" in r][-1]}
     for split, queries in splits.items():
         scores = {}
+        # random init is the same model for every method and seed: scored once per run root and split
+        shared = hashlib.md5(f"{ARCH}|{bank}|{queries}|{size}".encode()).hexdigest()[:8]
         for name, spec in (("random", f"random:{ARCH}"), ("pretrained", str(run_dir / "pretrain"))):
-            dest = run_dir / f"knn_{split}_{name}"
+            dest = (Path(args.run_root) / f"random_{ARCH}_{shared}" / f"knn_{split}" if name == "random"
+                    else run_dir / f"knn_{split}_{name}")
             if not (dest / "eval_knn.json").is_file():
                 if seerlike_main(["eval", *knn_args(spec, bank, queries, str(dest), size)]) != 0:
                     raise SystemExit(f"kNN of {spec} on {split} failed")
@@ -185,6 +189,34 @@ def pretrain_table(rows: list[dict]) -> str:
         lines.append(f"{r['method']:13} {r['seed']:>4} {r['steps']['pretrain']:>6} {r['step_s'] or 0:6.3f} "
                      f"{r['peak_rss_mb']:7.0f} {v['random']:7.1f} {v['pretrained']:6.1f} "
                      f"{v['pretrained'] - v['random']:+6.1f} {held}")
+    return "\n".join(lines)
+
+
+def pretrain_medians(rows: list[dict]) -> str:
+    """Markdown: per method, medians over its seeds (steps, CPU s / step, memory, kNN, gains) and each
+    seed's held-out gain, ranked by the median held-out gain (by val where no held-out was scored)."""
+    def gain(r, split):
+        return r[split]["pretrained"] - r[split]["random"] if split in r else float("nan")
+
+    def med(rs, f):
+        return statistics.median(f(r) for r in rs)
+
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    order = sorted(by_method, key=lambda m: -med(by_method[m], lambda r: gain(r, "heldout" if "heldout" in r else "val")))
+    lines = ["| method | seeds | steps | CPU s / step (per rank) | peak RSS MB | val: random | val | gain "
+             "| held-out: random | held-out | gain | held-out gain per seed |", "|" + "---|" * 12]
+    for m in order:
+        rs = sorted(by_method[m], key=lambda r: r["seed"])
+        held = [r for r in rs if "heldout" in r]
+        hcols = (f"{med(held, lambda r: r['heldout']['random']):.1f} | {med(held, lambda r: r['heldout']['pretrained']):.1f} "
+                 f"| {med(held, lambda r: gain(r, 'heldout')):+.1f} | "
+                 + ", ".join(f"{gain(r, 'heldout'):+.1f} (seed {r['seed']})" for r in held)) if held else "- | - | - | -"
+        lines.append(f"| {m} | {','.join(str(r['seed']) for r in rs)} | {med(rs, lambda r: r['steps']['pretrain']):,.0f} "
+                     f"| {med(rs, lambda r: r['step_s'] or 0):.3f} | {med(rs, lambda r: r['peak_rss_mb']):.0f} "
+                     f"| {med(rs, lambda r: r['val']['random']):.1f} | {med(rs, lambda r: r['val']['pretrained']):.1f} "
+                     f"| {med(rs, lambda r: gain(r, 'val')):+.1f} | {hcols} |")
     return "\n".join(lines)
 
 
@@ -244,7 +276,14 @@ def main() -> int:
                    "default: fitted to the images and the budget (docs/fit_data.md), the same on cifar10-dev")
     p.add_argument("--pretrain-only", action="store_true",
                    help="pretraining and kNN only (no ClusterFit / distillation): the per-method table")
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="--pretrain-only: train nothing, print the medians over seeds of these --json files' rows "
+                   "(a (method, seed) in several files: the last one)")
     args = p.parse_args()
+    if args.from_json:
+        merged = {(r["method"], r["seed"]): r for f in args.from_json for r in json.loads(Path(f).read_text())}
+        print(pretrain_medians(list(merged.values())))
+        return 0
     args.heldout_csv = heldout_csv(Path(args.run_root) / "heldout", args.heldout) if args.heldout else None
     if args.pretrain_only:
         rows = []
@@ -261,6 +300,8 @@ def main() -> int:
         print(f"\nkNN top-1 (%), k 20, cosine, T 0.07; pretraining {args.minutes:g} min x 2 ranks (1 thread each), "
               "calibrated step counts\n")
         print(pretrain_table(rows))
+        print()
+        print(pretrain_medians(rows))
         return 0
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
