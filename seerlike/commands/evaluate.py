@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from seerlike.eval.evaluate import KINDS
+from seerlike.eval.evaluate import KINDS, LABELLED_INPUTS
 from seerlike.eval.extract import LAYERS
 from seerlike.eval.knn import KNNConfig
 from seerlike.eval.linear import LinearConfig, LowShotConfig
@@ -18,9 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=KINDS, help="kNN on frozen features, a linear probe, or low-shot linear probes")
     p.add_argument("--model", help="checkpoint dir, run dir, export dir, or random:ARCH (not needed when "
                    "--train and --val are features dirs)")
-    p.add_argument("--train", required=True, help="labelled training images (class folders, a path,label CSV, a dataset ingested from such a CSV) "
-                   "or features dir")
-    p.add_argument("--val", required=True, help="labelled validation images or features dir")
+    p.add_argument("--train", required=True, help=f"labelled training images: {LABELLED_INPUTS}")
+    p.add_argument("--val", required=True, help=f"labelled validation images: {LABELLED_INPUTS}")
     p.add_argument("--out", help="where to write eval_KIND.json and confusion_KIND.png (default: MODEL/eval)")
     p.add_argument("--layer", default="pool", choices=LAYERS, help="feature layer (default %(default)s)")
     p.add_argument("--image-size", type=int, default=224, help="centre-crop side (default %(default)s)")
@@ -51,9 +50,8 @@ def preflight(args: argparse.Namespace) -> None:
 
     if args.model:
         check_model(args.model, "--model")
-    labelled = "class folders, a path,label CSV, a dataset ingested from such a CSV or a features dir"
-    check_path(args.train, "--train", labelled)
-    check_path(args.val, "--val", labelled)
+    check_path(args.train, "--train", LABELLED_INPUTS)
+    check_path(args.val, "--val", LABELLED_INPUTS)
     _shots(args.shots)
 
 

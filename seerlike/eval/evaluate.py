@@ -28,6 +28,8 @@ from seerlike.progress import Progress
 log = logging.getLogger(__name__)
 
 KINDS = ("knn", "linear", "lowshot")
+#: what ``--train`` / ``--val`` take, in short (the command's help and its preflight; errors give labelled_sources)
+LABELLED_INPUTS = "class folders, a path,label CSV, a dataset ingested from such a CSV, or a features dir"
 
 
 def labelled_sources(kind: str = "knn") -> str:
