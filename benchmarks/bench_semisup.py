@@ -12,7 +12,11 @@ cifar10-dev ``val`` (1,000 images) with its own classifier:
 - ``noisy_student``: `seerlike selftrain --method noisy_student`, the ``finetune`` arm as the first
   teacher, ``--iterations`` students from the backbone, each ``--arm-seconds`` / iterations;
 - ``fixmatch``: `seerlike selftrain --method fixmatch` from the backbone;
-- ``finetune_random``, ``fixmatch_random``: the same from random init (what pretraining adds).
+- ``finetune_random``, ``fixmatch_random``: the same from random init (what pretraining adds);
+- ``--variant NAME=ARM:KEY=VALUE[,KEY=VALUE...]``: an extra arm NAME trained as ARM with those
+  overrides after the arm's own (a sweep side by side with the arms, e.g.
+  ``--variant fixmatch_t08=fixmatch:method.threshold=0.8``; a ``noisy_student`` variant keeps the
+  ``finetune`` arm as its teacher).
 
 Unlabeled data: the 50,000-image CIFAR-10 train archive (unpacked once under the run root) minus
 the images of cifar10-dev ``val`` and the labeled ones (membership by md5; ``--unlabeled-limit N``
@@ -24,6 +28,8 @@ the arms"), so a CPU budget would buy that many fewer steps.
 
     python benchmarks/bench_semisup.py --backbone runs/quickstart/pretrain          # 250 and 1,000 labels, seed 0
     python benchmarks/bench_semisup.py --backbone B --seeds 0,1,2 --arm-seconds 900  # 15 CPU-minutes an arm
+    python benchmarks/bench_semisup.py --backbone B --labels 250 --arms fixmatch \
+        --variant fixmatch_lr003=fixmatch:optim.lr=0.03 --variant fixmatch_t08=fixmatch:method.threshold=0.8
     python benchmarks/bench_semisup.py --labels 250 --arm-seconds 20 --unlabeled-limit 2000 --pretrain-seconds 20
                                                                                      # a check that everything runs
 
@@ -143,10 +149,23 @@ def _accuracy(model: Path, log: Path) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["top1"]
 
 
-def run_arm(arm: str, work: Path, backbone: str, labeled: Path, unlabeled: Path, args, seed: int) -> dict:
-    """Train (or reuse) one arm in ``work/arm`` and score it on val; returns its row."""
-    out = work / arm
-    log = work / f"{arm}.log"
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``NAME=ARM:KEY=VALUE[,KEY=VALUE...]`` -> (NAME, ARM, overrides)."""
+    name, sep, rest = text.partition("=")
+    arm, sep2, overrides = rest.partition(":")
+    if not (sep and sep2 and name) or name in ARMS or "/" in name or arm not in ARMS or arm == "linear":
+        raise SystemExit(f"--variant {text!r}: write NAME=ARM:KEY=VALUE[,KEY=VALUE...] with a new NAME and ARM one of "
+                         f"{ARMS[1:]}, e.g. fixmatch_t08=fixmatch:method.threshold=0.8")
+    return name, arm, [o for o in overrides.split(",") if o]
+
+
+def run_arm(name: str, work: Path, backbone: str, labeled: Path, unlabeled: Path, args, seed: int,
+            arm: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
+    """Train (or reuse) arm ``name`` (trained as ``arm``, default itself, with ``overrides`` after its own) in
+    ``work/name`` and score it on val; returns its row."""
+    arm = arm or name
+    out = work / name
+    log = work / f"{name}.log"
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -170,11 +189,11 @@ def run_arm(arm: str, work: Path, backbone: str, labeled: Path, unlabeled: Path,
                     "--teacher", str(work / "finetune"), "--init", init, "--run-dir", str(out),
                     "--iterations", str(args.iterations), *_budget(args.arm_seconds / args.iterations, seed),
                     f"method.per_class={per_class}"]
-        cpu = _run(argv, log)
+        cpu = _run([*argv, *overrides], log)
         final = out / f"iter{args.iterations}" if arm == "noisy_student" else out
         top1 = _accuracy(final, log)
         steps = yaml.safe_load((final / "config.yaml").read_text())["loop"]["max_steps"]  # as calibrated
-        row = {"arm": arm, "top1": top1, "cpu_s": round(cpu), "steps": steps}
+        row = {"arm": name, "top1": top1, "cpu_s": round(cpu), "steps": steps, "overrides": list(overrides)}
     row["wall_s"] = round(time.monotonic() - t0)
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(row) + "\n")
@@ -193,10 +212,10 @@ def pretrained_backbone(root: Path, args) -> str:
     return str(run)
 
 
-def table(rows: list[dict], labels: list[int], arm_seconds: float) -> str:
+def table(rows: list[dict], labels: list[int], arm_seconds: float, variants: tuple[str, ...] = ()) -> str:
     lines = [f"| arm | {' | '.join(f'{n} labels: top-1 (CPU s)' for n in labels)} |",
              "|---|" + "---|" * len(labels)]
-    for arm in ARMS:
+    for arm in (*ARMS, *variants):
         cells = []
         for n in labels:
             mine = [r for r in rows if r["arm"] == arm and r["labels"] == n]
@@ -225,6 +244,8 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=0, help="Noisy Student balancing (default: unlabeled images / 10)")
     p.add_argument("--unlabeled-limit", type=int, default=0, help="use a seeded subset of the unlabeled images")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every arm's process")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=ARM:KEY=VALUE[,...]",
+                   help="an extra arm trained as ARM with these overrides (repeatable)")
     args = p.parse_args()
     global THREADS
     THREADS = args.threads
@@ -236,6 +257,9 @@ def main() -> None:
     if unknown or ("noisy_student" in arms and "finetune" not in arms):
         raise SystemExit(f"--arms: unknown {sorted(unknown)} (choose from {ARMS}); noisy_student needs finetune "
                          "(its teacher)")
+    variants = {name: (arm, tuple(ov)) for name, arm, ov in map(parse_variant, args.variant)}
+    if any(arm == "noisy_student" for arm, _ in variants.values()) and "finetune" not in arms:
+        raise SystemExit("--variant ...=noisy_student:...: add the finetune arm to --arms (its teacher)")
     backbone = pretrained_backbone(root, args)
     rows = []
     for n in labels:
@@ -244,13 +268,14 @@ def main() -> None:
             unlabeled = unlabeled_csv(root, labeled, args.unlabeled_limit, seed)
             work = root / f"labels{n}_seed{seed}_{args.arm_seconds:g}s"
             work.mkdir(parents=True, exist_ok=True)
-            for arm in [a for a in ARMS if a in arms]:
-                row = run_arm(arm, work, backbone, labeled, unlabeled, args, seed)
+            todo = [(a, a, ()) for a in ARMS if a in arms] + [(v, a, ov) for v, (a, ov) in variants.items()]
+            for name, arm, overrides in todo:
+                row = run_arm(name, work, backbone, labeled, unlabeled, args, seed, arm, overrides)
                 rows.append({**row, "labels": n, "seed": seed})
-                print(f"{n} labels seed {seed} {arm:16s} top-1 {row['top1']:5.1f}  CPU {row['cpu_s']:5d} s  "
+                print(f"{n} labels seed {seed} {name:16s} top-1 {row['top1']:5.1f}  CPU {row['cpu_s']:5d} s  "
                       f"wall {row['wall_s']:5d} s  steps {row['steps']}", flush=True)
     (root / "results.json").write_text(json.dumps({"backbone": backbone, "args": vars(args), "rows": rows}, indent=1))
-    print(table(rows, labels, args.arm_seconds))
+    print(table(rows, labels, args.arm_seconds, tuple(variants)))
 
 
 if __name__ == "__main__":
