@@ -9,6 +9,7 @@
 #   NPROC   ranks per variant (default 2, the 2-core CPU path); OMPN threads per rank (default 1)
 #   GPU=1   use CUDA (default: CPU only); EXTRA overrides for every variant (given before the line's)
 #   OUT     results.txt and each variant's metrics.jsonl (default /tmp/sweep/out)
+#   SEED    loop.seed of every variant (default 0; a second seed checks a lever that won)
 #   WHEELS=1  install .whl/*.whl into /tmp/site first (a bare GPU machine, benchmarks/gpu/run_device.sh)
 #   TEACHER replaces @TEACHER@ in the overrides (distillation variants: a ClusterFit run dir,
 #           e.g. RUN/clusterfit of `benchmarks/bench_learning.py`)
@@ -39,7 +40,7 @@ one() {
   ov=${ov//@TEACHER@/${TEACHER:-}}; ov=${ov//@LABELS@/${LABELS:-}}
   d=$W/runs/$name; rm -rf $d; mkdir -p $d
   t0=$(date +%s)
-  seer train --recipe $recipe --data $W/ds --run-dir $d/train --nproc $NPROC --max-steps $steps $EXTRA $ov loop.seed=0 \
+  seer train --recipe $recipe --data $W/ds --run-dir $d/train --nproc $NPROC --max-steps $steps $EXTRA $ov loop.seed=${SEED:-0} \
       optim.warmup_steps=$((steps / 20)) checkpoint.every_steps=100000 loop.tensorboard=false loop.log_every=20 > $d/train.log 2>&1 \
       || { echo "FAILED $name"; grep -A12 Traceback $d/train.log | head -30; return; }
   t1=$(date +%s)
