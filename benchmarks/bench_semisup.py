@@ -159,23 +159,26 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
     return name, arm, [o for o in overrides.split(",") if o]
 
 
-def run_arm(name: str, work: Path, backbone: str, labeled: Path, unlabeled: Path, args, seed: int,
-            arm: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
-    """Train (or reuse) arm ``name`` (trained as ``arm``, default itself, with ``overrides`` after its own) in
-    ``work/name`` and score it on val; returns its row."""
-    arm = arm or name
+def run_arm(name: str, arm: str, overrides: tuple[str, ...], work: Path, backbone: str, labeled: Path,
+            unlabeled: Path, args, seed: int) -> dict:
+    """Train (or reuse) arm ``name``, trained as ``arm`` with ``overrides`` after its own, in ``work/name``
+    and score it on val; returns its row. A cached row made with other overrides is refused, not reused."""
     out = work / name
     log = work / f"{name}.log"
     done = out / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        row = json.loads(done.read_text())
+        if row.get("overrides", []) != list(overrides):
+            raise SystemExit(f"{out} holds arm {name!r} trained with overrides {row.get('overrides', [])}, not "
+                             f"{list(overrides)}: give the variant a new NAME or remove {out}")
+        return row
     init = f"random:{ARCH}" if arm.endswith("_random") else backbone
     t0 = time.monotonic()
     if arm == "linear":
         cpu = _run(["eval", "linear", "--model", backbone, "--train", str(labeled), "--val", str(CIFAR / "val.csv"),
                     "--image-size", "32", "--resize", "32", "--seed", str(seed), "--out", str(out)], log)
         top1 = json.loads((out / "eval_linear.json").read_text())["metrics"]["top1"]
-        row = {"arm": arm, "top1": top1, "cpu_s": round(cpu), "steps": None}
+        row = {"arm": arm, "top1": top1, "cpu_s": round(cpu), "steps": None, "overrides": []}
     else:
         if arm.startswith("finetune"):
             argv = ["finetune", "--data", str(labeled), "--init", init, "--run-dir", str(out),
@@ -270,7 +273,7 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
             todo = [(a, a, ()) for a in ARMS if a in arms] + [(v, a, ov) for v, (a, ov) in variants.items()]
             for name, arm, overrides in todo:
-                row = run_arm(name, work, backbone, labeled, unlabeled, args, seed, arm, overrides)
+                row = run_arm(name, arm, overrides, work, backbone, labeled, unlabeled, args, seed)
                 rows.append({**row, "labels": n, "seed": seed})
                 print(f"{n} labels seed {seed} {name:16s} top-1 {row['top1']:5.1f}  CPU {row['cpu_s']:5d} s  "
                       f"wall {row['wall_s']:5d} s  steps {row['steps']}", flush=True)

@@ -1,0 +1,41 @@
+"""benchmarks/bench_semisup.py's variant arms: the spec parses, bad specs fail, a cache made with other overrides is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_semisup", ROOT / "benchmarks" / "bench_semisup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variant_spec_gives_name_arm_and_overrides(bench):
+    assert bench.parse_variant("fm_t08=fixmatch:method.threshold=0.8,optim.lr=0.03") == (
+        "fm_t08", "fixmatch", ["method.threshold=0.8", "optim.lr=0.03"])
+
+
+@pytest.mark.parametrize("spec", ["fixmatch:optim.lr=1", "x=linear:optim.lr=1", "finetune=fixmatch:a=1",
+                                  "x=nope:a=1", "a/b=fixmatch:a=1"])
+def test_bad_variant_specs_fail_naming_the_form(bench, spec):
+    with pytest.raises(SystemExit, match="NAME=ARM:KEY=VALUE"):
+        bench.parse_variant(spec)
+
+
+def test_a_cached_arm_is_reused_only_with_the_same_overrides(bench, tmp_path):
+    row = {"arm": "fm", "top1": 40.0, "cpu_s": 9, "steps": 3, "overrides": ["optim.lr=0.1"], "wall_s": 9}
+    (tmp_path / "fm").mkdir()
+    (tmp_path / "fm" / "result.json").write_text(json.dumps(row))
+    same = bench.run_arm("fm", "fixmatch", ("optim.lr=0.1",), tmp_path, "B", tmp_path, tmp_path, None, 0)
+    assert same == row
+    with pytest.raises(SystemExit, match="give the variant a new NAME"):
+        bench.run_arm("fm", "fixmatch", ("optim.lr=0.3",), tmp_path, "B", tmp_path, tmp_path, None, 0)
