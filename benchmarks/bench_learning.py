@@ -31,8 +31,9 @@ of standard error at 10,000.
 A (method, seed) takes about ``minutes`` + 2 x ``followup-minutes`` + 1.5 minutes of wall time
 (+ 1 minute with ``--heldout``; 11-12.7 minutes at the defaults in docs/benchmarks.md,
 "24 px views, DDP without data workers, k 200").
-Run it on an otherwise idle 2-core machine: the step counts come from the step times measured
-at the start of each stage, so a busy machine trains fewer steps in the same time.
+Every stage's seconds count each rank's CPU time by default (``--clock cpu``), so a busy machine
+stretches the wall time, not the steps, up to the rise of CPU seconds per step under load;
+``--clock wall`` measures what the wall-clock quickstart does, on an otherwise idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     run_dir = Path(args.run_root) / f"{method}_seed{seed}_{args.minutes:g}min"
     argv = ["quickstart", "--method", method, "--run-dir", str(run_dir), "--seed", str(seed), "--quiet",
             "--pretrain-seconds", str(args.minutes * 60), "--followup-seconds", str(args.followup_minutes * 60),
-            "--k", str(args.k)]
+            "--k", str(args.k), "--clock", args.clock]
     for flag in ("images", "eval_train", "eval_val"):
         if getattr(args, flag):
             argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
@@ -270,7 +271,8 @@ def main() -> int:
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="also score every model on N archive images outside cifar10-dev train and val (0: off)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
-                   help="--pretrain-only: what --minutes counts (cpu: each rank's CPU time, independent of machine load)")
+                   help="what --minutes and --followup-minutes count (cpu: each rank's CPU time, which a busy machine "
+                   "does not stretch; wall: the quickstart's default)")
     p.add_argument("--no-fit-data", dest="fit_data", action="store_false",
                    help="the tiny recipes' CIFAR settings whatever the images (as `seerlike quickstart --no-fit-data`); "
                    "default: fitted to the images and the budget (docs/fit_data.md), the same on cifar10-dev")

@@ -16,7 +16,9 @@ cifar10-dev ``val`` (1,000 images) with its own classifier:
 - ``--variant NAME=ARM:KEY=VALUE[,KEY=VALUE...]``: an extra arm NAME trained as ARM with those
   overrides after the arm's own (a sweep side by side with the arms, e.g.
   ``--variant fixmatch_t08=fixmatch:method.threshold=0.8``; a ``noisy_student`` variant keeps the
-  ``finetune`` arm as its teacher).
+  ``finetune`` arm as its teacher; ``@FINETUNE@`` in a value stands for the ``finetune`` arm's run,
+  e.g. ``fixmatch_ft=fixmatch:method.init=@FINETUNE@,method.init_head=true``: FixMatch started from
+  the fine-tuned model, as Noisy Student's student learns from it).
 
 Unlabeled data: the 50,000-image CIFAR-10 train archive (unpacked once under the run root) minus
 the images of cifar10-dev ``val`` and the labeled ones (membership by md5; ``--unlabeled-limit N``
@@ -192,7 +194,8 @@ def run_arm(name: str, arm: str, overrides: tuple[str, ...], work: Path, backbon
                     "--teacher", str(work / "finetune"), "--init", init, "--run-dir", str(out),
                     "--iterations", str(args.iterations), *_budget(args.arm_seconds / args.iterations, seed),
                     f"method.per_class={per_class}"]
-        cpu = _run([*argv, *overrides], log)
+        # @FINETUNE@: the finetune arm of the same labels and seed (e.g. FixMatch started from it, head included)
+        cpu = _run([*argv, *(o.replace("@FINETUNE@", str(work / "finetune")) for o in overrides)], log)
         final = out / f"iter{args.iterations}" if arm == "noisy_student" else out
         top1 = _accuracy(final, log)
         steps = yaml.safe_load((final / "config.yaml").read_text())["loop"]["max_steps"]  # as calibrated
@@ -261,8 +264,10 @@ def main() -> None:
         raise SystemExit(f"--arms: unknown {sorted(unknown)} (choose from {ARMS}); noisy_student needs finetune "
                          "(its teacher)")
     variants = {name: (arm, tuple(ov)) for name, arm, ov in map(parse_variant, args.variant)}
-    if any(arm == "noisy_student" for arm, _ in variants.values()) and "finetune" not in arms:
-        raise SystemExit("--variant ...=noisy_student:...: add the finetune arm to --arms (its teacher)")
+    if any(arm == "noisy_student" or any("@FINETUNE@" in o for o in ov) for arm, ov in variants.values()) \
+            and "finetune" not in arms:
+        raise SystemExit("--variant ...=noisy_student:... or one naming @FINETUNE@: add the finetune arm to --arms "
+                         "(the teacher or the model it starts from)")
     backbone = pretrained_backbone(root, args)
     rows = []
     for n in labels:

@@ -35,6 +35,8 @@ class ClassifierConfig(MethodConfig):
 
     init: str = ""
     """Pretrained trunk to start from: a checkpoint, run or export dir, or random:ARCH; empty: the backbone's own init."""
+    init_head: bool = False
+    """Also start the linear head from ``init``'s classifier (a fine-tuned run or an export with its head); same classes."""
     num_classes: int = 10
     """Classes of the labeled set (`seerlike finetune` / `selftrain` set it from the data)."""
     classes: list[str] = field(default_factory=list)
@@ -52,6 +54,9 @@ class ClassifierConfig(MethodConfig):
         if self.classes and len(self.classes) != self.num_classes:
             raise ValueError(f"{self.name}.classes names {len(self.classes)} classes but num_classes is "
                              f"{self.num_classes}")
+        if self.init_head and (not self.init or self.init.startswith("random:")):
+            raise ValueError(f"{self.name}.init_head needs method.init to name a trained classifier (a `seerlike "
+                             f"finetune` run or an export with its head), got init {self.init!r}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"{self.name}.label_smoothing, dropout and ema_decay must be in [0, 1)")
 
@@ -67,15 +72,34 @@ class Classifier(MethodBase):
         need_backbone_dim(type(self).__name__, backbone)
         self.cfg = cfg
         self.backbone = backbone
-        if cfg.init:
-            load_trunk(backbone, cfg.init, f"method.init ({cfg.name})")
+        loaded = load_trunk(backbone, cfg.init, f"method.init ({cfg.name})") if cfg.init else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(backbone.out_dim, cfg.num_classes)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
+        if cfg.init_head:
+            self._load_head(loaded)
         # after the pretrained weights are in: the average starts from the initial model
         self.ema = MomentumEncoder(backbone=backbone, head=self.head) if cfg.ema_decay > 0 else None
         self._labels_checked = False
+
+    @torch.no_grad()
+    def _load_head(self, loaded) -> None:
+        """The head of the classifier ``init`` holds, refused unless it predicts this stage's classes in order."""
+        src, what = loaded.source, f"method.init ({self.cfg.name}) with method.init_head"
+        if loaded.head is None:
+            raise ConfigError(f"{what}: {src} has no classifier head; give a `seerlike finetune` run (or an export "
+                              "made --with-head), or set method.init_head=false to start the head at random")
+        if tuple(loaded.head.weight.shape) != tuple(self.head.weight.shape):
+            raise ConfigError(f"{what}: {src} has a head of shape {tuple(loaded.head.weight.shape)}, this stage needs "
+                              f"{tuple(self.head.weight.shape)} ({self.cfg.num_classes} classes); set "
+                              "method.init_head=false or give a classifier of these classes")
+        theirs = ((loaded.train_config or {}).get("method") or {}).get("classes") or []
+        if theirs and self.cfg.classes and list(theirs) != list(self.cfg.classes):
+            raise ConfigError(f"{what}: {src} was trained on classes {list(theirs)[:5]}... but the labeled data has "
+                              f"{list(self.cfg.classes)[:5]}...; its head would predict the wrong classes")
+        self.head.load_state_dict(loaded.head.state_dict())
+        log.info("%s: head loaded from %s", what, src)
 
     def logits(self, views: list[Tensor]) -> Tensor:
         """Logits of all views' rows, view-major, from one forward per run of equal-sized views (one BN batch)."""
@@ -110,8 +134,9 @@ def update_ema(ema: MomentumEncoder, online: list[nn.Module], decay: float) -> N
             local(t).copy_(local(o))
 
 
-def load_trunk(backbone: nn.Module, spec: str, what: str) -> None:
-    """Copy the trunk of ``spec`` (checkpoint, run, export dir or random:ARCH) into ``backbone`` (strict)."""
+def load_trunk(backbone: nn.Module, spec: str, what: str):
+    """Copy the trunk of ``spec`` (checkpoint, run, export dir or random:ARCH) into ``backbone`` (strict);
+    returns what :func:`seerlike.checkpoints.load_backbone` loaded (its head, config, source)."""
     from seerlike.checkpoints import load_backbone
 
     loaded = load_backbone(spec)
@@ -122,6 +147,7 @@ def load_trunk(backbone: nn.Module, spec: str, what: str) -> None:
         raise ConfigError(f"{what} {spec} holds a {loaded.arch} trunk that does not fit this backbone (model.name); "
                           f"give a model of the same architecture ({first})") from None
     log.info("%s: trunk loaded from %s (%s, step %s)", what, loaded.source, loaded.arch, loaded.step)
+    return loaded
 
 
 def smoothed(target: Tensor, eps: float) -> Tensor:

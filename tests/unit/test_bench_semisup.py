@@ -39,3 +39,22 @@ def test_a_cached_arm_is_reused_only_with_the_same_overrides(bench, tmp_path):
     assert same == row
     with pytest.raises(SystemExit, match="give the variant a new NAME"):
         bench.run_arm("fm", "fixmatch", ("optim.lr=0.3",), tmp_path, "B", tmp_path, tmp_path, None, 0)
+
+
+def test_finetune_token_names_the_finetune_arm_of_the_same_labels_and_seed(bench, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(argv, log):
+        seen.append(argv)
+        out = Path(argv[argv.index("--run-dir") + 1])
+        out.mkdir(parents=True)
+        (out / "config.yaml").write_text("loop: {max_steps: 12}\n")
+        return 5.0
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    monkeypatch.setattr(bench, "_accuracy", lambda final, log: 41.0)
+    args = type("A", (), {"arm_seconds": 10.0})()
+    ov = ("method.init=@FINETUNE@", "method.init_head=true")
+    row = bench.run_arm("fm_ft", "fixmatch", ov, tmp_path, "B", tmp_path / "l.csv", tmp_path / "u.csv", args, 0)
+    assert f"method.init={tmp_path / 'finetune'}" in seen[0] and "method.init_head=true" in seen[0]
+    assert row["overrides"] == list(ov) and row["top1"] == 41.0 and row["steps"] == 12  # the cache keeps the token

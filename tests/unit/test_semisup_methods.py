@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -205,6 +206,41 @@ def test_finetune_is_smoothed_cross_entropy_over_views_and_starts_from_init(tmp_
         Finetune(Finetune.Config(num_classes=3), models.build(ARCH))([x], torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ConfigError, match="does not fit"):
         Finetune(Finetune.Config(num_classes=3, init=str(tmp_path / "run")), models.build("resnet10_cifar_w16"))
+
+
+def test_init_head_starts_the_head_and_its_average_from_a_fine_tuned_run(tmp_path):
+    from seerlike.data.augment import AugmentConfig, ViewConfig
+    from seerlike.data.pipeline import DataConfig
+    from seerlike.engine.config import ModelConfig, TrainConfig
+    from seerlike.exporter import export
+    from seerlike.methods.fixmatch import strong_view
+    from tests.unit.test_export import write_checkpoint
+
+    classes = ["cat", "dog", "owl"]
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=ModelConfig(name=ARCH), method=Finetune.Config(num_classes=3, classes=classes),
+                      data=DataConfig(augment=AugmentConfig(views=[ViewConfig(size=16)])))
+    tuned = Finetune(cfg.method, models.build(ARCH))
+    with torch.no_grad():
+        tuned.head.weight.uniform_(-1, 1)
+        tuned.head.bias.uniform_(-1, 1)
+    write_checkpoint(tmp_path / "tuned", tuned, cfg, step=7)
+    fix = FixMatch.Config(num_classes=3, classes=classes, init=str(tmp_path / "tuned"), init_head=True,
+                          strong=strong_view(16), ema_decay=0.9)
+    m = FixMatch(fix, models.build(ARCH))
+    assert torch.equal(m.head.weight, tuned.head.weight) and torch.equal(m.head.bias, tuned.head.bias)
+    assert torch.equal(m.ema.head.weight, tuned.head.weight)  # the average starts from the loaded model
+    without = FixMatch(dataclasses.replace(fix, init_head=False), models.build(ARCH))
+    assert not torch.equal(without.head.weight, tuned.head.weight)
+    with pytest.raises(ConfigError, match="wrong classes"):
+        FixMatch(dataclasses.replace(fix, classes=["cat", "owl", "dog"]), models.build(ARCH))
+    with pytest.raises(ConfigError, match="shape"):
+        FixMatch(dataclasses.replace(fix, num_classes=4, classes=[]), models.build(ARCH))
+    export(str(tmp_path / "tuned"), tmp_path / "trunk_only", ["safetensors"])  # without --with-head
+    with pytest.raises(ConfigError, match="no classifier head"):
+        FixMatch(dataclasses.replace(fix, init=str(tmp_path / "trunk_only")), models.build(ARCH))
+    with pytest.raises(ValueError, match="init_head needs method.init"):
+        FixMatch.Config(num_classes=3, init="random:" + ARCH, init_head=True)
 
 
 def test_backbone_lr_and_layer_decay_become_optimizer_multipliers():
