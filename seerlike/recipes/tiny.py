@@ -71,7 +71,8 @@ def tiny_byol() -> TrainConfig:
     Measured on cifar10-dev at a fixed CPU budget (docs/benchmarks.md): smaller batches (more
     steps), smaller heads and a faster-moving target each helped (tau_base 0.9 over 0.95: +1.1
     points of kNN on 10,000 held-out images, 0.8 no further); BYOL's always-blurred view erases
-    32 px images.
+    32 px images. LARS, a 10x predictor LR and more weight decay moved it by 0.5 points or less
+    (docs/benchmarks.md, "BYOL's levers").
     """
     byol = BYOL.Config(projector_dims=(512, 128), predictor_dims=(512, 128), tau_base=0.9)
     return _common(byol, _two_views(0.14), lr_per_256=0.4, batch_size=32)
