@@ -175,6 +175,7 @@ def run_arm(name: str, arm: str, overrides: tuple[str, ...], work: Path, backbon
                              f"{list(overrides)}: give the variant a new NAME or remove {out}")
         return row
     init = f"random:{ARCH}" if arm.endswith("_random") else backbone
+    finetuned = work / "finetune"  # Noisy Student's teacher, and what @FINETUNE@ in an override names
     t0 = time.monotonic()
     if arm == "linear":
         cpu = _run(["eval", "linear", "--model", backbone, "--train", str(labeled), "--val", str(CIFAR / "val.csv"),
@@ -191,11 +192,10 @@ def run_arm(name: str, arm: str, overrides: tuple[str, ...], work: Path, backbon
         else:
             per_class = args.per_class or _rows(unlabeled) // 10
             argv = ["selftrain", "--method", "noisy_student", "--labeled", str(labeled), "--unlabeled", str(unlabeled),
-                    "--teacher", str(work / "finetune"), "--init", init, "--run-dir", str(out),
+                    "--teacher", str(finetuned), "--init", init, "--run-dir", str(out),
                     "--iterations", str(args.iterations), *_budget(args.arm_seconds / args.iterations, seed),
                     f"method.per_class={per_class}"]
-        # @FINETUNE@: the finetune arm of the same labels and seed (e.g. FixMatch started from it, head included)
-        cpu = _run([*argv, *(o.replace("@FINETUNE@", str(work / "finetune")) for o in overrides)], log)
+        cpu = _run([*argv, *(o.replace("@FINETUNE@", str(finetuned)) for o in overrides)], log)
         final = out / f"iter{args.iterations}" if arm == "noisy_student" else out
         top1 = _accuracy(final, log)
         steps = yaml.safe_load((final / "config.yaml").read_text())["loop"]["max_steps"]  # as calibrated
