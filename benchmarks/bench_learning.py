@@ -21,6 +21,8 @@ random init, and compared with its teacher.
     python benchmarks/bench_learning.py --minutes 1 --followup-minutes 0.5   # a quick calibration
     python benchmarks/bench_learning.py --heldout 10000     # also kNN on 10,000 held-out images
     python benchmarks/bench_learning.py --pretrain-only --from-json s0.json s1.json s2.json   # medians over seeds
+    python benchmarks/bench_learning.py --pretrain-only --methods jigsaw --variant grid2 \
+        --set method.grid=2 --set method.num_permutations=24      # a lever at the full budget: rows "jigsaw:grid2"
 
 `val` has 1,000 images, so one kNN figure on it has a standard error of about 1.5 points,
 as large as the differences a recipe change makes. ``--heldout N`` also scores every model
@@ -140,25 +142,31 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
 
 def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     """`seerlike train --recipe tiny_METHOD` for ``--minutes`` on 2 ranks, then kNN of it and of random init."""
-    run_dir = Path(args.run_root) / f"{method}_seed{seed}_{args.minutes:g}min_pretrain"
+    label = f"{method}:{args.variant}" if args.variant else method
+    run_dir = Path(args.run_root) / f"{label.replace(':', '_')}_seed{seed}_{args.minutes:g}min_pretrain"
     train_argv = ["train", "--recipe", f"tiny_{method}", "--data", args.images or str(CIFAR / "train"),
                   "--run-dir", str(run_dir / "pretrain"), "--nproc", "2", "--max-steps", str(MAX_STEPS),
                   f"loop.time_budget_s={args.minutes * 60:.0f}", f"loop.budget_clock={args.clock}",
                   "optim.warmup_steps=50", f"loop.seed={seed}",
                   "checkpoint.every_steps=250", "checkpoint.keep_last=1", "loop.tensorboard=false",
-                  "loop.progress=false", "loop.log_every=20", *(["--fit-data"] if args.fit_data else [])]
+                  "loop.progress=false", "loop.log_every=20", *(["--fit-data"] if args.fit_data else []), *args.set]
     t0 = time.monotonic()
-    if not (run_dir / "pretrain" / "DONE").exists():
+    done = run_dir / "pretrain" / "DONE"  # holds the overrides it was trained with
+    if done.exists() and (done.read_text() or "[]") != json.dumps(args.set):
+        raise SystemExit(f"{run_dir} was trained with overrides {done.read_text() or '[]'}, not {json.dumps(args.set)}: "
+                         "give the variant another name, or remove the folder")
+    if not done.exists():
         if seerlike_main(train_argv) != 0:
-            raise SystemExit(f"pretraining {method} seed {seed} failed; see {run_dir}")
-        (run_dir / "pretrain" / "DONE").write_text("")
+            raise SystemExit(f"pretraining {label} seed {seed} failed; see {run_dir}")
+        done.write_text(json.dumps(args.set))
     wall = time.monotonic() - t0
     rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     bank, val = args.eval_train or str(CIFAR / "train.csv"), args.eval_val or str(CIFAR / "val.csv")
     # kNN on whole images at the run's resolution: fit_data's (in its config.yaml) or the CIFAR 32 px
     size = (load(run_dir / "pretrain" / "config.yaml", TrainConfig).eval.image_size if args.fit_data else IMAGE_SIZE)
     splits = {"val": val, **({"heldout": str(args.heldout_csv)} if args.heldout_csv else {})}
-    out = {"method": method, "seed": seed, "wall_s": round(wall, 1), "run_dir": str(run_dir),
+    out = {"method": label, "seed": seed, **({"overrides": args.set} if args.set else {}),
+           "wall_s": round(wall, 1), "run_dir": str(run_dir),
            "steps": {"pretrain": max(r["step"] for r in rows)},
            "step_s": next((r["calibrated_step_s"] for r in rows if "calibrated_step_s" in r), None),
            "peak_rss_mb": max((r.get("peak_mem_mb", 0.0) for r in rows), default=0.0),
@@ -181,13 +189,13 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
 
 def pretrain_table(rows: list[dict]) -> str:
     """One line per (method, seed): steps, step cost, memory, kNN of random init and pretrained, gains."""
-    lines = [f"{'method':13} {'seed':>4} {'steps':>6} {'s/step':>6} {'rss MB':>7} {'val rnd':>7} {'val':>6} "
+    lines = [f"{'method':20} {'seed':>4} {'steps':>6} {'s/step':>6} {'rss MB':>7} {'val rnd':>7} {'val':>6} "
              f"{'gain':>6} {'held rnd':>8} {'held':>6} {'gain':>6}"]
     for r in rows:
         v, h = r["val"], r.get("heldout")
         held = (f"{h['random']:8.1f} {h['pretrained']:6.1f} {h['pretrained'] - h['random']:+6.1f}" if h
                 else f"{'-':>8} {'-':>6} {'-':>6}")
-        lines.append(f"{r['method']:13} {r['seed']:>4} {r['steps']['pretrain']:>6} {r['step_s'] or 0:6.3f} "
+        lines.append(f"{r['method']:20} {r['seed']:>4} {r['steps']['pretrain']:>6} {r['step_s'] or 0:6.3f} "
                      f"{r['peak_rss_mb']:7.0f} {v['random']:7.1f} {v['pretrained']:6.1f} "
                      f"{v['pretrained'] - v['random']:+6.1f} {held}")
     return "\n".join(lines)
@@ -281,7 +289,13 @@ def main() -> int:
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="--pretrain-only: train nothing, print the medians over seeds of these --json files' rows "
                    "(a (method, seed) in several files: the last one)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--pretrain-only: an override of every method's tiny recipe (repeatable; needs --variant)")
+    p.add_argument("--variant", default="",
+                   help="--pretrain-only: name of the --set overrides; rows are tabled as METHOD:VARIANT")
     args = p.parse_args()
+    if (args.set or args.variant) and not (args.pretrain_only and args.set and args.variant):
+        p.error("--set and --variant go together, with --pretrain-only (a lever of the per-method table)")
     if args.from_json:
         merged = {(r["method"], r["seed"]): r for f in args.from_json for r in json.loads(Path(f).read_text())}
         print(pretrain_medians(list(merged.values())))

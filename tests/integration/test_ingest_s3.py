@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -121,3 +122,28 @@ def test_storage_multipart_pagination_and_endpoint(s3_bucket, tmp_path, monkeypa
     assert got.read_bytes() == payload
     with storage.open_read(f"s3://{bucket}/x/p/1", endpoint_url=endpoint) as f:
         assert io.BytesIO(f.read()).getvalue() == b"\x01"
+
+
+def test_verify_in_parts_on_s3_finds_what_one_process_finds(s3_bucket, cifar_dir, tmp_path, capsys):
+    """`seerlike ingest-stats s3://... --verify --part I/N` reads the manifest's row groups and the shards over HTTP."""
+    from sharding.stats import run as stats_command
+
+    endpoint, bucket = s3_bucket
+    out = f"s3://{bucket}/ds"
+    ingest(IngestConfig(inputs=(str(_cifar_subset(cifar_dir, tmp_path, n=90)),), out=out, chunk_size=30,
+                        shard_max_samples=12, workers=1, progress=False, endpoint_url=endpoint))
+    shards = [u.rsplit("/", 1)[-1] for u, _ in storage.list_files(f"{out}/shards/", endpoint_url=endpoint)]
+    assert len(shards) >= 6
+    assert [verify(out, endpoint_url=endpoint, part=(i, 3)) for i in range(3)] == [[], [], []]
+    storage.remove(f"{out}/shards/{shards[1]}", endpoint_url=endpoint)
+    storage.write_bytes(f"{out}/shards/{shards[-1]}", b"not a tar", endpoint_url=endpoint)
+    storage.write_bytes(f"{out}/shards/999999-0000.tar", b"", endpoint_url=endpoint)  # no chunk of the manifest
+    whole = verify(out, endpoint_url=endpoint)
+    assert f"shards/{shards[1]}: missing" in whole and "shards/999999-0000.tar: shard not in the manifest" in whole
+    assert any(p.startswith(f"shards/{shards[-1]}") for p in whole)
+    for n in (2, 3, 5):
+        assert sorted(p for i in range(n) for p in verify(out, endpoint_url=endpoint, part=(i, n))) == sorted(whole)
+    args = argparse.Namespace(dataset=out, verify=True, part="0/2", endpoint_url=endpoint)
+    first = verify(out, endpoint_url=endpoint, part=(0, 2))
+    assert stats_command(args) == (1 if first else 0)
+    assert json.loads(capsys.readouterr().out)["verify"]["problems"] == first

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def flowers():
-    spec = importlib.util.spec_from_file_location("flowers5", ROOT / "benchmarks" / "data" / "flowers5.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/data/flowers5.py")
 
 
 def _photo(seed: int) -> Image.Image:
