@@ -53,15 +53,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from seerlike.checkpoints import random_spec  # noqa: E402
 from seerlike.cli import main as seerlike_main  # noqa: E402
 from seerlike.config import load  # noqa: E402
 from seerlike.engine.config import TrainConfig  # noqa: E402
+from seerlike.methods import METHODS  # noqa: E402
 from seerlike.quickstart import ARCH, FIT_JSON, IMAGE_SIZE, K, MAX_STEPS, SHARED_DATA, STUDENT, knn_args  # noqa: E402
 
 CIFAR = SHARED_DATA / "cifar10-dev"
-#: results.json entry -> the model `seerlike eval knn` scores for the held-out figure
-HELDOUT_MODELS = {"random": f"random:{ARCH}", "pretrained": "pretrain", "clusterfit": "clusterfit",
-                  "distilled": "export", "random_student": f"random:{STUDENT}"}
+#: results.json entry -> the model `seerlike eval knn` scores for the held-out figure ("random": random_baseline)
+HELDOUT_MODELS = {"pretrained": "pretrain", "clusterfit": "clusterfit", "distilled": "export",
+                  "random_student": f"random:{STUDENT}"}
+
+
+def random_baseline(method: str) -> str:
+    """Random init of the quickstart's trunk, fed what ``method`` feeds it (colorization: the lightness alone)."""
+    return random_spec(ARCH, METHODS[method].input_channels)
 
 
 def _md5(path: Path) -> str:
@@ -97,12 +104,12 @@ def heldout_csv(root: Path, n: int) -> Path:
     return out
 
 
-def heldout_scores(run_dir: Path, memory_bank: str, heldout: Path) -> dict[str, float]:
+def heldout_scores(run_dir: Path, method: str, memory_bank: str, heldout: Path) -> dict[str, float]:
     """kNN top-1 on the held-out images for every model of a quickstart run (the quickstart's kNN settings)."""
     fit = json.loads((run_dir / FIT_JSON).read_text()) if (run_dir / FIT_JSON).is_file() else {}
     size = fit.get("resolution", IMAGE_SIZE)  # the run's working resolution
     scores = {}
-    for name, model in HELDOUT_MODELS.items():
+    for name, model in {"random": random_baseline(method), **HELDOUT_MODELS}.items():
         out = run_dir / "heldout" / name
         if not (out / "eval_knn.json").is_file():
             spec = model if model.startswith("random:") else str(run_dir / model)
@@ -136,7 +143,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
            "pretrain_s": m[method]["seconds"], "clusterfit_s": m["clusterfit"]["seconds"],
            "distill_s": m["distilled"]["seconds"], "val": val, "run_dir": str(run_dir)}
     if args.heldout_csv:
-        row["heldout"] = heldout_scores(run_dir, args.eval_train or str(CIFAR / "train.csv"), args.heldout_csv)
+        row["heldout"] = heldout_scores(run_dir, method, args.eval_train or str(CIFAR / "train.csv"), args.heldout_csv)
     return row
 
 
@@ -165,7 +172,8 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     # kNN on whole images at the run's resolution: fit_data's (in its config.yaml) or the CIFAR 32 px
     size = (load(run_dir / "pretrain" / "config.yaml", TrainConfig).eval.image_size if args.fit_data else IMAGE_SIZE)
     splits = {"val": val, **({"heldout": str(args.heldout_csv)} if args.heldout_csv else {})}
-    out = {"method": label, "seed": seed, **({"overrides": args.set} if args.set else {}),
+    baseline = random_baseline(method)
+    out = {"method": label, "seed": seed, "random": baseline, **({"overrides": args.set} if args.set else {}),
            "wall_s": round(wall, 1), "run_dir": str(run_dir),
            "steps": {"pretrain": max(r["step"] for r in rows)},
            "step_s": next((r["calibrated_step_s"] for r in rows if "calibrated_step_s" in r), None),
@@ -175,8 +183,8 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     for split, queries in splits.items():
         scores = {}
         # random init is the same model for every method and seed: scored once per run root and split
-        shared = hashlib.md5(f"{ARCH}|{bank}|{queries}|{size}".encode()).hexdigest()[:8]
-        for name, spec in (("random", f"random:{ARCH}"), ("pretrained", str(run_dir / "pretrain"))):
+        shared = hashlib.md5(f"{baseline.removeprefix('random:')}|{bank}|{queries}|{size}".encode()).hexdigest()[:8]
+        for name, spec in (("random", baseline), ("pretrained", str(run_dir / "pretrain"))):
             dest = (Path(args.run_root) / f"random_{ARCH}_{shared}" / f"knn_{split}" if name == "random"
                     else run_dir / f"knn_{split}_{name}")
             if not (dest / "eval_knn.json").is_file():

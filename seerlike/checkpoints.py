@@ -188,14 +188,38 @@ def load_export(path: str | os.PathLike) -> Loaded:
     return Loaded(model, arch, str(path), head, meta.get("step"), cfg)
 
 
+RANDOM_FORM = "random:ARCH or random:ARCH:in_channels=1 (a trunk that takes the lightness alone, as colorization's)"
+
+
+def parse_random(spec: str) -> tuple[str, int]:
+    """``(arch, in_channels)`` of a ``random:ARCH[:in_channels=C]`` spec; C is 3 (RGB) or 1 (lightness)."""
+    arch, *opts = spec.removeprefix("random:").split(":")
+    channels = 3
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if key != "in_channels" or not eq or value not in ("1", "3"):
+            raise ConfigError(f"model {spec!r}: unknown option {opt!r}; give {RANDOM_FORM}")
+        channels = int(value)
+    if not arch:
+        raise ConfigError(f"model {spec!r} names no backbone; give {RANDOM_FORM}")
+    return arch, channels
+
+
+def random_spec(arch: str, in_channels: int = 3) -> str:
+    """The ``random:`` spec of ``arch`` taking ``in_channels`` channels (the inverse of :func:`parse_random`)."""
+    return f"random:{arch}" + (f":in_channels={in_channels}" if in_channels != 3 else "")
+
+
 def load_backbone(spec: str | os.PathLike) -> Loaded:
-    """A backbone from ``random:ARCH``, an export dir, a checkpoint dir or a run dir."""
+    """A backbone from ``random:ARCH[:in_channels=C]``, an export dir, a checkpoint dir or a run dir."""
     spec = str(spec)
     if spec.startswith("random:"):
-        arch = spec.split(":", 1)[1]
+        arch, channels = parse_random(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # "random" is the same random init every time, so baselines reproduce
-            return Loaded(_build(arch).eval(), arch, spec)
+            model = _build(arch)
+            # the lightness stem is drawn after the rest: every other weight equals the RGB random init's
+            return Loaded((model.set_in_channels(channels) if channels != 3 else model).eval(), arch, spec)
     path = Path(os.path.abspath(spec))
     if not path.exists():
         raise ConfigError(f"model {spec!r} not found; give a checkpoint dir, a run dir, an export dir or random:ARCH")

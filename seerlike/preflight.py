@@ -25,7 +25,9 @@ def check_model(spec: str | os.PathLike, flag: str) -> None:
     if spec.startswith("random:"):
         from seerlike import models
 
-        arch = spec.split(":", 1)[1]
+        from seerlike.checkpoints import parse_random
+
+        arch, _ = parse_random(spec)
         if arch not in models.names():
             raise ConfigError(f"{flag} {spec}: unknown backbone {arch!r}; see `seerlike model-info --list`")
         return

@@ -380,7 +380,8 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
     and batches (default: the tiny recipes' own CIFAR settings)."""
     from launchers.pipeline import pipeline_from_dict
 
-    from seerlike.methods import pretraining_methods
+    from seerlike.checkpoints import random_spec
+    from seerlike.methods import METHODS, pretraining_methods
 
     if method not in pretraining_methods():
         raise ConfigError(f"--method {method!r} is not a pretraining method; choose one of {pretraining_methods()}")
@@ -393,7 +394,8 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
     stages = [
         {"name": "ingest", "command": "ingest",
          "args": ["{images}", "--out", "{data}", *fit.ingest]},
-        _eval_stage("eval_random", f"random:{ARCH}", fit.resolution),
+        # against random init of the same trunk, fed what the method feeds it (colorization: the lightness)
+        _eval_stage("eval_random", random_spec(ARCH, METHODS[method].input_channels), fit.resolution),
         {"name": "pretrain", "command": "train", "submit": ranks,
          "args": ["--recipe", f"tiny_{method}", "--data", "{data}", "--run-dir", "{out}",
                   *budget.train_args("pretrain", seed, *_literal(fit.train.get("pretrain", []))),

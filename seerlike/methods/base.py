@@ -92,6 +92,7 @@ class Method(Protocol):
     stage: ClassVar[Literal["pretrain", "followup"]]
     needs_labels: ClassVar[bool]
     needs_indices: ClassVar[bool]
+    input_channels: ClassVar[int]
     backbone: nn.Module
 
     def forward(self, views: list[Tensor], labels: Tensor | None = None,
@@ -114,6 +115,8 @@ class MethodBase(nn.Module):
     needs_labels: ClassVar[bool] = False
     needs_indices: ClassVar[bool] = False
     """True: built with ``num_samples=`` and given each batch's global sample ``indices`` (module docstring)."""
+    input_channels: ClassVar[int] = 3
+    """Channels of what the method feeds its trunk (1: the lightness alone); its random-init baseline takes the same."""
 
     def on_after_backward(self, step: int) -> None:
         pass

@@ -142,6 +142,8 @@ class Colorization(MethodBase):
             if self.gray_threshold < 0 or any(s <= 0 for s in self.std) or any(d < 1 for d in self.head_dims):
                 raise ValueError("gray_threshold must be >= 0, std > 0 and head_dims positive")
 
+    input_channels = 1  # the trunk sees the lightness alone
+
     @classmethod
     def check_views(cls, cfg: Config, sizes: list[int]) -> None:
         if not sizes:
@@ -155,7 +157,7 @@ class Colorization(MethodBase):
             raise ValueError("colorization needs a seerlike backbone (forward_features with res5, feature_dims, "
                              "set_in_channels): it predicts colours on the last spatial map from the lightness alone")
         self.cfg = cfg
-        self.backbone = backbone.set_in_channels(1)
+        self.backbone = backbone.set_in_channels(self.input_channels)
         bins = in_gamut_ab_bins()
         if cfg.soft_neighbours > len(bins):
             raise ValueError(f"soft_neighbours={cfg.soft_neighbours} exceeds the {len(bins)} ab bins")

@@ -277,10 +277,10 @@ def student_config(cfg, k: int, teacher: str, pseudo_labels: str, layer_lr: Laye
 
 
 def _init_arch(spec: str) -> str:
-    from seerlike.checkpoints import arch_of_config, is_export, resolve_checkpoint
+    from seerlike.checkpoints import arch_of_config, is_export, parse_random, resolve_checkpoint
 
     if spec.startswith("random:"):
-        return spec.split(":", 1)[1]
+        return parse_random(spec)[0]
     import yaml
 
     path = Path(spec)

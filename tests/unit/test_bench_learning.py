@@ -73,3 +73,12 @@ def test_set_needs_a_variant_name_and_pretrain_only(argv):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learning.py"), *argv],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--set and --variant go together" in out.stderr
+
+
+def test_colorization_is_scored_against_random_init_fed_the_lightness(bench, fake_cli, tmp_path):
+    row = bench.run_pretrain_only("colorization", 0, _args(tmp_path))
+    models = [c[c.index("--model") + 1] for c in fake_cli if c[0] == "eval"]
+    assert row["random"] == "random:resnet10_cifar:in_channels=1" == models[0]
+    assert bench.run_pretrain_only("rotnet", 0, _args(tmp_path))["random"] == "random:resnet10_cifar"
+    bases = {c[c.index("--model") + 1]: c[c.index("--out") + 1] for c in fake_cli if c[0] == "eval"}
+    assert len({Path(bases[m]).parent for m in bases if m.startswith("random:")}) == 2  # one cached score each

@@ -247,6 +247,32 @@ def test_checkpoint_export_and_extraction_keep_the_lightness_input(tmp_path):
         torch.testing.assert_close(feature_fn(again, "pool")(normalise(rgb)), want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_random_lightness_baseline_is_the_rgb_random_init_with_a_lightness_stem():
+    """`random:ARCH:in_channels=1`: colorization's own random init, scored on the lightness as the trained trunk is."""
+    from seerlike.checkpoints import load_backbone
+    from seerlike.config import ConfigError
+    from seerlike.eval.extract import feature_fn
+    from seerlike.preflight import check_model
+
+    rgb, light = load_backbone("random:resnet10_cifar_w16"), load_backbone("random:resnet10_cifar_w16:in_channels=1")
+    assert (rgb.model.in_channels, light.model.in_channels) == (3, 1) and light.model.conv1.weight.shape[1] == 1
+    a, b = rgb.model.state_dict(), light.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "conv1.weight")  # only the stem differs
+    assert torch.equal(load_backbone("random:resnet10_cifar_w16:in_channels=1").model.conv1.weight, b["conv1.weight"])
+    assert torch.equal(load_backbone("random:resnet10_cifar_w16:in_channels=3").model.conv1.weight, a["conv1.weight"])
+    images = _images(2, n=2)
+    with torch.no_grad():
+        want = light.model((srgb_to_lab(images)[:, :1] - 50) / 100)
+        torch.testing.assert_close(feature_fn(light, "pool")(normalise(images)), want, atol=1e-5, rtol=1e-5)
+    for bad in ("random:resnet10_cifar:in_channels=2", "random:resnet10_cifar:channels=1", "random:",
+                "random:resnet10_cifar:in_channels"):
+        with pytest.raises(ConfigError, match="random:ARCH:in_channels=1"):
+            load_backbone(bad)
+    check_model("random:resnet10_cifar:in_channels=1", "--model")
+    with pytest.raises(ConfigError, match="in_channels=1"):
+        check_model("random:resnet10_cifar:lightness", "--model")
+
+
 # ---------------------------------------------------------------- state, steps, config
 
 
