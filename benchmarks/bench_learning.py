@@ -156,7 +156,7 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
                   f"loop.time_budget_s={args.minutes * 60:.0f}", f"loop.budget_clock={args.clock}",
                   "optim.warmup_steps=50", f"loop.seed={seed}",
                   "checkpoint.every_steps=250", "checkpoint.keep_last=1", "loop.tensorboard=false",
-                  "loop.progress=false", "loop.log_every=20", *(["--fit-data"] if args.fit_data else []), *args.set]
+                  "loop.progress=false", "loop.log_every=20", *args.set, *(["--fit-data"] if args.fit_data else [])]
     t0 = time.monotonic()
     done = run_dir / "pretrain" / "DONE"  # holds the overrides it was trained with
     if done.exists() and (done.read_text() or "[]") != json.dumps(args.set):

@@ -3,6 +3,7 @@ and a run trained with other overrides is refused rather than reused."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from seerlike import config, recipes
+from seerlike.commands.train import add_arguments
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +35,7 @@ def fake_cli(bench, monkeypatch):
         if argv[0] == "train":
             rows = [{"step": 1, "loss": 4.0, "calibrated_step_s": 0.2}, {"step": 9, "loss": 2.0}]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            config.dump(recipes.get(argv[argv.index("--recipe") + 1]), out / "config.yaml")
         else:
             top1 = 30.0 if argv[argv.index("--model") + 1].startswith("random:") else 40.0
             (out / "eval_knn.json").write_text(json.dumps({"metrics": {"top1": top1}}))
@@ -52,12 +56,17 @@ def test_a_variant_trains_with_its_overrides_last_and_is_tabled_by_its_name(benc
     row = bench.run_pretrain_only("jigsaw", 1, args)
     train = fake_cli[0]
     assert train[:3] == ["train", "--recipe", "tiny_jigsaw"] and train[-2:] == args.set  # after the benchmark's own
+    fitted = bench.run_pretrain_only("jigsaw", 2, _args(tmp_path, variant="grid2", set=args.set, fit_data=True))
+    assert fake_cli[-3][-3:] == [*args.set, "--fit-data"]  # `seerlike train` takes its overrides before its flags
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the real parser: the variant's overrides are overrides, not unrecognised arguments
+    assert parser.parse_args(fake_cli[-3][1:]).overrides[-2:] == args.set and fitted["method"] == "jigsaw:grid2"
     assert row["method"] == "jigsaw:grid2" and row["overrides"] == args.set
     assert row["run_dir"] == str(tmp_path / "jigsaw_grid2_seed1_1min_pretrain")
     assert row["val"] == {"random": 30.0, "pretrained": 40.0} and row["steps"]["pretrain"] == 9
     assert "jigsaw:grid2" in bench.pretrain_medians([row])
     assert bench.run_pretrain_only("jigsaw", 1, args)["method"] == "jigsaw:grid2"  # cached: trains nothing more
-    assert [c[0] for c in fake_cli].count("train") == 1
+    assert [c[0] for c in fake_cli].count("train") == 2  # seeds 1 and 2; the cached seed 1 trained once
 
 
 def test_a_run_trained_with_other_overrides_is_refused(bench, fake_cli, tmp_path):
