@@ -58,7 +58,8 @@ from seerlike.cli import main as seerlike_main  # noqa: E402
 from seerlike.config import load  # noqa: E402
 from seerlike.engine.config import TrainConfig  # noqa: E402
 from seerlike.methods import METHODS  # noqa: E402
-from seerlike.quickstart import ARCH, FIT_JSON, IMAGE_SIZE, K, MAX_STEPS, SHARED_DATA, STUDENT, knn_args  # noqa: E402
+from seerlike.quickstart import (ARCH, FIT_JSON, IMAGE_SIZE, INPUT_BASELINE, K, MAX_STEPS, SHARED_DATA,  # noqa: E402
+                                 STUDENT, knn_args)
 
 CIFAR = SHARED_DATA / "cifar10-dev"
 #: results.json entry -> the model `seerlike eval knn` scores for the held-out figure ("random": random_baseline)
@@ -136,7 +137,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     m = results["models"]
     steps = {"pretrain": m[method]["steps"], "clusterfit": m["clusterfit"]["steps"], "distill": m["distilled"]["steps"]}
-    val = {"random": m["random_init"]["knn_top1"], "pretrained": m[method]["knn_top1"],
+    own = m.get(INPUT_BASELINE[0], m["random_init"])  # the pretrained trunk's own baseline (random_baseline)
+    val = {"random": own["knn_top1"], "pretrained": m[method]["knn_top1"],
            "clusterfit": m["clusterfit"]["knn_top1"], "distilled": m["distilled"]["knn_top1"],
            "random_student": m["random_init_student"]["knn_top1"]}
     row = {"method": method, "seed": seed, "steps": steps, "wall_s": round(wall, 1),

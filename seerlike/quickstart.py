@@ -385,6 +385,7 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
 
     if method not in pretraining_methods():
         raise ConfigError(f"--method {method!r} is not a pretraining method; choose one of {pretraining_methods()}")
+    channels = METHODS[method].input_channels
     fit = fit or DataFit()
     size = str(fit.resolution)
     run_dir = Path(run_dir).absolute()
@@ -394,8 +395,9 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
     stages = [
         {"name": "ingest", "command": "ingest",
          "args": ["{images}", "--out", "{data}", *fit.ingest]},
-        # against random init of the same trunk, fed what the method feeds it (colorization: the lightness)
-        _eval_stage("eval_random", random_spec(ARCH, METHODS[method].input_channels), fit.resolution),
+        _eval_stage("eval_random", f"random:{ARCH}", fit.resolution),
+        # a trunk fed other than RGB (colorization: the lightness) is scored against random init fed the same
+        *([_eval_stage("eval_random_input", random_spec(ARCH, channels), fit.resolution)] if channels != 3 else []),
         {"name": "pretrain", "command": "train", "submit": ranks,
          "args": ["--recipe", f"tiny_{method}", "--data", "{data}", "--run-dir", "{out}",
                   *budget.train_args("pretrain", seed, *_literal(fit.train.get("pretrain", []))),
@@ -439,6 +441,9 @@ MODELS = {
     "distilled": ("eval_distilled", "distill", STUDENT),
     "random_init_student": ("eval_random_student", None, STUDENT),
 }
+INPUT_BASELINE = ("random_init_input", "eval_random_input")
+"""results.json entry and eval stage of the pretrained trunk's own baseline when the method feeds it other than RGB
+(random init fed the same, ``random:ARCH:in_channels=C``): the pretrained model's gain is over it."""
 
 
 # ---------------------------------------------------------------- report (the last stage)
@@ -511,7 +516,10 @@ def collect_results(run_dir: str | Path, method: str) -> dict:
     run_dir = Path(run_dir)
     seconds = stage_seconds(run_dir)
     models: dict[str, dict] = {}
-    for entry, (eval_stage, train_stage, arch) in MODELS.items():
+    entries = dict(MODELS)
+    if (run_dir / INPUT_BASELINE[1] / "eval_knn.json").is_file():
+        entries = {"random_init": MODELS["random_init"], INPUT_BASELINE[0]: (INPUT_BASELINE[1], None, ARCH), **MODELS}
+    for entry, (eval_stage, train_stage, arch) in entries.items():
         ev = json.loads((run_dir / eval_stage / "eval_knn.json").read_text())
         if ev["arch"] != arch:
             raise RuntimeError(f"{eval_stage} evaluated {ev['arch']}, expected {arch}")
@@ -527,6 +535,8 @@ def collect_results(run_dir: str | Path, method: str) -> dict:
     base = {ARCH: models["random_init"]["knn_top1"], STUDENT: models["random_init_student"]["knn_top1"]}
     for row in models.values():
         row["gain_over_random"] = round(row["knn_top1"] - base[row["arch"]], 2)
+    if INPUT_BASELINE[0] in models:
+        models[method]["gain_over_random"] = round(models[method]["knn_top1"] - models[INPUT_BASELINE[0]]["knn_top1"], 2)
     cluster = json.loads((run_dir / "cluster" / "cluster_stats.json").read_text())
     summary = json.loads((run_dir / "ingest" / "summary.json").read_text()) if (run_dir / "ingest" / "summary.json").is_file() else {}
     training = {stage: stage_timing(run_dir / stage, seconds.get(stage)) for stage in TRAINING_STAGES}
@@ -619,6 +629,8 @@ def write_report(run_dir: Path, results: dict) -> Path:
     rows = "\n".join(f"| {n} | {r['arch']} | {r['knn_top1']:.1f} | {r['knn_top5']:.1f} | {r['gain_over_random']:+.1f} "
                      f"| {r.get('steps', '-')} | {r['seconds']:.0f} |" for n, r in m.items())
     km = results["kmeans"]
+    own_baseline = (f" ({method}'s trunk against `{INPUT_BASELINE[0]}`: the same random init fed what {method} "
+                    "feeds it)" if INPUT_BASELINE[0] in m else "")
     text = f"""# seerlike quickstart report
 
 {method.upper()} pretraining of `{ARCH}` on the unlabeled images, then ClusterFit on k-means
@@ -626,7 +638,7 @@ pseudo-labels ({km['num_clusters']} clusters of {km['num_features']} res5 featur
 distillation of the ClusterFit model into `{STUDENT}`. Every model is scored by kNN
 (k 20, cosine, T 0.07, pooled features, {m['random_init']['num_train']} labeled train images as
 the memory bank, {m['random_init']['num_val']} val images) against the same architecture at
-random init.
+random init{own_baseline}.
 
 | model | arch | kNN top-1 | top-5 | vs random init | steps | train s |
 |---|---|---|---|---|---|---|

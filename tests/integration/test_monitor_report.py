@@ -123,3 +123,28 @@ def test_a_cpu_clock_plan_is_compared_on_the_steps_alone(tmp_path):
     t = stage_timing(run / "pretrain", 300.0)
     # the monitor's 12 wall seconds are not on the budget's CPU clock: 455.2 CPU-s of 450 planned
     assert (t["clock"], t["planned_s"], t["actual_s"], t["monitor_planned_s"]) == ("cpu", 450.0, 455.2, 22.5)
+
+
+def test_a_lightness_trunk_gains_over_random_init_fed_the_lightness(tmp_path):
+    """colorization: the pretrained row's gain is over `random:ARCH:in_channels=1`, ClusterFit's over the RGB init."""
+    from seerlike.quickstart import INPUT_BASELINE, Budget, build_pipeline, report_stage
+
+    def stages(method):
+        pipe = build_pipeline(tmp_path / method, images="I", eval_train="T", eval_val="V", method=method,
+                              budget=Budget(pretrain_s=60.0, clusterfit_s=20.0, distill_s=20.0))
+        return [s.name for s in pipe.stages]
+
+    names = stages("colorization")
+    assert names[1:3] == ["eval_random", INPUT_BASELINE[1]] and INPUT_BASELINE[1] not in stages("rotnet")
+    run = tmp_path / "run"
+    _fake_run(run)  # random init 30, pretrain 31, clusterfit 32 (MODELS order)
+    (run / INPUT_BASELINE[1]).mkdir()
+    (run / INPUT_BASELINE[1] / "eval_knn.json").write_text(json.dumps({
+        "arch": "resnet10_cifar", "metrics": {"top1": 25.0, "top5": 70.0}, "model": "random:resnet10_cifar:in_channels=1",
+        "layer": "pool", "num_train": 5000, "num_val": 1000}))
+    assert report_stage([str(run), "colorization"]) == 0
+    m = json.loads((run / "results.json").read_text())["models"]
+    assert list(m)[:3] == ["random_init", INPUT_BASELINE[0], "colorization"]
+    assert m["colorization"]["gain_over_random"] == 6.0 and m["clusterfit"]["gain_over_random"] == 2.0
+    assert m[INPUT_BASELINE[0]]["gain_over_random"] == -5.0
+    assert "colorization gains +6.0 points" in (run / "report.md").read_text()
