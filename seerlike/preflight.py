@@ -24,7 +24,6 @@ def check_model(spec: str | os.PathLike, flag: str) -> None:
     spec = str(spec)
     if spec.startswith("random:"):
         from seerlike import models
-
         from seerlike.checkpoints import parse_random
 
         arch, _ = parse_random(spec)

@@ -397,7 +397,7 @@ def build_pipeline(run_dir: str | Path, *, images: str, eval_train: str, eval_va
          "args": ["{images}", "--out", "{data}", *fit.ingest]},
         _eval_stage("eval_random", f"random:{ARCH}", fit.resolution),
         # a trunk fed other than RGB (colorization: the lightness) is scored against random init fed the same
-        *([_eval_stage("eval_random_input", random_spec(ARCH, channels), fit.resolution)] if channels != 3 else []),
+        *([_eval_stage(INPUT_BASELINE[1], random_spec(ARCH, channels), fit.resolution)] if channels != 3 else []),
         {"name": "pretrain", "command": "train", "submit": ranks,
          "args": ["--recipe", f"tiny_{method}", "--data", "{data}", "--run-dir", "{out}",
                   *budget.train_args("pretrain", seed, *_literal(fit.train.get("pretrain", []))),
