@@ -58,7 +58,7 @@ class Jigsaw(MethodBase):
         permutation_seed: int = 0
         """Seed of the first permutation of the greedy maximal-Hamming selection; the rest follows deterministically."""
         grid: int = 3
-        """Cells per side: grid x grid tiles (3 in the paper; 2 gives a 24-permutation toy task)."""
+        """Cells per side: grid x grid tiles (3 in the paper; 2: four tiles, 24 permutations, for small images)."""
         gap: float = 0.25
         """Fraction of each cell its tile leaves out; the tile sits anywhere in its cell (official and VISSL: 64 px tiles in 85 px cells)."""
         tile_norm: bool = True

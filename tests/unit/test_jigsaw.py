@@ -104,4 +104,5 @@ def test_views_recipes_and_bad_config():
     assert paper.data.augment.views[0].grayscale_p == 0.66 and not paper.method.tile_norm
     tiny = recipes.tiny_jigsaw()
     Jigsaw.check_views(tiny.method, [v.size for v in tiny.data.augment.expanded()])
-    assert tiny.data.augment.views[0].size == 60 and tiny.method.num_permutations == 100
+    assert tiny.data.augment.views[0].size == 60 and (tiny.method.grid, tiny.method.num_permutations) == (2, 24)
+    assert not tiny.method.tile_norm  # four tiles of a quarter of the image each: docs/benchmarks.md
