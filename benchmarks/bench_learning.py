@@ -53,9 +53,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from seerlike import recipes  # noqa: E402
 from seerlike.checkpoints import random_spec  # noqa: E402
 from seerlike.cli import main as seerlike_main  # noqa: E402
-from seerlike.config import load  # noqa: E402
+from seerlike.config import apply_overrides, dumps, load  # noqa: E402
 from seerlike.engine.config import TrainConfig  # noqa: E402
 from seerlike.methods import METHODS  # noqa: E402
 from seerlike.quickstart import (ARCH, FIT_JSON, IMAGE_SIZE, INPUT_BASELINE, K, MAX_STEPS, SHARED_DATA,  # noqa: E402
@@ -149,6 +150,12 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     return row
 
 
+def recipe_fingerprint(method: str, overrides: list[str]) -> str:
+    """md5 of ``tiny_METHOD`` with ``overrides``, resolved: a cached run of another recipe is not reused."""
+    cfg = apply_overrides(recipes.get(f"tiny_{method}"), overrides)
+    return hashlib.md5(dumps(cfg, "json").encode()).hexdigest()
+
+
 def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     """`seerlike train --recipe tiny_METHOD` for ``--minutes`` on 2 ranks, then kNN of it and of random init."""
     label = f"{method}:{args.variant}" if args.variant else method
@@ -160,14 +167,18 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
                   "checkpoint.every_steps=250", "checkpoint.keep_last=1", "loop.tensorboard=false",
                   "loop.progress=false", "loop.log_every=20", *args.set, *(["--fit-data"] if args.fit_data else [])]
     t0 = time.monotonic()
-    done = run_dir / "pretrain" / "DONE"  # holds the overrides it was trained with
-    if done.exists() and (done.read_text() or "[]") != json.dumps(args.set):
-        raise SystemExit(f"{run_dir} was trained with overrides {done.read_text() or '[]'}, not {json.dumps(args.set)}: "
-                         "give the variant another name, or remove the folder")
-    if not done.exists():
+    done = run_dir / "pretrain" / "DONE"  # what it was trained with: the overrides and the recipe they applied to
+    trained = {"overrides": args.set, "recipe": recipe_fingerprint(method, args.set)}
+    if done.exists():
+        was = json.loads(done.read_text() or "[]")
+        was = was if isinstance(was, dict) else {"overrides": was, "recipe": trained["recipe"]}  # overrides alone
+        if was != trained:
+            raise SystemExit(f"{run_dir} was trained with {was}, not {trained} (another variant, or the recipe "
+                             "changed since): give the variant another name, or remove the folder")
+    else:
         if seerlike_main(train_argv) != 0:
             raise SystemExit(f"pretraining {label} seed {seed} failed; see {run_dir}")
-        done.write_text(json.dumps(args.set))
+        done.write_text(json.dumps(trained))
     wall = time.monotonic() - t0
     rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     bank, val = args.eval_train or str(CIFAR / "train.csv"), args.eval_val or str(CIFAR / "val.csv")

@@ -77,6 +77,17 @@ def test_a_run_trained_with_other_overrides_is_refused(bench, fake_cli, tmp_path
     assert plain["method"] == "rotnet" and "overrides" not in plain
 
 
+def test_a_run_of_a_recipe_changed_since_is_refused(bench, fake_cli, tmp_path, monkeypatch):
+    bench.run_pretrain_only("jigsaw", 0, _args(tmp_path))
+    assert bench.run_pretrain_only("jigsaw", 0, _args(tmp_path))["method"] == "jigsaw"  # same recipe: reused
+    real = bench.recipe_fingerprint
+    assert real("jigsaw", []) != real("jigsaw", ["method.grid=3"]) == real("jigsaw", ["method.grid=3"])
+    monkeypatch.setattr(bench, "recipe_fingerprint", lambda method, overrides: real(method, ["method.grid=3"]))
+    with pytest.raises(SystemExit, match="the recipe changed since"):
+        bench.run_pretrain_only("jigsaw", 0, _args(tmp_path))
+    assert [c[0] for c in fake_cli].count("train") == 1
+
+
 @pytest.mark.parametrize("argv", [["--set", "a=1"], ["--variant", "v"], ["--set", "a=1", "--variant", "v"]])
 def test_set_needs_a_variant_name_and_pretrain_only(argv):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_learning.py"), *argv],
