@@ -195,7 +195,7 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
            "final_loss": [r["loss"] for r in rows if "loss" in r][-1]}
     for split, queries in splits.items():
         scores = {}
-        # random init is the same model for every method and seed: scored once per run root and split
+        # random init is one model per input (RGB, lightness) for every method and seed: scored once per run root
         shared = hashlib.md5(f"{baseline.removeprefix('random:')}|{bank}|{queries}|{size}".encode()).hexdigest()[:8]
         for name, spec in (("random", baseline), ("pretrained", str(run_dir / "pretrain"))):
             dest = (Path(args.run_root) / f"random_{ARCH}_{shared}" / f"knn_{split}" if name == "random"
