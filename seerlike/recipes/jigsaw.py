@@ -44,9 +44,10 @@ def tiny_jigsaw() -> TrainConfig:
     Tiles of a 32 px view would be 8 px: the CIFAR ResNet-10 (stride 8) would see them as 1x1
     maps with its last 3x3 convolutions on padding, so views are upsampled to 60 px. The paper's
     3 x 3 grid then gives 15 px tiles of 8 px of the image's content, from which the trunk learnt
-    the puzzle (half of 100 permutations) and no features of whole images (held-out kNN 4.6
-    points below random init); a 2 x 2 grid, a quarter of the image a tile, gained 5.4 over it
-    at the full budget (docs/benchmarks.md, "The pretext and clustering methods"). Grayscale
+    the puzzle (half of 100 permutations) and no features of whole images (held-out kNN 2.8 to
+    4.6 points below random init); a 2 x 2 grid, a quarter of the image a tile, gains 4.9
+    over it at the full budget (median of three seeds; docs/benchmarks.md, "The pretext and
+    clustering methods"). Grayscale
     0.66 as VISSL's loader; per-tile normalisation off as VISSL's ResNet-50 recipe; LR 0.4 per
     256 images is VISSL's 0.1 at the global batch of 64.
     """
