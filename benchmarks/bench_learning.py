@@ -170,8 +170,7 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     done = run_dir / "pretrain" / "DONE"  # what it was trained with: the overrides and the recipe they applied to
     trained = {"overrides": args.set, "recipe": recipe_fingerprint(method, args.set)}
     if done.exists():
-        was = json.loads(done.read_text() or "[]")
-        was = was if isinstance(was, dict) else {"overrides": was, "recipe": trained["recipe"]}  # overrides alone
+        was = json.loads(done.read_text() or "{}")
         if was != trained:
             raise SystemExit(f"{run_dir} was trained with {was}, not {trained} (another variant, or the recipe "
                              "changed since): give the variant another name, or remove the folder")

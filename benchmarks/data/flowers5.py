@@ -71,6 +71,8 @@ def groups(files: list[Path]) -> tuple[list[int], list[str]]:
 
 
 def build(source: Path, out: Path, seed: int) -> dict[str, int]:
+    if out.exists():  # before minutes of hashing
+        raise SystemExit(f"--out {out} exists; remove it or give another folder")
     files = sorted(source.glob("*/*.jpg"), key=lambda f: (f.parent.name, f.name))
     if not files:
         raise SystemExit(f"--source {source}: no <class>/*.jpg inside; give the data/flowers folder of the commit")
@@ -99,8 +101,6 @@ def build(source: Path, out: Path, seed: int) -> dict[str, int]:
         unlabeled += pool[2 * PER_SPLIT:]
     unlabeled.sort(key=lambda i: (files[i].parent.name, files[i].name))
     rng.shuffle(unlabeled)
-    if out.exists():
-        raise SystemExit(f"--out {out} exists; remove it or give another folder")
     for name, idx in split.items():
         rows = []
         for i in sorted(idx, key=lambda i: (files[i].parent.name, files[i].name)):

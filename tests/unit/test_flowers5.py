@@ -37,5 +37,6 @@ def test_near_copies_stay_out_of_the_labelled_splits(flowers, tmp_path, monkeypa
     assert counts == {"train": 2, "val": 2, "unlabeled": 7}  # 4 alone a class + both near-copies + one of the byte twins
     labelled = [r["path"] for s in ("train", "val") for r in csv.DictReader(open(tmp_path / "out" / f"{s}.csv"))]
     assert not {"daisy/0.jpg", "rose/copy_of_daisy0.jpg", "rose/3.jpg", "rose/same_bytes.jpg"} & set(labelled)
+    monkeypatch.setattr(flowers, "groups", lambda files: pytest.fail("hashed before refusing --out"))
     with pytest.raises(SystemExit, match="exists"):
         flowers.build(src, tmp_path / "out", seed=0)
