@@ -10,6 +10,13 @@ per-patch head maps each pooled feature, and a classifier over the pair (centre 
 predicts which of the 8 neighbours the second patch came from (``pretext_ops.NEIGHBOURS``:
 0 top-left, 1 top, 2 top-right, 3 left, 4 right, 5 bottom-left, 6 bottom, 7 bottom-right).
 
+``grid=2`` lays a 2x2 grid instead, for views too small for nine patches that hold any content
+(a 32 px image: 3x3 cells of ~10 px): each patch covers a quarter of the view, and the pair is
+any two different cells, labelled with the same 8 directions (from the first patch to the
+second). One pair per image draws the direction uniformly, then a first cell from which that
+direction stays inside the grid; ``all_pairs`` classifies all 12 ordered pairs of the 4 patches
+(each horizontal and vertical direction twice, each diagonal once).
+
 Colour dropping (the paper's remedy for chromatic aberration, which otherwise reveals a
 patch's distance from the lens centre) keeps one random channel per patch and replaces the
 other two by faint Gaussian noise. ``all_pairs`` classifies all 8 neighbours of every image
@@ -35,10 +42,24 @@ from seerlike.methods.pretext_ops import (CENTRE, NEIGHBOURS, drop_colour_channe
                                           same_size_runs, tile_corners)
 
 
-def patch_geometry(size: int, gap: float, jitter: float) -> tuple[int, int]:
-    """(patch side, jitter in px) of a 3x3 grid on a ``size`` view: patch = round(cell / (1 + gap)),
+def direction(d_row: Tensor | int, d_col: Tensor | int) -> Tensor | int:
+    """The label of the step ``(d_row, d_col)`` (each -1, 0 or 1, not both 0) from the first patch's cell to
+    the second's: its index in ``NEIGHBOURS``, the 3x3 cells round the centre in row-major order."""
+    cell = (d_row + 1) * 3 + (d_col + 1)
+    return cell - (cell > CENTRE) * 1
+
+
+def grid2_pairs() -> tuple[Tensor, Tensor]:
+    """All 12 ordered pairs of different cells of a 2x2 grid ``(12, 2)`` (row-major cells) and their labels ``(12,)``."""
+    pairs = torch.tensor([(a, b) for a in range(4) for b in range(4) if a != b])
+    labels = direction(pairs[:, 1] // 2 - pairs[:, 0] // 2, pairs[:, 1] % 2 - pairs[:, 0] % 2)
+    return pairs, labels
+
+
+def patch_geometry(size: int, gap: float, jitter: float, grid: int = 3) -> tuple[int, int]:
+    """(patch side, jitter in px) of a ``grid x grid`` lattice on a ``size`` view: patch = round(cell / (1 + gap)),
     jitter = round(jitter x patch), capped so the patch stays inside its cell."""
-    cell, _ = grid_origin(size, 3)
+    cell, _ = grid_origin(size, grid)
     patch = int(round(cell / (1.0 + gap)))
     return patch, min(int(round(jitter * patch)), max((cell - patch) // 2, 0))
 
@@ -50,6 +71,8 @@ class RelativePosition(MethodBase):
     class Config(MethodConfig):
         name: Literal["relative_position"] = "relative_position"
         """Relative patch position (Doersch et al. 2015); defaults from the paper (96 px patches, 48 px gap, 7 px jitter)."""
+        grid: int = 3
+        """Cells per side: 3 (paper: the centre and one of its 8 neighbours) or 2 (any two of 4 quarter-view patches)."""
         gap: float = 0.5
         """Gap between neighbouring patches as a fraction of the patch side: patch = round(cell / (1 + gap)) (paper: 48 / 96)."""
         jitter: float = 0.073
@@ -57,7 +80,7 @@ class RelativePosition(MethodBase):
         colour_drop: bool = True
         """Keep one random channel per patch, the other two become noise of 1/100 its std (paper's colour dropping)."""
         all_pairs: bool = False
-        """Classify all 8 neighbours of every image (9 patches per image) instead of one random neighbour (paper)."""
+        """Classify every pair of every image (3x3: centre and 8 neighbours; 2x2: 12 ordered pairs) instead of one (paper)."""
         patch_dims: tuple[int, ...] = (4096,)
         """Per-patch head on the pooled features, Linear-BN-ReLU each (paper: fc6, 4096 per patch); () feeds the trunk features."""
         pair_dims: tuple[int, ...] = (4096, 4096)
@@ -66,6 +89,8 @@ class RelativePosition(MethodBase):
         def __post_init__(self) -> None:
             if not self.gap >= 0.0 or not self.jitter >= 0.0:
                 raise ValueError(f"gap and jitter must be >= 0 (fractions of the patch side), got {self.gap}, {self.jitter}")
+            if self.grid not in (2, 3):
+                raise ValueError(f"grid must be 2 or 3 (cells per side), got {self.grid}")
             if any(d < 1 for d in (*self.patch_dims, *self.pair_dims)):
                 raise ValueError(f"patch_dims and pair_dims must be positive, got {self.patch_dims}, {self.pair_dims}")
 
@@ -74,11 +99,11 @@ class RelativePosition(MethodBase):
         if not sizes:
             raise ValueError("relative_position needs at least one view per image; set data.augment.views")
         for size in sizes:
-            patch, _ = patch_geometry(size, cfg.gap, cfg.jitter)
+            patch, _ = patch_geometry(size, cfg.gap, cfg.jitter, cfg.grid)
             if patch < MIN_TILE:
                 raise ValueError(f"relative_position: a {size} px view gives patches of {patch} px "
-                                 f"(method.gap={cfg.gap}); use larger views (data.augment.views[*].size) or a "
-                                 "smaller method.gap")
+                                 f"(method.grid={cfg.grid}, method.gap={cfg.gap}); use larger views "
+                                 "(data.augment.views[*].size), a smaller method.gap or method.grid=2")
 
     def __init__(self, cfg: Config, backbone: nn.Module) -> None:
         super().__init__()
@@ -89,41 +114,57 @@ class RelativePosition(MethodBase):
         patch_width = cfg.patch_dims[-1] if cfg.patch_dims else width
         self.classifier = mlp(2 * patch_width, [*cfg.pair_dims, len(NEIGHBOURS)])
 
-    def patches(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The patches of images ``x`` ``(B, P, C, p, p)``, centre first, and the neighbour labels.
+    def patches(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The patches of images ``x`` ``(B, P, C, p, p)``, which of them form the classified pairs ``(K, 2)``
+        (first patch, second patch), and each pair's label ``(B, K)`` (the direction from first to second).
 
-        One pair per image (``P = 2``, labels ``(B,)``), or with ``all_pairs`` the centre and its
-        8 neighbours in label order (``P = 9``, labels ``(B, 8)`` = 0..7).
+        One pair per image: ``P = 2``, pairs ``[[0, 1]]``. With ``all_pairs``, 3x3: the centre and its
+        8 neighbours in label order (``P = 9``, pairs ``(0, k + 1)`` labelled ``k``); 2x2: the 4 cells
+        row-major (``P = 4``) and the 12 ordered pairs of :func:`grid2_pairs`.
         """
         size = x.shape[-1]
         if x.shape[-2] != size:
             raise ValueError(f"relative_position needs square views, got {tuple(x.shape[-2:])}")
-        b = x.shape[0]
-        patch, jitter = patch_geometry(size, self.cfg.gap, self.cfg.jitter)
-        corners = tile_corners(b, size, 3, patch, jitter, device=x.device)  # (B, 9, 2), row-major cells
-        order = torch.tensor((CENTRE, *NEIGHBOURS), device=x.device)
-        if self.cfg.all_pairs:
-            labels = torch.arange(len(NEIGHBOURS), device=x.device).expand(b, -1)
-            cells = order.expand(b, -1)
+        b, grid, dev = x.shape[0], self.cfg.grid, x.device
+        patch, jitter = patch_geometry(size, self.cfg.gap, self.cfg.jitter, grid)
+        corners = tile_corners(b, size, grid, patch, jitter, device=dev)  # (B, grid^2, 2), row-major cells
+        one_pair = torch.tensor([[0, 1]], device=dev)
+        if grid == 3:
+            order = torch.tensor((CENTRE, *NEIGHBOURS), device=dev)
+            if self.cfg.all_pairs:
+                labels = torch.arange(len(NEIGHBOURS), device=dev).expand(b, -1)
+                cells, pairs = order.expand(b, -1), torch.stack([torch.zeros_like(labels[0]), labels[0] + 1], dim=1)
+            else:
+                labels = torch.randint(len(NEIGHBOURS), (b, 1), device=dev)
+                cells, pairs = torch.cat([order[0].expand(b, 1), order[1:][labels]], dim=1), one_pair
+        elif self.cfg.all_pairs:
+            pairs, labels = (t.to(dev) for t in grid2_pairs())
+            cells, labels = torch.arange(4, device=dev).expand(b, -1), labels.expand(b, -1)
         else:
-            labels = torch.randint(len(NEIGHBOURS), (b,), device=x.device)
-            cells = torch.stack([order[0].expand(b), order[1:][labels]], dim=1)
+            labels = torch.randint(len(NEIGHBOURS), (b, 1), device=dev)
+            step = torch.tensor(NEIGHBOURS, device=dev)[labels]  # the step's cell in a 3x3 lattice
+            d_row, d_col = step // 3 - 1, step % 3 - 1
+            # a first cell from which the step stays inside the 2x2 grid: forced where the step moves, else either
+            free = torch.randint(2, (b, 2), device=dev)
+            row = torch.where(d_row == 0, free[:, :1], (1 - d_row) // 2)
+            col = torch.where(d_col == 0, free[:, 1:], (1 - d_col) // 2)
+            first = row * 2 + col
+            cells, pairs = torch.cat([first, first + d_row * 2 + d_col], dim=1), one_pair
         picked = corners.gather(1, cells[..., None].expand(-1, -1, 2))
         out = extract_tiles(x, picked, patch)
         if self.cfg.colour_drop and out.shape[2] == 3:
             out = drop_colour_channels(out.flatten(0, 1)).view(out.shape)
-        return out, labels
+        return out, pairs, labels
 
     def forward(self, views: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits, targets = [], []
         for batch in same_size_runs(views):
-            patches, neighbour = self.patches(batch)
+            patches, pairs, label = self.patches(batch)
             b, p = patches.shape[:2]
             feats = self.patch_head(self.backbone(patches.flatten(0, 1))).view(b, p, -1)
-            centre, others = feats[:, :1], feats[:, 1:]
-            pairs = torch.cat([centre.expand_as(others), others], dim=-1)  # (B, P - 1, 2d): centre first
-            logits.append(self.classifier(pairs.flatten(0, 1)))
-            targets.append(neighbour.reshape(-1))
+            joined = torch.cat([feats[:, pairs[:, 0]], feats[:, pairs[:, 1]]], dim=-1)  # (B, K, 2d): first patch first
+            logits.append(self.classifier(joined.flatten(0, 1)))
+            targets.append(label.reshape(-1))
         logits, target = torch.cat(logits).float(), torch.cat(targets)
         loss = F.cross_entropy(logits, target)
         acc = (logits.detach().argmax(dim=1) == target).float().mean()
