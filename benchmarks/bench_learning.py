@@ -41,15 +41,19 @@ stretches the wall time, not the steps, up to the rise of CPU seconds per step u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
+import platform
 import random
 import statistics
 import sys
 import tarfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -142,12 +146,23 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     val = {"random": own["knn_top1"], "pretrained": m[method]["knn_top1"],
            "clusterfit": m["clusterfit"]["knn_top1"], "distilled": m["distilled"]["knn_top1"],
            "random_student": m["random_init_student"]["knn_top1"]}
-    row = {"method": method, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
+    row = {"method": method, "seed": seed, "steps": steps, "machine": machine(), "wall_s": round(wall, 1),
            "pretrain_s": m[method]["seconds"], "clusterfit_s": m["clusterfit"]["seconds"],
            "distill_s": m["distilled"]["seconds"], "val": val, "run_dir": str(run_dir)}
     if args.heldout_csv:
         row["heldout"] = heldout_scores(run_dir, method, args.eval_train or str(CIFAR / "train.csv"), args.heldout_csv)
     return row
+
+
+def machine() -> dict:
+    """What ran the row: CPU model, torch's CPU capability, whether bf16 is native (docs/engine.md, "bf16 on CPUs")."""
+    from seerlike.engine.precision import native_bf16
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return {"cpu": name, "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16("cpu")}
 
 
 def recipe_fingerprint(method: str, overrides: list[str]) -> str:
@@ -187,7 +202,8 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     baseline = random_baseline(method)
     out = {"method": label, "seed": seed, "random": baseline, **({"overrides": args.set} if args.set else {}),
            "wall_s": round(wall, 1), "run_dir": str(run_dir),
-           "steps": {"pretrain": max(r["step"] for r in rows)},
+           "steps": {"pretrain": max(r["step"] for r in rows)}, "machine": machine(),
+           "dtype": load(run_dir / "pretrain" / "config.yaml", TrainConfig).precision.dtype,
            "step_s": next((r["calibrated_step_s"] for r in rows if "calibrated_step_s" in r), None),
            "peak_rss_mb": max((r.get("peak_mem_mb", 0.0) for r in rows), default=0.0),
            "first_loss": next(r["loss"] for r in rows if "loss" in r),

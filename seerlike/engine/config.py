@@ -84,7 +84,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """FSDP2/DDP, activation checkpointing, SyncBN."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    """fp32 / bf16 / fp16 autocast."""
+    """fp32 / bf16 / fp16 autocast, or auto (bf16 where the device has it natively)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Where, how often and how many checkpoints."""
     loop: LoopConfig = field(default_factory=LoopConfig)

@@ -33,7 +33,7 @@ from seerlike.engine.metrics import MetricsLogger, Throughput, peak_memory_mb
 from seerlike.engine.monitor import MakeScorer, build_monitor
 from seerlike.engine.optim import LRSchedule, build_optimizer
 from seerlike.engine.parallelize import parallelize
-from seerlike.engine.precision import grad_scaler
+from seerlike.engine.precision import emulated_bf16_warning, grad_scaler
 from seerlike.engine.step import NonFiniteLoss, train_step
 from seerlike.engine.timing import SegmentClock
 from seerlike.storage import DiskFullError
@@ -107,6 +107,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, data=None, scorer: Ma
 
 def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data, scorer: MakeScorer | None) -> int:
     rank, world, device = info.rank, info.world_size, info.device
+    if cfg.precision.dtype == "auto":  # made concrete before anything is recorded: config.yaml says which
+        cfg = dataclasses.replace(cfg, precision=cfg.precision.resolved(device))
+        if rank == 0:
+            log.info("precision.dtype=auto -> %s on %s (%s)", cfg.precision.dtype, device.type,
+                     "native bf16" if cfg.precision.dtype == "bf16" else "no native bf16: docs/engine.md, \"bf16 on CPUs\"")
     loop = cfg.loop
     run_dir.mkdir(parents=True, exist_ok=True)
     to_record = prepare_run_dir(cfg, run_dir, rank=rank)  # refuses a mismatched resume or a mixing fresh start
@@ -158,6 +163,8 @@ def _train(cfg: TrainConfig, run_dir: Path, info: DistInfo, data, scorer: MakeSc
     log.info("training %s/%s from step %d to %d on %d rank(s), global batch %d, %s, %s",
              cfg.method.name, cfg.model.name, start, loop.max_steps, world, global_batch,
              cfg.parallel.strategy, cfg.precision.dtype)
+    if rank == 0 and (slow := emulated_bf16_warning(cfg.precision, device)):
+        log.warning(slow)
 
     # ---------------------------------------------------------------- the loop
     stop = StopRequest()

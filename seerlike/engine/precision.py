@@ -9,6 +9,7 @@ DTensor rule), which unscales the sharded gradients in place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,8 +21,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(kw_only=True)
 class PrecisionConfig:
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute dtype under autocast; parameters, optimizer state and BatchNorm stay fp32."""
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Compute dtype under autocast (parameters, optimizer state, BatchNorm stay fp32); auto: bf16 if native, else fp32."""
     init_scale: float = 2.0**16
     """fp16 only: initial loss scale."""
     growth_interval: int = 2000
@@ -33,10 +34,47 @@ class PrecisionConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ValueError("precision.dtype=auto names no dtype until it is resolved for a device "
+                             "(PrecisionConfig.resolved; the engine does it at the start of a run)")
         return DTYPES[self.dtype]
+
+    def resolved(self, device: torch.device | str) -> PrecisionConfig:
+        """This config with ``auto`` made concrete for ``device``: bf16 where it is native (``native_bf16``), else fp32."""
+        if self.dtype != "auto":
+            return self
+        return dataclasses.replace(self, dtype="bf16" if native_bf16(device) else "fp32")
+
+
+EMULATED_BF16_SLOWDOWN = 18
+"""bf16 autocast over fp32 for a resnet10_cifar step on an AVX2 CPU without native bf16 (docs/engine.md, "bf16 on CPUs")."""
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 autocast on ``device`` runs on native bf16 arithmetic: CUDA devices that support it (Ampere
+    on), CPUs on which oneDNN has bf16 instructions (AVX-512, AMX, Arm BF16). Elsewhere it is emulated, far slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN: no bf16 kernels either
+        return False
+
+
+def emulated_bf16_warning(cfg: PrecisionConfig, device: torch.device) -> str | None:
+    """The warning for bf16 autocast on a CPU that emulates it (None when the dtype is not bf16 or is native)."""
+    if cfg.dtype != "bf16" or native_bf16(device):
+        return None
+    return (f"precision.dtype=bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}; oneDNN "
+            f"reports no bf16 instructions): autocast emulates it, about {EMULATED_BF16_SLOWDOWN}x slower than fp32 "
+            "(docs/engine.md, \"bf16 on CPUs\"); set precision.dtype=fp32 or auto")
 
 
 def autocast(cfg: PrecisionConfig, device: torch.device):
+    cfg = cfg.resolved(device)
     if cfg.dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=cfg.torch_dtype)

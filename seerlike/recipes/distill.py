@@ -47,7 +47,7 @@ def distill_tiny() -> TrainConfig:
         data=DataConfig(batch_size=64, num_workers=0, augment=teacher_student_views(TRAIN_SIZE, strong=False)),
         optim=OptimConfig(name="sgd", lr=0.8, final_lr=0.0, warmup_steps=10, momentum=0.9, weight_decay=5e-4),
         parallel=ParallelConfig(strategy="ddp"),
-        precision=PrecisionConfig(dtype="bf16"),
+        precision=PrecisionConfig(dtype="auto"),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
         loop=LoopConfig(max_steps=1000, log_every=10),
     )

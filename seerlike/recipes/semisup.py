@@ -49,7 +49,7 @@ def _tiny(method, view: ViewConfig, *, batch_size: int, lr: float, drop_path: fl
         optim=OptimConfig(name="sgd", lr=lr, final_lr=0.0, warmup_steps=0, momentum=0.9, nesterov=True,
                           weight_decay=5e-4),
         parallel=ParallelConfig(strategy="ddp"),
-        precision=PrecisionConfig(dtype="bf16"),
+        precision=PrecisionConfig(dtype="auto"),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=2),
         loop=LoopConfig(max_steps=1000, log_every=10, num_threads=CPU_THREADS),
     )

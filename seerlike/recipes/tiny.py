@@ -1,9 +1,10 @@
 """Small CPU recipes that actually learn in minutes on 2 cores (docs/benchmarks.md, "Learning quality").
 
-A CIFAR-style ResNet-10, two 24 px views of the 32 px images (``TRAIN_SIZE``), bf16 autocast +
-channels_last, plain SGD and many steps. The textbook recipes scaled down (LARS, multi-crop on
-32 px images, many prototypes) stay near ln K in such a budget, so these deliberately differ
-from the paper recipes. Global batch 128 on 2 ranks; the LR is per 256 images (0.2 -> 0.1 at batch 128).
+A CIFAR-style ResNet-10, two 24 px views of the 32 px images (``TRAIN_SIZE``), bf16 autocast
+where the CPU has native bf16 (``precision.dtype=auto``: fp32 elsewhere, where emulated bf16 costs
+17.6x; docs/engine.md, "bf16 on CPUs") + channels_last, plain SGD and many steps. The textbook
+recipes scaled down (LARS, multi-crop on 32 px images, many prototypes) stay near ln K in such a
+budget, so these deliberately differ from the paper recipes. Global batch 128 on 2 ranks; the LR is per 256 images (0.2 -> 0.1 at batch 128).
 
 DDP and no DataLoader worker (the rank decodes its own 32 px JPEGs): on 2 cores, 2 ranks with
 a worker each put 4 processes on 2 cores. FSDP2 made a SwAV step 1.13x and 1.27x as costly
@@ -45,7 +46,7 @@ def _common(method: MethodConfig, augment: AugmentConfig, lr_per_256: float, bat
         optim=OptimConfig(name="sgd", lr=lr_per_256, final_lr=0.0, warmup_steps=10, momentum=0.9,
                           weight_decay=1e-5),
         parallel=ParallelConfig(strategy="ddp"),
-        precision=PrecisionConfig(dtype="bf16"),
+        precision=PrecisionConfig(dtype="auto"),
         checkpoint=CheckpointConfig(every_steps=10, keep_last=3),
         loop=LoopConfig(max_steps=2000, log_every=10),
     )

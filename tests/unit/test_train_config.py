@@ -64,7 +64,7 @@ def test_continue_from_the_run_dir_config(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=0.1", "unknown key 'optim.lrr' in OptimConfig; valid keys: .*lr"),
     ("loop.max_steps=many", "loop.max_steps: expected int, got 'many'"),
-    ("precision.dtype=fp8", r"precision.dtype: expected one of \['fp32', 'bf16', 'fp16'\]"),
+    ("precision.dtype=fp8", r"precision.dtype: expected one of \['fp32', 'bf16', 'fp16', 'auto'\]"),
     ("parallel.ac=segments", "parallel.ac=segments needs parallel.ac_segments"),
     ("optim.warmup_steps=5000", "exceeds loop.max_steps"),
 ])
