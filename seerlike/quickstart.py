@@ -39,6 +39,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import yaml
+
 import seerlike
 from seerlike import storage
 from seerlike.config import ConfigError
@@ -479,6 +481,9 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
 
     rows = read_metrics(stage_dir) if (stage_dir / "metrics.jsonl").is_file() else []
     segments = read(stage_dir)
+    recorded = stage_dir / "config.yaml"  # the dtype the engine trained in (precision.dtype=auto made concrete)
+    dtype = ((yaml.safe_load(recorded.read_text()) or {}).get("precision", {}).get("dtype")
+             if recorded.is_file() else None)
     calibrated = next((r for r in reversed(rows) if "calibrated_step_s" in r), {})
     budget = [s["budget_used_s"] for s in segments if s.get("budget_used_s") is not None]
     wall = sum(s.get("wall_s", 0.0) for s in segments)
@@ -500,7 +505,7 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
         "budget_used_s": round(sum(budget), 1) if budget else None,
         "actual_s": round(actual, 1) if actual is not None else None,
         "vs_plan": round(actual / planned - 1.0, 4) if planned and actual is not None else None,
-        "clock": clock,
+        "clock": clock, "dtype": dtype,
         "train_s": round(sum(s.get("train_s", 0.0) for s in segments), 1) if segments else None,
         "monitor_s": round(monitor, 1), "monitor_frac": round(monitor / wall, 4) if wall else None,
         "stage_s": stage_s, "segments": len(segments),
@@ -586,13 +591,13 @@ def _cell(value, fmt: str) -> str:
 
 def timing_table(training: dict) -> str:
     """Markdown: the plan and what happened, per training stage."""
-    lines = ["| stage | planned s | of which monitor | s/step (calibrated) | planned steps | steps | actual s "
-             "| of which monitor | monitor % | actual vs plan | stage s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | dtype | planned s | of which monitor | s/step (calibrated) | planned steps | steps | actual s "
+             "| of which monitor | monitor % | actual vs plan | stage s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for stage, t in training.items():
         actual = t["actual_s"] if t["actual_s"] is not None else t["train_s"] + t["monitor_s"]
         frac = None if t["monitor_frac"] is None else 100 * t["monitor_frac"]
         off = None if t["vs_plan"] is None else 100 * t["vs_plan"]
-        lines.append(f"| {TRAINING_STAGES[stage]} | {_cell(t['planned_s'], '.0f')} | {_cell(t['monitor_planned_s'], '.1f')} "
+        lines.append(f"| {TRAINING_STAGES[stage]} | {t.get('dtype') or '-'} | {_cell(t['planned_s'], '.0f')} | {_cell(t['monitor_planned_s'], '.1f')} "
                      f"| {_cell(t['calibrated_step_s'], '.3f')} | {_cell(t['planned_steps'], 'd')} | {_cell(t['steps'], 'd')} "
                      f"| {_cell(actual, '.0f')} | {_cell(t['monitor_s'], '.1f')} | {_cell(frac, '.1f')} "
                      f"| {_cell(off, '+.1f')}{'' if off is None else ' %'} | {_cell(t['stage_s'], '.0f')} |")
@@ -677,6 +682,8 @@ over the steps plus the monitor's seconds; a stage held its plan within {100 * P
 machine kept the speed of its first steps ("actual vs plan"; with `--clock cpu`, CPU seconds of
 the steps alone, the monitor being timed in wall seconds). "stage s" is the whole stage,
 process start-up, data set-up and checkpoints included (docs/fit_data.md, "Planned vs actual time").
+"dtype" is what the stage trained in: the CPU recipes ask for `auto`, bf16 where this CPU has it
+natively and fp32 elsewhere (docs/engine.md, "bf16 on CPUs").
 
 {timing_table(results["training"])}
 

@@ -81,6 +81,7 @@ def _fake_run(run: Path) -> None:
             seg.update(time_budget_s=budget, budget_clock="wall", planned_steps=planned, budget_used_s=used,
                        calibrated_step_s=step_s)
         (run / stage / "timing.json").write_text(json.dumps({"segments": [seg]}))
+    (run / "pretrain" / "config.yaml").write_text("precision:\n  dtype: fp32\n")  # auto, resolved by the engine
 
 
 def test_report_plots_knn_against_minutes_and_tables_planned_vs_actual_time(tmp_path):
@@ -93,10 +94,10 @@ def test_report_plots_knn_against_minutes_and_tables_planned_vs_actual_time(tmp_
     assert "![kNN top-1 while training](plots/knn_monitor.png)" in report
     assert (run / "plots" / "knn_monitor.png").stat().st_size > 5000
     # planned: the steps' seconds + the monitor's 5 % on top; actual: the steps' clock + the monitor's seconds
-    assert ("| pretraining | 472 | 22.5 | 0.500 | 900 | 900 | 467 | 12.0 | 2.6 | -1.1 % | - |"  # 467.2 / 472.5
+    assert ("| pretraining | fp32 | 472 | 22.5 | 0.500 | 900 | 900 | 467 | 12.0 | 2.6 | -1.1 % | - |"  # 467.2 / 472.5
             in report)  # monitor %: 12 / (455.2 + 12)
-    assert "| ClusterFit | 158 | 7.5 | 0.250 | 600 | 600 | 153 | 4.0 | 2.6 | -2.9 % | - |" in report
-    assert "| distillation | - | - | - | - | 40 | 102 | 2.0 | 2.0 | - | - |" in report  # steps given: no plan
+    assert "| ClusterFit | - | 158 | 7.5 | 0.250 | 600 | 600 | 153 | 4.0 | 2.6 | -2.9 % | - |" in report
+    assert "| distillation | - | - | - | - | - | 40 | 102 | 2.0 | 2.0 | - | - |" in report  # steps given: no plan
     training = json.loads((run / "results.json").read_text())["training"]
     assert training["pretrain"]["planned_s"] == 472.5 and training["pretrain"]["actual_s"] == 467.2
     assert training["pretrain"]["vs_plan"] == pytest.approx(467.2 / 472.5 - 1, abs=1e-4)
