@@ -202,6 +202,7 @@ def run_pretrain_only(method: str, seed: int, args: argparse.Namespace) -> dict:
     baseline = random_baseline(method)
     out = {"method": label, "seed": seed, "random": baseline, **({"overrides": args.set} if args.set else {}),
            "wall_s": round(wall, 1), "run_dir": str(run_dir),
+           "images": args.images or str(CIFAR / "train"),
            "steps": {"pretrain": max(r["step"] for r in rows)}, "machine": machine(),
            "dtype": load(run_dir / "pretrain" / "config.yaml", TrainConfig).precision.dtype,
            "step_s": next((r["calibrated_step_s"] for r in rows if "calibrated_step_s" in r), None),

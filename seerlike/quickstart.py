@@ -537,11 +537,10 @@ def collect_results(run_dir: str | Path, method: str) -> dict:
         if train_stage:
             row.update(_train_stats(run_dir / train_stage))
         models[name] = row
-    base = {ARCH: models["random_init"]["knn_top1"], STUDENT: models["random_init_student"]["knn_top1"]}
-    for row in models.values():
-        row["gain_over_random"] = round(row["knn_top1"] - base[row["arch"]], 2)
-    if INPUT_BASELINE[0] in models:
-        models[method]["gain_over_random"] = round(models[method]["knn_top1"] - models[INPUT_BASELINE[0]]["knn_top1"], 2)
+    for name, row in models.items():  # each model against random init of its architecture fed its own input
+        own_input = name == method and INPUT_BASELINE[0] in models
+        row["baseline"] = INPUT_BASELINE[0] if own_input else {ARCH: "random_init", STUDENT: "random_init_student"}[row["arch"]]
+        row["gain_over_random"] = round(row["knn_top1"] - models[row["baseline"]]["knn_top1"], 2)
     cluster = json.loads((run_dir / "cluster" / "cluster_stats.json").read_text())
     summary = json.loads((run_dir / "ingest" / "summary.json").read_text()) if (run_dir / "ingest" / "summary.json").is_file() else {}
     training = {stage: stage_timing(run_dir / stage, seconds.get(stage)) for stage in TRAINING_STAGES}

@@ -148,4 +148,6 @@ def test_a_lightness_trunk_gains_over_random_init_fed_the_lightness(tmp_path):
     assert list(m)[:3] == ["random_init", INPUT_BASELINE[0], "colorization"]
     assert m["colorization"]["gain_over_random"] == 6.0 and m["clusterfit"]["gain_over_random"] == 2.0
     assert m[INPUT_BASELINE[0]]["gain_over_random"] == -5.0
+    assert [m[n]["baseline"] for n in ("colorization", "clusterfit", "distilled")] == [
+        INPUT_BASELINE[0], "random_init", "random_init_student"]
     assert "colorization gains +6.0 points" in (run / "report.md").read_text()
