@@ -238,6 +238,15 @@ def pretrain_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def row_group(r: dict) -> str:
+    """The label rows pool under: the method, plus the machine and dtype and the images where the row records them
+    (rows of another CPU or data set never share a median with the table's)."""
+    tags = [f"{r['machine']['capability']}, {r.get('dtype', '?')}"] if "machine" in r else []
+    if r.get("images") and Path(r["images"]).parent.name != CIFAR.name:
+        tags.append(Path(r["images"]).parent.name)
+    return r["method"] + (f" [{'; '.join(tags)}]" if tags else "")
+
+
 def pretrain_medians(rows: list[dict]) -> str:
     """Markdown: per method, medians over its seeds (steps, CPU s / step, memory, kNN, gains) and each
     seed's held-out gain, ranked by the median held-out gain (by val where no held-out was scored)."""
@@ -249,7 +258,7 @@ def pretrain_medians(rows: list[dict]) -> str:
 
     by_method: dict[str, list[dict]] = {}
     for r in rows:
-        by_method.setdefault(r["method"], []).append(r)
+        by_method.setdefault(row_group(r), []).append(r)
     order = sorted(by_method, key=lambda m: -med(by_method[m], lambda r: gain(r, "heldout" if "heldout" in r else "val")))
     lines = ["| method | seeds | steps | CPU s / step (per rank) | peak RSS MB | val: random | val | gain "
              "| held-out: random | held-out | gain | held-out gain per seed |", "|" + "---|" * 12]
@@ -325,7 +334,7 @@ def main() -> int:
                    help="pretraining and kNN only (no ClusterFit / distillation): the per-method table")
     p.add_argument("--from-json", nargs="+", metavar="JSON",
                    help="--pretrain-only: train nothing, print the medians over seeds of these --json files' rows "
-                   "(a (method, seed) in several files: the last one)")
+                   "(a method, machine, data set and seed in several files: the last one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="--pretrain-only: an override of every method's tiny recipe (repeatable; needs --variant)")
     p.add_argument("--variant", default="",
@@ -334,7 +343,7 @@ def main() -> int:
     if (args.set or args.variant) and not (args.pretrain_only and args.set and args.variant):
         p.error("--set and --variant go together, with --pretrain-only (a lever of the per-method table)")
     if args.from_json:
-        merged = {(r["method"], r["seed"]): r for f in args.from_json for r in json.loads(Path(f).read_text())}
+        merged = {(row_group(r), r["seed"]): r for f in args.from_json for r in json.loads(Path(f).read_text())}
         print(pretrain_medians(list(merged.values())))
         return 0
     args.heldout_csv = heldout_csv(Path(args.run_root) / "heldout", args.heldout) if args.heldout else None

@@ -69,6 +69,19 @@ def test_a_variant_trains_with_its_overrides_last_and_is_tabled_by_its_name(benc
     assert [c[0] for c in fake_cli].count("train") == 2  # seeds 1 and 2; the cached seed 1 trained once
 
 
+def test_rows_of_another_machine_or_data_set_never_share_a_median():
+    bench = load_script("benchmarks/bench_learning.py")
+    base = {"method": "rotnet", "steps": {"pretrain": 100}, "step_s": 0.1, "peak_rss_mb": 1.0,
+            "val": {"random": 30.0, "pretrained": 40.0}}
+    old = [{**base, "seed": s} for s in (0, 1)]  # rows written before machines were recorded
+    avx2 = {**base, "seed": 2, "machine": {"cpu": "AMD EPYC", "capability": "AVX2", "native_bf16": False},
+            "dtype": "fp32", "val": {"random": 30.0, "pretrained": 31.0}}
+    photos = {**avx2, "images": "/data/imagenette-dev/unlabeled"}
+    table = bench.pretrain_medians([*old, avx2, photos])
+    assert "| rotnet | 0,1 |" in table and "| rotnet [AVX2, fp32] | 2 |" in table
+    assert "| rotnet [AVX2, fp32; imagenette-dev] | 2 |" in table
+
+
 def test_a_run_trained_with_other_overrides_is_refused(bench, fake_cli, tmp_path):
     bench.run_pretrain_only("jigsaw", 0, _args(tmp_path, variant="v", set=["method.grid=2"]))
     with pytest.raises(SystemExit, match="another name"):
