@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import csv
+import dataclasses
 import io
 import os
 import pstats
@@ -95,6 +96,7 @@ def measure(cfg, steps: int, warmup: int, profile: int) -> dict:
     from seerlike.semisup.data import build_mixed_data
 
     device = torch.device("cpu")
+    cfg = dataclasses.replace(cfg, precision=cfg.precision.resolved(device))  # the recipes' auto, as the engine does
     if cfg.method.name == "finetune":
         data = build_train_data(cfg.data, seed=cfg.loop.seed, device=device)
     else:
