@@ -39,8 +39,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
 import seerlike
 from seerlike import storage
 from seerlike.config import ConfigError
@@ -476,14 +474,15 @@ def stage_timing(stage_dir: Path, stage_s: float | None) -> dict:
     CPU-clock budget both are the steps' alone: the monitor is timed in wall seconds); ``stage_s``
     the whole stage (process start-up, data set-up and checkpoints included).
     """
+    from seerlike.config import load
+    from seerlike.engine.config import TrainConfig
     from seerlike.engine.timing import read
     from seerlike.plots import read_metrics
 
     rows = read_metrics(stage_dir) if (stage_dir / "metrics.jsonl").is_file() else []
     segments = read(stage_dir)
     recorded = stage_dir / "config.yaml"  # the dtype the engine trained in (precision.dtype=auto made concrete)
-    dtype = ((yaml.safe_load(recorded.read_text()) or {}).get("precision", {}).get("dtype")
-             if recorded.is_file() else None)
+    dtype = load(recorded, TrainConfig).precision.dtype if recorded.is_file() else None
     calibrated = next((r for r in reversed(rows) if "calibrated_step_s" in r), {})
     budget = [s["budget_used_s"] for s in segments if s.get("budget_used_s") is not None]
     wall = sum(s.get("wall_s", 0.0) for s in segments)

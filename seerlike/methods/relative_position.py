@@ -42,18 +42,15 @@ from seerlike.methods.pretext_ops import (CENTRE, NEIGHBOURS, drop_colour_channe
                                           same_size_runs, tile_corners)
 
 
-def direction(d_row: Tensor | int, d_col: Tensor | int) -> Tensor | int:
-    """The label of the step ``(d_row, d_col)`` (each -1, 0 or 1, not both 0) from the first patch's cell to
-    the second's: its index in ``NEIGHBOURS``, the 3x3 cells round the centre in row-major order."""
-    cell = (d_row + 1) * 3 + (d_col + 1)
-    return cell - (cell > CENTRE) * 1
-
-
-def grid2_pairs() -> tuple[Tensor, Tensor]:
-    """All 12 ordered pairs of different cells of a 2x2 grid ``(12, 2)`` (row-major cells) and their labels ``(12,)``."""
-    pairs = torch.tensor([(a, b) for a in range(4) for b in range(4) if a != b])
-    labels = direction(pairs[:, 1] // 2 - pairs[:, 0] // 2, pairs[:, 1] % 2 - pairs[:, 0] % 2)
-    return pairs, labels
+def pair_table(grid: int) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    """The patches a ``grid x grid`` lattice classifies, as cells (row-major), the ordered pairs of them (indices
+    into those cells, first patch first) and each pair's label: the index in ``NEIGHBOURS`` of the step from the
+    first cell to the second. 3x3: the centre and its 8 neighbours in label order; 2x2: the 12 ordered pairs."""
+    if grid == 3:
+        return [CENTRE, *NEIGHBOURS], [(0, k + 1) for k in range(len(NEIGHBOURS))], list(range(len(NEIGHBOURS)))
+    pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+    steps = [(j // 2 - i // 2 + 1) * 3 + (j % 2 - i % 2 + 1) for i, j in pairs]  # the step's cell in a 3x3 lattice
+    return [0, 1, 2, 3], pairs, [NEIGHBOURS.index(step) for step in steps]
 
 
 def patch_geometry(size: int, gap: float, jitter: float, grid: int = 3) -> tuple[int, int]:
@@ -113,6 +110,15 @@ class RelativePosition(MethodBase):
         self.patch_head = feature_head(width, cfg.patch_dims)
         patch_width = cfg.patch_dims[-1] if cfg.patch_dims else width
         self.classifier = mlp(2 * patch_width, [*cfg.pair_dims, len(NEIGHBOURS)])
+        cells, pairs, labels = pair_table(cfg.grid)  # built once; not state (non-persistent buffers follow the device)
+        self.register_buffer("pair_cells", torch.tensor(cells)[torch.tensor(pairs)], persistent=False)  # (K, 2)
+        self.register_buffer("table_cells", torch.tensor(cells), persistent=False)
+        self.register_buffer("table_pairs", torch.tensor(pairs), persistent=False)
+        self.register_buffer("one_pair", torch.tensor([[0, 1]]), persistent=False)
+        self.register_buffer("pair_labels", torch.tensor(labels), persistent=False)
+        # one pair per image: uniform over the 8 steps, then over the pairs that take that step
+        counts = torch.bincount(self.pair_labels, minlength=len(NEIGHBOURS)).float()
+        self.register_buffer("pair_weights", 1.0 / counts[self.pair_labels], persistent=False)
 
     def patches(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The patches of images ``x`` ``(B, P, C, p, p)``, which of them form the classified pairs ``(K, 2)``
@@ -120,7 +126,7 @@ class RelativePosition(MethodBase):
 
         One pair per image: ``P = 2``, pairs ``[[0, 1]]``. With ``all_pairs``, 3x3: the centre and its
         8 neighbours in label order (``P = 9``, pairs ``(0, k + 1)`` labelled ``k``); 2x2: the 4 cells
-        row-major (``P = 4``) and the 12 ordered pairs of :func:`grid2_pairs`.
+        row-major (``P = 4``) and the 12 ordered pairs of :func:`pair_table`.
         """
         size = x.shape[-1]
         if x.shape[-2] != size:
@@ -128,28 +134,11 @@ class RelativePosition(MethodBase):
         b, grid, dev = x.shape[0], self.cfg.grid, x.device
         patch, jitter = patch_geometry(size, self.cfg.gap, self.cfg.jitter, grid)
         corners = tile_corners(b, size, grid, patch, jitter, device=dev)  # (B, grid^2, 2), row-major cells
-        one_pair = torch.tensor([[0, 1]], device=dev)
-        if grid == 3:
-            order = torch.tensor((CENTRE, *NEIGHBOURS), device=dev)
-            if self.cfg.all_pairs:
-                labels = torch.arange(len(NEIGHBOURS), device=dev).expand(b, -1)
-                cells, pairs = order.expand(b, -1), torch.stack([torch.zeros_like(labels[0]), labels[0] + 1], dim=1)
-            else:
-                labels = torch.randint(len(NEIGHBOURS), (b, 1), device=dev)
-                cells, pairs = torch.cat([order[0].expand(b, 1), order[1:][labels]], dim=1), one_pair
-        elif self.cfg.all_pairs:
-            pairs, labels = (t.to(dev) for t in grid2_pairs())
-            cells, labels = torch.arange(4, device=dev).expand(b, -1), labels.expand(b, -1)
+        if self.cfg.all_pairs:
+            cells, pairs, labels = self.table_cells.expand(b, -1), self.table_pairs, self.pair_labels.expand(b, -1)
         else:
-            labels = torch.randint(len(NEIGHBOURS), (b, 1), device=dev)
-            step = torch.tensor(NEIGHBOURS, device=dev)[labels]  # the step's cell in a 3x3 lattice
-            d_row, d_col = step // 3 - 1, step % 3 - 1
-            # a first cell from which the step stays inside the 2x2 grid: forced where the step moves, else either
-            free = torch.randint(2, (b, 2), device=dev)
-            row = torch.where(d_row == 0, free[:, :1], (1 - d_row) // 2)
-            col = torch.where(d_col == 0, free[:, 1:], (1 - d_col) // 2)
-            first = row * 2 + col
-            cells, pairs = torch.cat([first, first + d_row * 2 + d_col], dim=1), one_pair
+            rows = torch.multinomial(self.pair_weights, b, replacement=True)
+            cells, pairs, labels = self.pair_cells[rows], self.one_pair, self.pair_labels[rows, None]
         picked = corners.gather(1, cells[..., None].expand(-1, -1, 2))
         out = extract_tiles(x, picked, patch)
         if self.cfg.colour_drop and out.shape[2] == 3:

@@ -81,7 +81,10 @@ def _fake_run(run: Path) -> None:
             seg.update(time_budget_s=budget, budget_clock="wall", planned_steps=planned, budget_used_s=used,
                        calibrated_step_s=step_s)
         (run / stage / "timing.json").write_text(json.dumps({"segments": [seg]}))
-    (run / "pretrain" / "config.yaml").write_text("precision:\n  dtype: fp32\n")  # auto, resolved by the engine
+    from seerlike import config, recipes
+
+    resolved = config.apply_overrides(recipes.get("tiny_swav"), ["precision.dtype=fp32"])  # auto, as the engine records it
+    config.dump(resolved, run / "pretrain" / "config.yaml")
 
 
 def test_report_plots_knn_against_minutes_and_tables_planned_vs_actual_time(tmp_path):

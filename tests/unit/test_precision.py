@@ -37,8 +37,14 @@ def test_auto_is_bf16_where_native_and_fp32_elsewhere(monkeypatch, native):
     assert emulated_bf16_warning(PrecisionConfig(dtype="fp32"), CPU) is None
 
 
-def test_native_bf16_asks_onednn_on_cpus():
-    assert precision.native_bf16("cpu") is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def test_native_bf16_on_cpus_is_onednns_answer(monkeypatch):
+    from types import SimpleNamespace
+
+    for answer in (True, False):
+        monkeypatch.setattr(torch.ops, "mkldnn", SimpleNamespace(_is_mkldnn_bf16_supported=lambda a=answer: a))
+        assert precision.native_bf16("cpu") is answer and precision.native_bf16(CPU) is answer
+    monkeypatch.setattr(torch.ops, "mkldnn", SimpleNamespace())  # a torch without oneDNN: no bf16 kernels
+    assert precision.native_bf16("cpu") is False
 
 
 def test_the_cpu_recipes_ask_for_auto_and_the_gpu_ones_for_their_papers_dtype():
